@@ -1,0 +1,41 @@
+# nativereload's CMake helper: shared libraries built to be hot-reloaded.
+#
+#   list(APPEND CMAKE_PREFIX_PATH "$(nativereload --cmake-dir)")   # or -Dnativereload_DIR=...
+#   find_package(nativereload REQUIRED)
+#   nativereload_add_module(counter SOURCES counter.c [OUTPUT_DIRECTORY dir])
+#
+# gives build/modules/counter.so (OUTPUT_DIRECTORY defaults to
+# ${CMAKE_BINARY_DIR}/modules, the directory `nativereload build` reports):
+#   - position-independent code, no "lib" prefix;
+#   - -Wl,-Bsymbolic: the library's calls to its own functions bind inside the
+#     library, so no other loaded image can interpose on them;
+#   - C++: -fno-gnu-unique, since STB_GNU_UNIQUE symbols keep an image mapped
+#     after dlclose() and the registry would have to report it "leaked";
+#   - written atomically: the linker writes into a staging directory and the
+#     finished file is renamed over the output, so a process watching the
+#     output never sees a half-written library.
+include_guard(GLOBAL)
+
+function(nativereload_add_module name)
+  cmake_parse_arguments(NRM "" "OUTPUT_DIRECTORY" "SOURCES" ${ARGN})
+  if(NOT NRM_SOURCES)
+    message(FATAL_ERROR "nativereload_add_module(${name}): SOURCES is required")
+  endif()
+  if(NOT NRM_OUTPUT_DIRECTORY)
+    set(NRM_OUTPUT_DIRECTORY "${CMAKE_BINARY_DIR}/modules")
+  endif()
+  set(staging "${CMAKE_CURRENT_BINARY_DIR}/nativereload-staging")
+  add_library(${name} SHARED ${NRM_SOURCES})
+  set_target_properties(${name} PROPERTIES
+    PREFIX ""
+    POSITION_INDEPENDENT_CODE ON
+    LIBRARY_OUTPUT_DIRECTORY "${staging}")
+  target_link_options(${name} PRIVATE "LINKER:-Bsymbolic")
+  target_compile_options(${name} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fno-gnu-unique>)
+  set(final "${NRM_OUTPUT_DIRECTORY}/$<TARGET_FILE_NAME:${name}>")
+  add_custom_command(TARGET ${name} POST_BUILD
+    COMMAND ${CMAKE_COMMAND} -E make_directory "${NRM_OUTPUT_DIRECTORY}"
+    COMMAND ${CMAKE_COMMAND} -E copy "$<TARGET_FILE:${name}>" "${final}.partial"
+    COMMAND ${CMAKE_COMMAND} -E rename "${final}.partial" "${final}"
+    VERBATIM)
+endfunction()

@@ -1,0 +1,110 @@
+"""The exceptions nativereload raises.
+
+Every message names the module at fault and says what to do next. Each
+exception also carries its facts as attributes (``.module``, ``.path``,
+``.symbols``, ...), so callers never have to parse a message.
+
+    NativeReloadError
+     +-- ModuleNameError (also ValueError)   a name with '/', '..' or an empty part
+     +-- ModuleNotFound                      no file for the name; lists every path searched
+     +-- ModuleNotLoaded                     reload/unload/func of a module never loaded
+     +-- ModuleConflict                      load() of a loaded module with another cdef/file
+     +-- LoadError                           copy, ELF check or dlopen failed
+     +-- SymbolError (also AttributeError)   declared symbols missing from the image
+     +-- InterfaceError                      the cdef is missing or does not parse
+     +-- ModuleUnloaded                      a call through a handle of an unloaded module
+
+This module imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InterfaceError",
+    "LoadError",
+    "ModuleConflict",
+    "ModuleNameError",
+    "ModuleNotFound",
+    "ModuleNotLoaded",
+    "ModuleUnloaded",
+    "NativeReloadError",
+    "SymbolError",
+]
+
+
+class NativeReloadError(Exception):
+    """Base class of every error nativereload raises on purpose.
+
+    Attributes:
+        module: the module name the error is about (None if there is none).
+    """
+
+    def __init__(self, message: str, *, module: str | None = None) -> None:
+        super().__init__(message)
+        self.module = module
+
+
+class ModuleNameError(NativeReloadError, ValueError):
+    """The module name cannot be a module name (it has '/', '..' or an empty part)."""
+
+
+class ModuleNotFound(NativeReloadError):
+    """No file exists for the module.
+
+    Attributes:
+        searched: every path that was tried, in order.
+    """
+
+    def __init__(self, message: str, *, module: str | None = None, searched: tuple[str, ...] = ()) -> None:
+        super().__init__(message, module=module)
+        self.searched = tuple(searched)
+
+
+class ModuleNotLoaded(NativeReloadError):
+    """reload(), unload() or func() named a module that is not loaded."""
+
+
+class ModuleConflict(NativeReloadError):
+    """load() of a module that is already loaded, with a different cdef or file."""
+
+
+class LoadError(NativeReloadError):
+    """The new image could not be loaded: copy, ELF validation or dlopen failed.
+
+    Attributes:
+        path: the file that was being loaded.
+        reason: the loader's own words (``dlerror()`` text, the ELF defect, the OS error).
+    """
+
+    def __init__(self, message: str, *, module: str | None = None, path: str | None = None,
+                 reason: str | None = None) -> None:
+        super().__init__(message, module=module)
+        self.path = path
+        self.reason = reason
+
+
+class SymbolError(NativeReloadError, AttributeError):
+    """Symbols the module's cdef declares (or a handle needs) are missing.
+
+    Attributes:
+        symbols: the missing symbol names, sorted.
+    """
+
+    def __init__(self, message: str, *, module: str | None = None, symbols: tuple[str, ...] = ()) -> None:
+        super().__init__(message, module=module)
+        self.symbols = tuple(symbols)
+
+
+class InterfaceError(NativeReloadError):
+    """The cdef is missing or cffi cannot parse it."""
+
+
+class ModuleUnloaded(NativeReloadError):
+    """A Func handle was called after its module was unloaded."""
+
+
+for _cls in (NativeReloadError, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleConflict,
+             LoadError, SymbolError, InterfaceError, ModuleUnloaded):
+    # Tracebacks read "nativereload.LoadError", the name users import.
+    _cls.__module__ = "nativereload"
+del _cls
