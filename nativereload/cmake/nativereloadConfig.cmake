@@ -13,7 +13,10 @@
 #     after dlclose() and the registry would have to report it "leaked";
 #   - written atomically: the linker writes into a staging directory and the
 #     finished file is renamed over the output, so a process watching the
-#     output never sees a half-written library.
+#     output never sees a half-written library;
+#   - recorded in ${CMAKE_BINARY_DIR}/nativereload-modules/NAME.path (the
+#     final file's path, one line), which is how `nativereload build` knows
+#     which modules a build produced and where.
 include_guard(GLOBAL)
 
 function(nativereload_add_module name)
@@ -33,6 +36,15 @@ function(nativereload_add_module name)
   target_link_options(${name} PRIVATE "LINKER:-Bsymbolic")
   target_compile_options(${name} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fno-gnu-unique>)
   set(final "${NRM_OUTPUT_DIRECTORY}/$<TARGET_FILE_NAME:${name}>")
+  # The manifest is rewritten at each configure, so a module removed from the
+  # project disappears from it: clear it once per configure run (global
+  # properties do not survive between runs), then let each module add itself.
+  get_property(manifest_reset GLOBAL PROPERTY NATIVERELOAD_MANIFEST_RESET)
+  if(NOT manifest_reset)
+    file(REMOVE_RECURSE "${CMAKE_BINARY_DIR}/nativereload-modules")
+    set_property(GLOBAL PROPERTY NATIVERELOAD_MANIFEST_RESET TRUE)
+  endif()
+  file(GENERATE OUTPUT "${CMAKE_BINARY_DIR}/nativereload-modules/${name}.path" CONTENT "${final}\n")
   add_custom_command(TARGET ${name} POST_BUILD
     COMMAND ${CMAKE_COMMAND} -E make_directory "${NRM_OUTPUT_DIRECTORY}"
     COMMAND ${CMAKE_COMMAND} -E copy "$<TARGET_FILE:${name}>" "${final}.partial"

@@ -1,0 +1,33 @@
+"""nativereload: load C shared libraries through cffi and hot-reload them with zero downtime.
+
+    reg = nativereload.Registry(path=["build/modules"])
+    mod = reg.load("sample", cdef="long add(long, long);")
+    mod.add(2, 3)
+    reg.reload("sample")        # calls in flight finish on the old image
+
+See README.md for the guarantees and their limits.
+"""
+
+from .errors import (InterfaceError, LoadError, ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
+                     ModuleUnloaded, NativeReloadError, SymbolError)
+from .gate import Func
+from .registry import ImageStatus, Module, ModuleStatus, Registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Func",
+    "ImageStatus",
+    "InterfaceError",
+    "LoadError",
+    "Module",
+    "ModuleConflict",
+    "ModuleNameError",
+    "ModuleNotFound",
+    "ModuleNotLoaded",
+    "ModuleStatus",
+    "ModuleUnloaded",
+    "NativeReloadError",
+    "Registry",
+    "SymbolError",
+]

@@ -1,0 +1,646 @@
+"""The control socket: a running process's registry, reachable from a shell.
+
+Server side: ``serve(registry, socket_path=None) -> Server`` answers on a Unix
+domain socket from a daemon thread (``Registry.serve()`` calls it). Client
+side: ``discover()`` finds the sockets of this user's live processes and
+``request()`` sends one operation. The CLI uses only the client side.
+
+Where the socket lives (found from the environment alone, so the CLI finds it
+without being told):
+    $XDG_RUNTIME_DIR/nativereload/<pid>.sock                 if XDG_RUNTIME_DIR is set
+    ${TMPDIR:-/tmp}/nativereload-sockets-<uid>/<pid>.sock    otherwise
+The directory is created 0700 and must be owned by us, else serve() refuses.
+The socket is bound inside a fresh 0700 directory, chmod 0600, and only then
+renamed into place: it is never reachable with wider permissions, and there is
+no moment at which the final path exists without a listener (so a client that
+gets ECONNREFUSED knows the socket is stale). Each connection's peer uid
+(SO_PEERCRED) must be ours or root's. The socket is removed by Server.close(),
+by Registry.close(), and at interpreter exit; sockets of dead pids are removed
+by the next serve() in the same directory and by the CLI.
+
+Protocol: one JSON object per line (UTF-8), one JSON object per line back.
+
+    {"op": "ping"}                    -> {"ok": true, "pid": 123}
+    {"op": "status"}                  -> {"ok": true, "pid": 123, "modules": [{"name", "path",
+                                          "generation", "images": [{"generation", "state",
+                                          "in_flight"}]}]}
+    {"op": "reload", "module": NAME}  -> {"ok": true, "pid": 123, "module": NAME,
+                                          "generation_before": 1, "generation": 2, "seconds": 0.0004}
+    {"op": "unload", "module": NAME}  -> {"ok": true, "pid": 123, "module": NAME, "generation": 2}
+    failure                           -> {"ok": false, "error": {"type": "SymbolError", "message": "..."}}
+
+CLI forms: ``nativereload status``, ``nativereload reload NAME``,
+``nativereload unload NAME``; ping is what discovery uses.
+
+Only modules already loaded can be reloaded or unloaded, and reload re-reads
+the path the module was loaded from: nothing a client sends is ever used as a
+path, and nothing is evaluated. Invalid JSON, an unknown op, a wrong type or an
+unknown field gets an error reply on the same connection; a request line over
+64 KiB gets an error reply and the connection is closed. Each connection is
+served by its own thread, so a client that connects and never writes delays
+nobody; it is dropped after ``idle_timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import errno
+import json
+import logging
+import os
+import select
+import socket
+import stat
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import NativeReloadError
+
+__all__ = [
+    "MAX_REQUEST",
+    "ControlError",
+    "Server",
+    "Target",
+    "default_socket_dir",
+    "default_socket_path",
+    "discover",
+    "request",
+    "serve",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024
+"""Longest request line accepted, in bytes (without its newline)."""
+
+DEFAULT_IDLE_TIMEOUT = 30.0
+MAX_CONNECTIONS = 64
+# Linux's sun_path is 108 bytes including the terminating NUL.
+_MAX_SOCKET_PATH = 107
+
+
+class ControlError(NativeReloadError):
+    """The control socket could not be served, reached, or understood.
+
+    Attributes:
+        path: the socket path concerned (None if there is none).
+        hint: what to try next, for the CLI's ``hint:`` line.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.hint = hint
+
+
+ControlError.__module__ = "nativereload"
+
+
+# --------------------------------------------------------------------------- paths
+
+def default_socket_dir() -> Path:
+    """The directory this user's sockets live in, from the environment alone."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "nativereload"
+    return Path(os.environ.get("TMPDIR") or "/tmp") / f"nativereload-sockets-{os.getuid()}"
+
+
+def default_socket_path(pid: int | None = None) -> Path:
+    """``default_socket_dir() / "<pid>.sock"`` (this process's pid by default)."""
+    return default_socket_dir() / f"{os.getpid() if pid is None else int(pid)}.sock"
+
+
+def _check_private_dir(path: Path, *, create: bool) -> None:
+    """Make sure ``path`` is a real directory, owned by us, mode 0700.
+
+    Created 0700 if missing (and ``create``). An existing one owned by someone
+    else, or a symlink, is refused: whoever owns it could swap our socket.
+    One of ours with wider permissions is tightened.
+    """
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ControlError(f"cannot create the socket directory {path}: {exc.strerror}", path=path,
+                               hint="set XDG_RUNTIME_DIR or TMPDIR to a directory you can write") from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ControlError(f"socket directory {path} does not exist", path=path) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"socket directory {path} is not a directory (a symlink or a file); refusing it",
+                           path=path, hint=f"remove {path}, or set XDG_RUNTIME_DIR to a private directory")
+    if st.st_uid != os.geteuid():
+        raise ControlError(f"socket directory {path} is owned by uid {st.st_uid}, not by us (uid "
+                           f"{os.geteuid()}); refusing to use it", path=path,
+                           hint="another user may be trying to intercept the socket: remove the directory "
+                                "or set XDG_RUNTIME_DIR to a private directory")
+    if create and stat.S_IMODE(st.st_mode) & 0o077:
+        logger.warning("socket directory %s had mode %o; setting 0700", path, stat.S_IMODE(st.st_mode))
+        os.chmod(path, 0o700)
+
+
+def _check_explicit_parent(parent: Path) -> None:
+    """An explicit socket path's parent: ours and not writable by others, else a private dir."""
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        _check_private_dir(parent, create=True)
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return
+    _check_private_dir(parent, create=False)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _listening(path: Path) -> bool:
+    """Does anything accept connections on the socket at ``path``?
+
+    ECONNREFUSED on a Unix socket means nobody listens on that inode; our
+    sockets only appear at their final path once listening, so it is stale.
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    try:
+        s.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        # Busy, permission denied, timed out: something is there; leave it.
+        return True
+    finally:
+        s.close()
+    return True
+
+
+def _remove_if_stale(path: Path) -> bool:
+    """Remove the socket ``path`` if its pid is dead or nobody listens; True if removed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    if not stat.S_ISSOCK(st.st_mode):
+        return False
+    stem = path.name[: -len(".sock")] if path.name.endswith(".sock") else ""
+    dead = stem.isdigit() and not _pid_alive(int(stem))
+    if dead or not _listening(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        logger.info("removed stale socket %s", path)
+        return True
+    return False
+
+
+def _sweep(directory: Path) -> None:
+    """Remove the sockets of dead processes in ``directory`` (SIGKILLed servers leave them)."""
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.endswith(".sock") and entry.name[:-5].isdigit():
+            try:
+                if not _pid_alive(int(entry.name[:-5])):
+                    _remove_if_stale(entry)
+            except OSError as exc:
+                logger.debug("cannot check %s: %s", entry, exc)
+
+
+# --------------------------------------------------------------------------- server
+
+_live_servers: set["Server"] = set()
+_live_lock = threading.Lock()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    with _live_lock:
+        servers = list(_live_servers)
+    for server in servers:
+        server.close()
+
+
+class Server:
+    """A running control socket. Create with ``serve()``.
+
+    Attributes:
+        path: the socket's path.
+
+    ``close()`` is idempotent and thread-safe: it stops accepting, removes the
+    socket (if it is still ours), and lets open connections finish their
+    current request.
+    """
+
+    def __init__(self, registry: Any, path: Path, listener: socket.socket, *,
+                 idle_timeout: float) -> None:
+        self.path = path
+        self._registry = registry
+        self._listener = listener
+        self._idle_timeout = idle_timeout
+        self._inode = os.stat(path).st_ino
+        self._closed = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept_loop, name=f"nativereload-control {path}",
+                                        daemon=True)
+
+    def _start(self) -> None:
+        with _live_lock:
+            _live_servers.add(self)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed.is_set() else "serving"
+        return f"<nativereload.control.Server {str(self.path)!r} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        """Stop serving and remove the socket file."""
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            connections = list(self._connections)
+        with _live_lock:
+            _live_servers.discard(self)
+        # Remove the path only if it is still our socket: a later server may
+        # have replaced it.
+        try:
+            if os.lstat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("cannot remove control socket %s: %s", self.path, exc)
+        os.write(self._wake_w, b"x")
+        for conn in connections:
+            # Wakes a connection thread blocked in recv(); it then exits.
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5.0)
+        logger.info("control socket %s closed", self.path)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # The accept loop waits on the listener and a wake-up pipe: closing a
+    # listening socket from another thread does not wake accept() on Linux.
+    def _accept_loop(self) -> None:
+        try:
+            while not self._closed.is_set():
+                readable, _, _ = select.select([self._listener, self._wake_r], [], [])
+                if self._wake_r in readable or self._closed.is_set():
+                    break
+                try:
+                    conn, _ = self._listener.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        logger.warning("control socket %s: cannot accept: %s", self.path, exc)
+                        time.sleep(0.1)
+                        continue
+                    raise
+                self._admit(conn)
+        except Exception:
+            logger.exception("control socket %s: accept loop failed; no longer serving", self.path)
+        finally:
+            self._listener.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _admit(self, conn: socket.socket) -> None:
+        conn.setblocking(True)
+        with self._lock:
+            if self._closed.is_set():
+                conn.close()
+                return
+            if len(self._connections) >= MAX_CONNECTIONS:
+                full = True
+            else:
+                full = False
+                self._connections.add(conn)
+        if full:
+            _send(conn, _error_reply("ControlError", f"too many connections ({MAX_CONNECTIONS}); try again"))
+            conn.close()
+            return
+        threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
+                         name="nativereload-control-conn").start()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        try:
+            uid = _peer_uid(conn)
+            if uid is None or (uid != os.geteuid() and uid != 0):
+                logger.warning("control socket %s: refused a connection from uid %s", self.path, uid)
+                _send(conn, _error_reply("PermissionError", f"uid {uid} may not use this socket; only uid "
+                                         f"{os.geteuid()} and root may"))
+                return
+            conn.settimeout(self._idle_timeout)
+            buffer = b""
+            while not self._closed.is_set():
+                newline = buffer.find(b"\n")
+                if newline < 0:
+                    if len(buffer) > MAX_REQUEST:
+                        _send(conn, _error_reply("ControlError", f"request longer than {MAX_REQUEST} bytes; "
+                                                 "closing the connection"))
+                        return
+                    try:
+                        chunk = conn.recv(65536)
+                    except socket.timeout:
+                        logger.debug("control socket %s: dropping an idle connection", self.path)
+                        return
+                    if not chunk:
+                        return
+                    buffer += chunk
+                    continue
+                line, buffer = buffer[:newline], buffer[newline + 1:]
+                if len(line) > MAX_REQUEST:
+                    _send(conn, _error_reply("ControlError", f"request longer than {MAX_REQUEST} bytes; "
+                                             "closing the connection"))
+                    return
+                if not line.strip():
+                    continue
+                if not _send(conn, self._handle_line(line)):
+                    return
+        except OSError as exc:
+            logger.debug("control socket %s: connection ended: %s", self.path, exc)
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    def _handle_line(self, line: bytes) -> dict:
+        try:
+            req = json.loads(line)
+        except (UnicodeDecodeError, ValueError) as exc:
+            return _error_reply("ProtocolError", f"invalid JSON: {exc}")
+        try:
+            return handle(self._registry, req)
+        except NativeReloadError as exc:
+            return _error_reply(type(exc).__name__, str(exc))
+        except Exception as exc:
+            logger.exception("control socket %s: request %r failed", self.path, req)
+            return _error_reply(type(exc).__name__, str(exc) or repr(exc))
+
+
+def _peer_uid(conn: socket.socket) -> int | None:
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def _error_reply(kind: str, message: str) -> dict:
+    return {"ok": False, "error": {"type": kind, "message": message}}
+
+
+def _send(conn: socket.socket, reply: dict) -> bool:
+    try:
+        conn.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        return True
+    except OSError:
+        return False
+
+
+class ProtocolError(ControlError):
+    """A request that is not valid JSON or not a valid operation."""
+
+
+_FIELDS = {"ping": set(), "status": set(), "reload": {"module"}, "unload": {"module"}}
+
+
+def _module_status(registry: Any) -> list[dict]:
+    modules = []
+    for m in registry.status():
+        modules.append({
+            "name": m.name,
+            "path": None if m.path is None else str(m.path),
+            "generation": m.generation,
+            "images": [{"generation": i.generation, "state": i.state, "in_flight": i.in_flight}
+                       for i in m.images],
+        })
+    return modules
+
+
+def handle(registry: Any, req: Any) -> dict:
+    """Carry out one decoded request against ``registry``; return the reply.
+
+    Raises:
+        ProtocolError: not an object, unknown op, wrong type, unknown field.
+        NativeReloadError: whatever the registry raised (the old image still serves).
+    """
+    if not isinstance(req, dict):
+        raise ProtocolError("a request must be a JSON object, e.g. {\"op\": \"status\"}")
+    op = req.get("op")
+    if not isinstance(op, str) or op not in _FIELDS:
+        raise ProtocolError(f"unknown op {op!r}; valid ops: {', '.join(sorted(_FIELDS))}")
+    extra = set(req) - {"op"} - _FIELDS[op]
+    if extra:
+        raise ProtocolError(f"op {op!r} takes no field(s) {', '.join(sorted(map(str, extra)))}")
+    pid = os.getpid()
+    if op == "ping":
+        return {"ok": True, "pid": pid}
+    if op == "status":
+        return {"ok": True, "pid": pid, "modules": _module_status(registry)}
+    name = req.get("module")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(f"op {op!r} needs \"module\": a module name (string)")
+    # Only modules this process already loaded: the registry re-reads the path
+    # it resolved at load, so nothing from the socket ever names a file.
+    loaded = {m.name: m for m in registry.status()}
+    if name not in loaded or not any(i.state == "active" for i in loaded[name].images):
+        from .errors import ModuleNotLoaded
+
+        raise ModuleNotLoaded(f"module {name!r} is not loaded in process {pid} (loaded: "
+                              f"{', '.join(sorted(loaded)) or 'none'})", module=name)
+    before = loaded[name].generation
+    if op == "unload":
+        registry.unload(name)
+        return {"ok": True, "pid": pid, "module": name, "generation": before}
+    started = time.perf_counter()
+    module = registry.reload(name)
+    seconds = time.perf_counter() - started
+    return {"ok": True, "pid": pid, "module": name, "generation_before": before,
+            "generation": module.generation, "seconds": seconds}
+
+
+def _bind_private(path: Path) -> socket.socket:
+    """A listening socket at ``path``, mode 0600 from the moment it is reachable there.
+
+    Bound inside a fresh 0700 directory next to ``path`` (nobody else can
+    reach it there), chmod 0600, listening, then renamed over ``path``.
+    rename() replaces a stale socket atomically; it does not touch umask,
+    which is process-wide and not thread-safe.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".nr-", dir=path.parent))
+    temp = staging / "s"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(temp))
+        os.chmod(temp, 0o600)
+        sock.listen(64)
+        os.rename(temp, path)
+    except BaseException:
+        sock.close()
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.rmdir(staging)
+    return sock
+
+
+def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
+          idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> Server:
+    """Serve ``registry`` on a Unix socket from a daemon thread; return the Server.
+
+    Args:
+        socket_path: default ``default_socket_path()``. Its directory is checked
+            (see the module docstring); an existing socket there is replaced
+            only if stale (dead pid, or nobody listening).
+        idle_timeout: seconds a connection may stay silent before it is dropped.
+
+    Raises:
+        ControlError: unsafe or unusable directory, path too long, or a live
+            server already answers at ``socket_path``.
+    """
+    if socket_path is None:
+        directory = default_socket_dir()
+        _check_private_dir(directory, create=True)
+        path = directory / f"{os.getpid()}.sock"
+        _sweep(directory)
+    else:
+        path = Path(socket_path).absolute()
+        _check_explicit_parent(path.parent)
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH - 8:  # room for the staging name
+        raise ControlError(f"socket path {path} is too long for a Unix socket (at most ~{_MAX_SOCKET_PATH - 8} "
+                           "bytes)", path=path, hint="pass a shorter socket_path, or set XDG_RUNTIME_DIR")
+    if os.path.lexists(path) and not _remove_if_stale(path):
+        raise ControlError(f"{path} is in use (a live server answers there, or it is not a socket)", path=path,
+                           hint="close the other server first, or pass another socket_path")
+    listener = _bind_private(path)
+    server = Server(registry, path, listener, idle_timeout=idle_timeout)
+    server._start()
+    add_closer = getattr(registry, "_add_closer", None)
+    if add_closer is not None:
+        add_closer(server.close)
+    logger.info("control socket serving at %s", path)
+    return server
+
+
+# --------------------------------------------------------------------------- client
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A process reachable through its control socket."""
+
+    pid: int | None
+    path: Path
+
+
+def request(path: str | os.PathLike, op: str, *, timeout: float = 30.0, **fields: Any) -> dict:
+    """Send one operation to the socket at ``path``; return the decoded reply.
+
+    A reply with ``"ok": false`` is returned, not raised: it is the remote
+    registry's answer. Raises ControlError when the socket cannot be reached
+    or the reply is not a JSON object.
+    """
+    req = {"op": op, **fields}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise ControlError(f"no control socket at {path}", path=path,
+                               hint="is the process running and did it call reg.serve()?") from None
+        except ConnectionRefusedError:
+            raise ControlError(f"nobody is listening on {path} (the process is gone)", path=path) from None
+        except PermissionError:
+            raise ControlError(f"permission denied connecting to {path}", path=path,
+                               hint="the process belongs to another user; run as that user") from None
+        sock.sendall(json.dumps(req).encode() + b"\n")
+        buffer = b""
+        while b"\n" not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+    except socket.timeout:
+        raise ControlError(f"no reply from {path} within {timeout:g} s", path=path) from None
+    except OSError as exc:
+        if isinstance(exc, ControlError):
+            raise
+        raise ControlError(f"cannot talk to {path}: {exc}", path=path) from None
+    finally:
+        sock.close()
+    line = buffer.split(b"\n", 1)[0]
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict) or "ok" not in reply:
+        raise ControlError(f"unexpected reply from {path}: {line[:200]!r}", path=path)
+    return reply
+
+
+def discover(*, cleanup: bool = True) -> list[Target]:
+    """The sockets of this user's live processes in ``default_socket_dir()``, by pid.
+
+    Sockets of dead processes are removed on the way (``cleanup``). An absent
+    directory means no process serves. A directory owned by someone else is
+    refused (ControlError) rather than trusted.
+    """
+    directory = default_socket_dir()
+    if not os.path.lexists(directory):
+        return []
+    _check_private_dir(directory, create=False)
+    found = []
+    for entry in sorted(directory.iterdir()):
+        stem = entry.name[:-5] if entry.name.endswith(".sock") else ""
+        if not stem.isdigit():
+            continue
+        try:
+            is_sock = stat.S_ISSOCK(os.lstat(entry).st_mode)
+        except FileNotFoundError:
+            continue
+        if not is_sock:
+            continue
+        if cleanup and _remove_if_stale(entry):
+            continue
+        found.append(Target(int(stem), entry))
+    found.sort(key=lambda t: t.pid or 0)
+    return found

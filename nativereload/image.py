@@ -1,0 +1,327 @@
+"""One loaded image of a module: a private copy of a .so, dlopened, its functions resolved.
+
+Life of an Image (each step is a method below):
+    Image.load()  copy the source into the registry's directory -> check the
+                  copy is a complete ELF for this machine -> dlopen(RTLD_NOW |
+                  RTLD_LOCAL) -> resolve every declared function. Any failure
+                  closes and deletes what was made and raises; nothing leaks.
+    (serving)     the image's ImageGate counts the calls in flight.
+    close()       called once by the gate when the retired image drains:
+                  dlclose -> drop cffi's bookkeeping -> ask the loader whether
+                  the image is really gone -> delete the copy, or mark the
+                  image "leaked" and keep the copy if the loader kept it.
+
+Why a private copy, always: glibc returns the already-loaded image for a path
+(and for a hard link or symlink: it also matches by device and inode) that it
+has seen, so dlopen of the rebuilt file would silently keep the old code; and
+overwriting a file that is mapped crashes the process (SIGBUS/SIGSEGV). A
+byte-for-byte copy under a new name is a new image and is ours alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from typing import Callable
+
+import cffi
+
+from . import elf
+from .errors import InterfaceError, LoadError, ModuleNotFound, SymbolError
+
+__all__ = ["Image", "Interface"]
+
+logger = logging.getLogger(__name__.rpartition(".")[0])
+
+_RTLD_NOW = getattr(os, "RTLD_NOW", 2)
+_RTLD_LOCAL = getattr(os, "RTLD_LOCAL", 0)
+_RTLD_NOLOAD = getattr(os, "RTLD_NOLOAD", 4)
+
+# The dynamic loader, called directly rather than through ffi.dlopen(path):
+# on failure cffi's in-line dlopen falls back to ctypes.util.find_library
+# (subprocesses, ~10 ms) and its error text no longer says what dlopen said.
+# The function objects are bound once, here: the first attribute lookup on a
+# cffi lib calls dlsym, which clears the thread's dlerror() state.
+_dl_ffi = cffi.FFI()
+_dl_ffi.cdef("void *dlopen(const char *, int); int dlclose(void *); char *dlerror(void);")
+try:
+    _dl_lib = _dl_ffi.dlopen(None)
+    _dl_lib.dlopen
+except (OSError, AttributeError):   # glibc < 2.34 keeps these in libdl
+    _dl_lib = _dl_ffi.dlopen("libdl.so.2")
+_dlopen = _dl_lib.dlopen
+_dlclose = _dl_lib.dlclose
+_dlerror = _dl_lib.dlerror
+
+_LEAK_ADVICE = ("the dynamic loader keeps a library mapped after dlclose() when it has STB_GNU_UNIQUE symbols "
+                "(C++ inline or template statics: build with -fno-gnu-unique), thread_local objects with "
+                "destructors, or was opened with RTLD_NODELETE")
+
+
+def _dl_error_text() -> str:
+    message = _dlerror()
+    return _dl_ffi.string(message).decode(errors="replace") if message else "unknown dlopen error"
+
+
+class Interface:
+    """A parsed cdef: one cffi FFI shared by every image loaded with the same declarations.
+
+    Parsing is most of what a reload costs if done per image (~0.4 ms of
+    ~0.8 ms), so each distinct cdef is parsed once per registry.
+
+    Attributes:
+        cdef: the declarations, as given.
+        ffi: the cffi.FFI holding them (for ffi.new, ffi.string, ...).
+        functions: the declared function names, in declaration order.
+    """
+
+    def __init__(self, cdef: str, module: str) -> None:
+        if not isinstance(cdef, str) or not cdef.strip():
+            raise InterfaceError(
+                f"module '{module}': a cdef is required — pass the C declarations of the functions to call, "
+                f"e.g. load('{module}', cdef='long add(long, long);')", module=module)
+        ffi = cffi.FFI()
+        try:
+            ffi.cdef(cdef)
+        except Exception as exc:   # cffi raises CDefError, pycparser's ParseError, FFIError...
+            raise InterfaceError(
+                f"module '{module}': the cdef does not parse: {exc} — fix the declarations "
+                "(plain C declarations, no #include or macros with values)", module=module) from exc
+        self.cdef = cdef
+        self.ffi = ffi
+        # cffi has no public list of declarations; its parser's is stable since cffi 1.0.
+        self.functions = tuple(key.split(" ", 1)[1] for key in ffi._parser._declarations
+                               if key.startswith("function "))
+
+
+class Image:
+    """One dlopened private copy of a module's library. Build with :meth:`load`.
+
+    Attributes:
+        module: the module's name.
+        generation: this image's generation (1 for the first load).
+        source: the user's file it was copied from.
+        copy_path: the private copy that is mapped.
+        interface: the Interface its functions were resolved with.
+        gate: its ImageGate (functions, in-flight counts).
+        state: "active", "retired", "leaked" or "closed".
+    """
+
+    def __init__(self) -> None:
+        raise TypeError("use Image.load()")
+
+    @classmethod
+    def load(cls, *, module: str, generation: int, source: str, directory: str, interface: Interface,
+             gate_type: type, on_closed: Callable[["Image"], None], refused: str) -> "Image":
+        """Copy ``source`` into ``directory``, check it, dlopen it and resolve every declared function.
+
+        Args:
+            refused: what a failure means for the caller, appended to every
+                error message (e.g. "reload refused; generation 3 still serving").
+            on_closed: called once, with this image, after :meth:`close`.
+
+        Raises:
+            ModuleNotFound: ``source`` does not exist (any more).
+            LoadError: the copy failed, the copy is not a loadable ELF, or dlopen failed.
+            SymbolError: declared functions are missing from the library.
+        Nothing is left behind on failure: no copy, no handle.
+        """
+        self = object.__new__(cls)
+        self.module = module
+        self.generation = generation
+        self.source = source
+        self.interface = interface
+        self.state = "active"
+        self.gate = None
+        self._on_closed = on_closed
+        self._handle = None
+        self._lib = None
+        self._lock = threading.Lock()
+        started = time.perf_counter()
+        self.copy_path = self._copy(directory, refused)
+        try:
+            self._dlopen(refused)
+            functions = self._resolve(refused)
+        except BaseException:
+            self._discard()
+            raise
+        self.gate = gate_type(functions, self.close)
+        self.load_seconds = time.perf_counter() - started
+        return self
+
+    # -- loading --------------------------------------------------------------------------
+
+    def _copy(self, directory: str, refused: str) -> str:
+        """Copy the source to a new file in ``directory`` and check it is a complete ELF; return its path."""
+        try:
+            source_fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ModuleNotFound(
+                f"module '{self.module}': {self.source} does not exist ({refused}) — build it, or check the "
+                "path", module=self.module, searched=(self.source,)) from None
+        except OSError as exc:
+            raise self._load_error(f"cannot open it: {exc.strerror}", refused, exc) from None
+        copy_fd = None
+        copy_path = None
+        try:
+            size = os.fstat(source_fd).st_size
+            # mkstemp: O_CREAT|O_EXCL, mode 0600, a fresh name (so a fresh
+            # inode glibc has never seen) inside the registry's 0700 directory.
+            copy_fd, copy_path = tempfile.mkstemp(prefix=f"{self.module}.g{self.generation}.", suffix=".so",
+                                                  dir=directory)
+            copied = 0
+            while copied < size:
+                sent = os.sendfile(copy_fd, source_fd, copied, size - copied)
+                if sent == 0:
+                    break          # the source shrank while we copied: the check below rejects it
+                copied += sent
+            elf.check_fd(copy_fd)
+        except elf.ELFError as exc:
+            self._remove_partial(copy_fd, copy_path)
+            raise self._load_error(str(exc), refused, exc) from None
+        except OSError as exc:
+            self._remove_partial(copy_fd, copy_path)
+            raise self._load_error(
+                f"cannot copy it into {directory}: {exc.strerror or exc}", refused, exc,
+                hint="free space there, or point nativereload at another directory with TMPDIR or "
+                     "Registry(tmpdir=...)") from None
+        finally:
+            os.close(source_fd)
+        os.close(copy_fd)
+        return copy_path
+
+    @staticmethod
+    def _remove_partial(fd: int | None, path: str | None) -> None:
+        if fd is not None:
+            os.close(fd)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def _dlopen(self, refused: str) -> None:
+        # RTLD_NOW: an unresolved symbol fails here, not at some later call.
+        # RTLD_LOCAL: this image's symbols never resolve another image's calls.
+        handle = _dlopen(os.fsencode(self.copy_path), _RTLD_NOW | _RTLD_LOCAL)
+        if handle == _dl_ffi.NULL:
+            reason = _dl_error_text()
+            hint = None
+            if "failed to map segment" in reason or _is_noexec(self.copy_path):
+                hint = ("the temporary directory is mounted noexec: set TMPDIR, or pass Registry(tmpdir=...), "
+                        "to a directory on a filesystem that allows executable mappings")
+            elif "undefined symbol" in reason:
+                hint = ("the library calls a function no loaded library defines: define it, or link the "
+                        "library against the one that does, and rebuild")
+            raise self._load_error(reason, refused, None, hint=hint)
+        self._handle = handle
+        # ffi.dlopen(handle) wraps the handle we opened; ffi.dlclose(lib)
+        # will dlclose it (exactly once: we never call dlclose on it ourselves).
+        self._lib = self.interface.ffi.dlopen(handle)
+
+    def _resolve(self, refused: str) -> dict:
+        """Look up every declared function now, so a reload is refused before anything switches."""
+        lib = self._lib
+        functions = {}
+        missing = []
+        for name in self.interface.functions:
+            try:
+                functions[name] = getattr(lib, name)
+            except AttributeError:
+                missing.append(name)
+        if missing:
+            names = ", ".join(f"'{name}'" for name in missing)
+            noun = "symbol" if len(missing) == 1 else "symbols"
+            raise SymbolError(
+                f"module '{self.module}': {noun} {names} not found in {self.source} ({refused}) — export "
+                f"{'it' if len(missing) == 1 else 'them'} from the library, or reload with a cdef that does "
+                "not declare " + ("it" if len(missing) == 1 else "them"),
+                module=self.module, symbols=tuple(sorted(missing)))
+        return functions
+
+    def _load_error(self, reason: str, refused: str, exc: BaseException | None, hint: str | None = None
+                    ) -> LoadError:
+        message = f"module '{self.module}': cannot load {self.source}: {reason} ({refused})"
+        if hint:
+            message += f" — {hint}"
+        elif isinstance(exc, elf.ELFError):
+            message += " — rebuild it; if a build is still writing it, reload when it has finished"
+        return LoadError(message, module=self.module, path=self.source, reason=reason)
+
+    # -- closing --------------------------------------------------------------------------
+
+    def _unmap(self) -> bool:
+        """dlclose our handle and drop cffi's bookkeeping; return True if the loader really unmapped it."""
+        ffi = self.interface.ffi
+        lib, self._lib = self._lib, None
+        if lib is not None:
+            ffi.dlclose(lib)
+            # ffi.dlopen appends to these lists and never removes: without
+            # this, every reload would keep ~6 KB for ever.
+            with ffi._lock:
+                libraries = getattr(ffi, "_libraries", None)
+                caches = getattr(ffi, "_function_caches", None)
+                if libraries is not None:
+                    for index, candidate in enumerate(libraries):
+                        if candidate is lib:
+                            del libraries[index]
+                            if caches is not None and index < len(caches):
+                                del caches[index]
+                            break
+        elif self._handle is not None:
+            _dlclose(self._handle)
+        self._handle = None
+        # dlclose returning 0 does not mean the image is gone: ask the loader
+        # (RTLD_NOLOAD finds a loaded object by name, ~4 µs).
+        probe = _dlopen(os.fsencode(self.copy_path), _RTLD_NOW | _RTLD_NOLOAD)
+        if probe != _dl_ffi.NULL:
+            _dlclose(probe)
+            return False
+        return True
+
+    def _discard(self) -> None:
+        """Undo a load that failed part-way: close the handle, delete the copy."""
+        self._unmap()
+        self._remove_partial(None, self.copy_path)
+
+    def retire(self) -> None:
+        """Stop new calls from entering; the image closes when its last call returns (maybe now)."""
+        with self._lock:
+            if self.state == "active":
+                self.state = "retired"
+        self.gate.retire()
+
+    def close(self) -> None:
+        """Unmap this drained image (called once, by the gate, on the thread that drained it).
+
+        Must not run while any call is inside the image: the gate guarantees it.
+        """
+        started = time.perf_counter()
+        with self._lock:
+            if self.state in ("closed", "leaked"):
+                return
+            unmapped = self._unmap()
+            self.gate.functions = {}     # drop the function objects: they point into unmapped code
+            if unmapped:
+                self.state = "closed"
+                self._remove_partial(None, self.copy_path)
+            else:
+                self.state = "leaked"
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        if unmapped:
+            logger.info("closed '%s' generation %d in %.2f ms", self.module, self.generation, elapsed_ms)
+        else:
+            logger.warning("module '%s' generation %d: dlclose() did not unmap %s; keeping the copy and "
+                           "reporting the image as leaked. Why: %s.", self.module, self.generation,
+                           self.copy_path, _LEAK_ADVICE)
+        self._on_closed(self)
+
+
+def _is_noexec(path: str) -> bool:
+    try:
+        return bool(os.statvfs(os.path.dirname(path)).f_flag & getattr(os, "ST_NOEXEC", 8))
+    except OSError:
+        return False
