@@ -57,8 +57,9 @@ _dlclose = _dl_lib.dlclose
 _dlerror = _dl_lib.dlerror
 
 _LEAK_ADVICE = ("the dynamic loader keeps a library mapped after dlclose() when it has STB_GNU_UNIQUE symbols "
-                "(C++ inline or template statics: build with -fno-gnu-unique), thread_local objects with "
-                "destructors, or was opened with RTLD_NODELETE")
+                "(C++ inline or template statics; later images then share those objects with this one: build "
+                "with -fno-gnu-unique), thread_local objects with destructors (avoid them in reloadable "
+                "code), or was opened with RTLD_NODELETE")
 
 
 def _dl_error_text() -> str:

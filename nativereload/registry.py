@@ -135,7 +135,7 @@ class Module:
             SymbolError: the current cdef does not declare ``symbol``.
         """
         existing = self._funcs.get(symbol)
-        if existing is not None:
+        if existing is not None and symbol in self._interface.functions:
             return existing
         if self._unloaded:
             raise ModuleUnloaded(
@@ -160,6 +160,15 @@ class Module:
         func = self.func(symbol)
         self.__dict__[symbol] = func      # later lookups skip __getattr__
         return func
+
+    def _forget_undeclared(self) -> None:
+        """Drop attribute shortcuts to symbols the current cdef no longer declares.
+
+        Handles already taken stay valid objects; calling them raises SymbolError.
+        """
+        for symbol in self._funcs:
+            if symbol not in self._interface.functions:
+                self.__dict__.pop(symbol, None)
 
     def _missing(self, symbol: str, gate: Any) -> NativeReloadError:
         """The error for a call the gate cannot route: no image (unloaded), or no such symbol in it."""
@@ -304,6 +313,7 @@ class Registry:
                 module._images.append(image)
                 module._active = image
                 module._interface = interface
+                module._forget_undeclared()
                 module.generation = serving + 1
                 module._slot.current = image.gate     # from here on, new calls go to the new image
             old.retire()

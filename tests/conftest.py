@@ -98,6 +98,27 @@ def gate_impl(request, monkeypatch):
     return request.param
 
 
+def private_copies(tmpdir: Path) -> list[str]:
+    """Every file a registry left under ``tmpdir`` other than its directories' lock files, sorted."""
+    return sorted(str(path) for path in Path(tmpdir).rglob("*") if path.is_file() and path.name != ".lock")
+
+
+def open_fds() -> int:
+    """How many file descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def mapped_paths() -> set[str]:
+    """The files mapped into this process (from /proc/self/maps), " (deleted)" suffixes removed."""
+    paths = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                paths.add(fields[5].rstrip("\n").removesuffix(" (deleted)"))
+    return paths
+
+
 def run_python(code: str, *, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (for scenarios that may crash the process)."""
     full_env = dict(os.environ)

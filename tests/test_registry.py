@@ -1,0 +1,211 @@
+"""The Registry's public API: finding, loading, calling, unloading, status, errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+import nativereload
+from nativereload import (InterfaceError, ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
+                          ModuleUnloaded, NativeReloadError, Registry, SymbolError)
+
+from conftest import SAMPLE_CDEF, install, private_copies
+
+
+@pytest.fixture
+def reg(moddir, tmpdir_for_copies, gate_impl):
+    registry = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
+    yield registry
+    registry.close()
+
+
+def test_load_and_call_every_way(reg, moddir, samples):
+    source = install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    assert (mod.name, mod.path, mod.generation) == ("sample", str(source), 1)
+    assert mod.add(2, 3) == 5
+    f = reg.func("sample.add")
+    assert f(2, 3) == 5
+    assert reg.call("sample.add", 40, 2) == 42
+    assert isinstance(f, nativereload.Func)
+    assert f.name == "sample.add"
+    assert reg.func("sample.add") is f is mod.add
+    assert mod.dot4(1.0, 1.0, 1.0, 1.0) == 10.0
+    assert mod.sum_bytes(b"\x01\x02\x03", 3) == 6
+    assert mod.ffi.string(mod.version_string()) == b"sample v1"
+
+
+def test_load_of_loaded_module_returns_it_unchanged(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    assert reg.load("sample", cdef=SAMPLE_CDEF) is mod
+    assert reg.load("sample", cdef=SAMPLE_CDEF, file=moddir / "sample.so") is mod
+    assert mod.generation == 1
+    assert len(reg.status()[0].images) == 1
+
+
+def test_load_with_other_cdef_or_file_points_to_reload(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    other = install(samples["v2"], moddir / "other.so")
+    reg.load("sample", cdef=SAMPLE_CDEF)
+    with pytest.raises(ModuleConflict, match=r"reload\('sample', cdef=\.\.\.\)"):
+        reg.load("sample", cdef="int version(void);")
+    with pytest.raises(ModuleConflict, match="other.so"):
+        reg.load("sample", cdef=SAMPLE_CDEF, file=other)
+    assert reg.call("sample.version") == 1
+
+
+def test_cdef_is_required_and_must_parse(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    with pytest.raises(InterfaceError, match="cdef is required"):
+        reg.load("sample")
+    with pytest.raises(InterfaceError, match="'sample'.*does not parse"):
+        reg.load("sample", cdef="long add(long,;")
+    assert reg.status() == []
+
+
+def test_name_resolution_order(reg, moddir, tmp_path, samples, monkeypatch):
+    second = tmp_path / "second"
+    install(samples["v2"], moddir / "libsample.so")
+    install(samples["v1"], second / "sample.so")
+    reg._path.append(str(second))
+    # libNAME.so in the first directory wins over NAME.so in a later one: directory by directory.
+    assert reg.find("sample") == str(moddir / "libsample.so")
+    install(samples["v1"], moddir / "sample.so")
+    assert reg.find("sample") == str(moddir / "sample.so")
+    # Dotted names are subdirectories.
+    install(samples["v3"], moddir / "pkg" / "libsub.so")
+    mod = reg.load("pkg.sub", cdef=SAMPLE_CDEF)
+    assert mod.path == str(moddir / "pkg" / "libsub.so")
+    assert reg.call("pkg.sub.version") == 3          # split at the last dot
+    # NATIVERELOAD_PATH is searched after path.
+    env_dir = tmp_path / "envdir"
+    install(samples["v2"], env_dir / "fromenv.so")
+    monkeypatch.setenv("NATIVERELOAD_PATH", os.pathsep.join(["/nonexistent", str(env_dir)]))
+    assert reg.search_path()[-2:] == ["/nonexistent", str(env_dir)]
+    assert reg.load("fromenv", cdef=SAMPLE_CDEF).version() == 2
+
+
+def test_not_found_lists_every_path(reg, moddir, tmp_path, monkeypatch):
+    monkeypatch.setenv("NATIVERELOAD_PATH", str(tmp_path / "env"))
+    with pytest.raises(ModuleNotFound) as info:
+        reg.load("pkg.missing", cdef=SAMPLE_CDEF)
+    expected = [str(moddir / "pkg" / "missing.so"), str(moddir / "pkg" / "libmissing.so"),
+                str(tmp_path / "env" / "pkg" / "missing.so"), str(tmp_path / "env" / "pkg" / "libmissing.so")]
+    assert list(info.value.searched) == expected
+    for path in expected:
+        assert path in str(info.value)
+    assert info.value.module == "pkg.missing"
+
+
+def test_explicit_file(reg, tmp_path, samples):
+    source = install(samples["v2"], tmp_path / "elsewhere" / "anything.so")
+    mod = reg.load("custom", cdef=SAMPLE_CDEF, file=source)
+    assert mod.path == str(source)
+    assert mod.version() == 2
+    with pytest.raises(ModuleNotFound, match="missing.so"):
+        reg.load("gone", cdef=SAMPLE_CDEF, file=tmp_path / "missing.so")
+
+
+@pytest.mark.parametrize("name", ["a/b", "../sample", "a..b", ".sample", "sample.", "", "pkg..sub", "x/../y"])
+def test_bad_names_are_refused(reg, name):
+    with pytest.raises(ModuleNameError, match="invalid module name"):
+        reg.load(name, cdef=SAMPLE_CDEF)
+    with pytest.raises(NativeReloadError):
+        reg.reload(name)
+
+
+def test_never_loaded(reg):
+    for action in (lambda: reg.reload("nothere"), lambda: reg.unload("nothere"),
+                   lambda: reg.func("nothere.add"), lambda: reg.call("nothere.add", 1, 2)):
+        with pytest.raises(ModuleNotLoaded, match="'nothere' is not loaded.*reg.load"):
+            action()
+
+
+def test_undeclared_symbol_is_a_symbol_error_and_attribute_error(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef="long add(long, long);")
+    with pytest.raises(SymbolError, match="'scaled'"):
+        reg.func("sample.scaled")
+    assert not hasattr(mod, "scaled")
+    with pytest.raises(AttributeError):
+        mod.scaled
+
+
+def test_declared_but_missing_symbols_refuse_the_load(reg, moddir, samples, tmpdir_for_copies):
+    install(samples["nosym"], moddir / "sample.so")
+    with pytest.raises(SymbolError) as info:
+        reg.load("sample", cdef=SAMPLE_CDEF + "int no_such_one(void);")
+    assert info.value.symbols == ("no_such_one", "scaled")
+    assert "'scaled'" in str(info.value) and "'no_such_one'" in str(info.value)
+    assert reg.status() == []
+    assert private_copies(tmpdir_for_copies) == []
+
+
+def test_unload(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    f = mod.add
+    reg.unload("sample")
+    assert reg.status() == []
+    with pytest.raises(ModuleUnloaded, match="'sample' was unloaded"):
+        f(1, 2)
+    with pytest.raises(ModuleUnloaded):
+        mod.scaled(1)
+    with pytest.raises(ModuleNotLoaded):
+        reg.unload("sample")
+    # Loaded again: old handles stay dead, new ones work.
+    again = reg.load("sample", cdef=SAMPLE_CDEF)
+    assert again is not mod and again.generation == 1
+    with pytest.raises(ModuleUnloaded):
+        f(1, 2)
+    assert reg.call("sample.add", 1, 2) == 3
+
+
+def test_status_fields(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    reg.load("sample", cdef=SAMPLE_CDEF)
+    [status] = reg.status()
+    assert isinstance(status, nativereload.ModuleStatus)
+    assert (status.name, status.path, status.generation) == ("sample", str(moddir / "sample.so"), 1)
+    [image] = status.images
+    assert isinstance(image, nativereload.ImageStatus)
+    assert (image.generation, image.state, image.in_flight) == (1, "active", 0)
+    assert os.path.isfile(image.copy_path)
+
+
+def test_context_manager_and_closed_registry(moddir, tmpdir_for_copies, samples):
+    install(samples["v1"], moddir / "sample.so")
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies) as reg:
+        f = reg.load("sample", cdef=SAMPLE_CDEF).add
+        assert f(1, 1) == 2
+    assert os.listdir(tmpdir_for_copies) == []
+    with pytest.raises(ModuleUnloaded):
+        f(1, 1)
+    with pytest.raises(NativeReloadError, match="closed"):
+        reg.load("sample", cdef=SAMPLE_CDEF)
+
+
+def test_info_log_lines(reg, moddir, samples, caplog):
+    caplog.set_level(logging.INFO, logger="nativereload")
+    install(samples["v1"], moddir / "sample.so")
+    reg.load("sample", cdef=SAMPLE_CDEF)
+    reg.reload("sample")
+    messages = [record.getMessage() for record in caplog.records if record.name == "nativereload"]
+    assert any(m.startswith("loaded 'sample' generation 1 from") and " ms" in m for m in messages), messages
+    assert any(m.startswith("reloaded 'sample' generation 2 in") for m in messages), messages
+    assert any(m.startswith("closed 'sample' generation 1 in") for m in messages), messages
+
+
+def test_errors_are_exported_and_named_for_the_package():
+    for name in ("NativeReloadError", "ModuleNotFound", "ModuleNotLoaded", "LoadError", "SymbolError",
+                 "InterfaceError", "ModuleUnloaded", "ModuleNameError", "ModuleConflict"):
+        cls = getattr(nativereload, name)
+        assert issubclass(cls, NativeReloadError)
+        assert cls.__module__ == "nativereload"
+    assert issubclass(SymbolError, AttributeError)
+    assert sorted(nativereload.__all__) == nativereload.__all__
+    for name in nativereload.__all__:
+        assert hasattr(nativereload, name)
