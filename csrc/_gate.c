@@ -44,6 +44,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -535,7 +536,7 @@ Func_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
         PyErr_Format(PyExc_TypeError, "%S() takes no keyword arguments", self->name);
         return NULL;
     }
-    for (;;) {
+    for (int attempt = 0;; attempt++) {
         gate = nr_slot_get(self->slot);
         if (gate == NULL)
             return nr_func_raise_missing(self, Py_None);
@@ -548,6 +549,18 @@ Func_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
         Py_DECREF(gate);
         if (status < 0)
             return NULL;
+        if (attempt > 0) {
+            /* Retired again on a re-read: slot.current has not moved on yet (a
+             * swap in progress, or a registry that retired before swapping).
+             * The Python gate's loop lets other threads run here; so must we,
+             * or the thread that will move slot.current never gets the GIL.
+             * Stay interruptible too. */
+            Py_BEGIN_ALLOW_THREADS
+            sched_yield();
+            Py_END_ALLOW_THREADS
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+        }
     }
 
     PyObject *result = NULL;
