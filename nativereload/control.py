@@ -478,8 +478,9 @@ def handle(registry: Any, req: Any) -> dict:
         raise ProtocolError(f"op {op!r} needs \"module\": a module name (string)")
     # Only modules this process already loaded: the registry re-reads the path
     # it resolved at load, so nothing from the socket ever names a file.
-    loaded = {m.name: m for m in registry.status()}
-    if name not in loaded or not any(i.state == "active" for i in loaded[name].images):
+    # status() also lists unloaded modules still draining: only an active image counts.
+    loaded = {m.name: m for m in registry.status() if any(i.state == "active" for i in m.images)}
+    if name not in loaded:
         from .errors import ModuleNotLoaded
 
         raise ModuleNotLoaded(f"module {name!r} is not loaded in process {pid} (loaded: "

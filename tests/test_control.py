@@ -1,0 +1,469 @@
+"""The control socket: a real child process hosting a Registry with serve(), real sockets.
+
+``ServingChild`` is also used by test_cli.py and test_watch.py: a Python
+process that loads ``sample`` from a module directory, serves its registry,
+keeps a thread calling it, and answers "calls" / "quit" on stdin with JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import select
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SAMPLE_CDEF, install
+
+from nativereload import Registry, control
+
+CHILD = textwrap.dedent("""
+    import json, sys, threading
+    import nativereload
+
+    moddir, socket_path, name, cdef = sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4]
+    reg = nativereload.Registry(path=[moddir])
+    mod = reg.load(name, cdef=cdef)
+    server = reg.serve(socket_path)
+    served, failed, last = [0], [], [None]
+    stop = threading.Event()
+
+    def caller():
+        version = mod.version
+        while not stop.is_set():
+            try:
+                last[0] = version()
+                served[0] += 1
+            except Exception as exc:
+                failed.append(repr(exc))
+
+    thread = threading.Thread(target=caller, daemon=True)
+    thread.start()
+    print(json.dumps({"pid": __import__("os").getpid(), "socket": str(server.path)}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "calls":
+            before = served[0]
+            while served[0] == before and thread.is_alive():
+                pass
+            print(json.dumps({"served": served[0], "failed": failed, "version": last[0],
+                              "generation": mod.generation}), flush=True)
+        elif line.strip() == "quit":
+            break
+    stop.set()
+    thread.join()
+    reg.close()
+    print(json.dumps({"closed": True, "socket_exists": __import__("os").path.exists(str(server.path))}),
+          flush=True)
+""")
+
+
+def child_env(runtime_dir: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["XDG_RUNTIME_DIR"] = str(runtime_dir)
+    env.update(extra)
+    return env
+
+
+class ServingChild:
+    """A child Python process hosting a Registry with ``serve()``; always reaped by ``stop()``."""
+
+    def __init__(self, moddir: Path, runtime_dir: Path, *, socket_path: Path | None = None, name: str = "sample",
+                 cdef: str = SAMPLE_CDEF) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(moddir), str(socket_path or ""), name, cdef],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=child_env(runtime_dir))
+        ready = self._line(timeout=30)
+        self.pid: int = ready["pid"]
+        self.socket = Path(ready["socket"])
+
+    def _line(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=10)
+            raise AssertionError(f"child gave no answer (exit {self.proc.returncode}): {err}")
+        return json.loads(line)
+
+    def calls(self) -> dict:
+        """The child's own view: calls served and failed, the version its last call returned."""
+        self.proc.stdin.write("calls\n")
+        self.proc.stdin.flush()
+        return self._line(timeout=30)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def quit(self) -> dict:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        result = self._line(timeout=30)
+        self.proc.wait(timeout=30)
+        return result
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=30)
+
+
+@pytest.fixture
+def runtime_dir(tmp_path, monkeypatch) -> Path:
+    """A private XDG_RUNTIME_DIR for this test, for the children and for in-process clients."""
+    path = tmp_path / "run"
+    path.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def spawn(moddir, runtime_dir, samples):
+    """``spawn(version="v1", **kw) -> ServingChild`` with sample installed in ``moddir``; children reaped."""
+    children = []
+
+    def start(version: str = "v1", **kw) -> ServingChild:
+        if not (moddir / "sample.so").exists():
+            install(samples[version], moddir / "sample.so")
+        child = ServingChild(moddir, runtime_dir, **kw)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.stop()
+
+
+def raw(path: Path, data: bytes, *, timeout: float = 10) -> list[dict]:
+    """Send raw bytes; read replies until the server closes or stops answering."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        buffer = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+    return [json.loads(line) for line in buffer.splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- where and how it listens
+
+def test_default_socket_path_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    assert control.default_socket_path(42) == tmp_path / "xdg" / "nativereload" / "42.sock"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "t"))
+    assert control.default_socket_path(42) == tmp_path / "t" / f"nativereload-sockets-{os.getuid()}" / "42.sock"
+    monkeypatch.delenv("TMPDIR")
+    assert control.default_socket_dir() == Path("/tmp") / f"nativereload-sockets-{os.getuid()}"
+
+
+@pytest.mark.timeout(60)
+def test_child_serves_at_default_path_private(spawn, runtime_dir):
+    child = spawn()
+    assert child.socket == runtime_dir / "nativereload" / f"{child.pid}.sock"
+    assert stat.S_ISSOCK(os.lstat(child.socket).st_mode)
+    assert stat.S_IMODE(os.lstat(child.socket).st_mode) == 0o600
+    assert stat.S_IMODE(os.lstat(child.socket.parent).st_mode) == 0o700
+    assert os.lstat(child.socket.parent).st_uid == os.geteuid()
+    # Only the socket: the staging directory it was bound in is gone.
+    assert sorted(p.name for p in child.socket.parent.iterdir()) == [f"{child.pid}.sock"]
+    assert control.discover() == [control.Target(child.pid, child.socket)]
+    closed = child.quit()
+    assert closed == {"closed": True, "socket_exists": False}
+    assert not child.socket.exists()
+
+
+@pytest.mark.timeout(60)
+def test_tmpdir_fallback_when_no_runtime_dir(moddir, samples, tmp_path):
+    install(samples["v1"], moddir / "sample.so")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = child_env(tmp_path, TMPDIR=str(tmp))
+    del env["XDG_RUNTIME_DIR"]
+    code = ("import nativereload, os, stat; r = nativereload.Registry(path=[%r]); r.load('sample', cdef=%r); "
+            "s = r.serve(); print(s.path); print(oct(stat.S_IMODE(os.stat(s.path.parent).st_mode))); r.close(); "
+            "print(os.path.exists(s.path))") % (str(moddir), SAMPLE_CDEF)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    path, mode, exists = out.stdout.split()
+    assert Path(path).parent == tmp / f"nativereload-sockets-{os.getuid()}"
+    assert mode == "0o700" and exists == "False"
+
+
+@pytest.mark.timeout(60)
+def test_socket_removed_at_interpreter_exit(moddir, samples, tmp_path):
+    install(samples["v1"], moddir / "sample.so")
+    code = ("import nativereload; r = nativereload.Registry(path=[%r]); r.load('sample', cdef=%r); "
+            "print(r.serve().path)") % (str(moddir), SAMPLE_CDEF)
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(tmp_path), capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert not Path(out.stdout.strip()).exists()
+
+
+def test_server_close_and_registry_close_remove_socket(runtime_dir, tmp_path):
+    with Registry() as reg:
+        server = reg.serve()
+        assert server.path.exists()
+        server.close()
+        server.close()
+        assert not server.path.exists()
+        explicit = reg.serve(tmp_path / "explicit.sock")
+        assert control.request(explicit.path, "ping")["ok"]
+    assert not explicit.path.exists()
+    assert explicit.closed
+
+
+def test_stale_sockets_replaced_and_swept(runtime_dir):
+    directory = runtime_dir / "nativereload"
+    directory.mkdir(mode=0o700)
+    # A socket nobody listens on at our own path (a dead process with our pid).
+    dead_listener = socket.socket(socket.AF_UNIX)
+    dead_listener.bind(str(directory / f"{os.getpid()}.sock"))
+    dead_listener.close()
+    # The socket of a process that is gone.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(str(directory / f"{dead_pid}.sock"))
+    other.close()
+    with Registry() as reg:
+        server = reg.serve()
+        assert control.request(server.path, "ping") == {"ok": True, "pid": os.getpid()}
+        assert not (directory / f"{dead_pid}.sock").exists()
+
+
+def test_live_socket_is_not_replaced(runtime_dir, tmp_path):
+    with Registry() as reg:
+        first = reg.serve(tmp_path / "s.sock")
+        with pytest.raises(control.ControlError, match="in use"):
+            reg.serve(tmp_path / "s.sock")
+        assert control.request(first.path, "ping")["ok"]
+        (tmp_path / "file").write_text("not a socket")
+        with pytest.raises(control.ControlError, match="in use"):
+            reg.serve(tmp_path / "file")
+        assert (tmp_path / "file").read_text() == "not a socket"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory owned by another user")
+def test_refuses_directory_owned_by_someone_else(runtime_dir, tmp_path):
+    directory = runtime_dir / "nativereload"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 65534, 65534)
+    with Registry() as reg:
+        with pytest.raises(control.ControlError, match="owned by uid 65534"):
+            reg.serve()
+        # An explicit path in a shared, world-writable directory owned by someone else.
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        os.chmod(shared, 0o1777)
+        os.chown(shared, 65534, 65534)
+        with pytest.raises(control.ControlError):
+            reg.serve(shared / "x.sock")
+    assert list(directory.iterdir()) == []
+
+
+def test_refuses_symlinked_directory(runtime_dir, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    (runtime_dir / "nativereload").symlink_to(target)
+    with Registry() as reg, pytest.raises(control.ControlError, match="not a directory"):
+        reg.serve()
+
+
+# ----------------------------------------------------------------------------- protocol
+
+@pytest.mark.timeout(60)
+def test_protocol_against_a_serving_child(spawn, samples, moddir):
+    child = spawn()
+    assert control.request(child.socket, "ping") == {"ok": True, "pid": child.pid}
+    status = control.request(child.socket, "status")
+    assert status["ok"] and status["pid"] == child.pid
+    (module,) = status["modules"]
+    assert module["name"] == "sample" and module["generation"] == 1
+    assert module["path"] == str(moddir / "sample.so")
+    assert module["images"] == [{"generation": 1, "state": "active", "in_flight": module["images"][0]["in_flight"]}]
+
+    install(samples["v2"], moddir / "sample.so")
+    reply = control.request(child.socket, "reload", module="sample")
+    assert reply["ok"] and reply["generation_before"] == 1 and reply["generation"] == 2
+    assert reply["seconds"] >= 0
+    assert child.calls()["version"] == 2
+
+    missing = control.request(child.socket, "reload", module="nosuch")
+    assert missing == {"ok": False, "error": {"type": "ModuleNotLoaded", "message": missing["error"]["message"]}}
+    assert "nosuch" in missing["error"]["message"]
+
+    install(samples["nosym"], moddir / "sample.so")
+    refused = control.request(child.socket, "reload", module="sample")
+    assert not refused["ok"] and refused["error"]["type"] == "SymbolError"
+    assert "scaled" in refused["error"]["message"]
+    calls = child.calls()
+    assert calls["version"] == 2 and calls["generation"] == 2 and calls["failed"] == []
+
+    assert control.request(child.socket, "unload", module="sample") == {
+        "ok": True, "pid": child.pid, "module": "sample", "generation": 2}
+    assert control.request(child.socket, "reload", module="sample")["error"]["type"] == "ModuleNotLoaded"
+
+
+@pytest.mark.timeout(60)
+def test_bad_requests_get_error_replies_and_server_goes_on(spawn):
+    child = spawn()
+    replies = raw(child.socket, b"not json\n[1, 2]\n{\"op\": \"eval\", \"code\": \"1\"}\n{\"op\": 7}\n"
+                                b"{\"op\": \"reload\"}\n{\"op\": \"reload\", \"module\": 3}\n"
+                                b"{\"op\": \"reload\", \"module\": \"sample\", \"path\": \"/etc/x.so\"}\n"
+                                b"\xff\xfe\n{\"op\": \"ping\"}\n")
+    assert [r["ok"] for r in replies] == [False] * 8 + [True]
+    assert all(set(r["error"]) == {"type", "message"} for r in replies[:8])
+    assert "invalid JSON" in replies[0]["error"]["message"]
+    assert "unknown op 'eval'" in replies[2]["error"]["message"]
+    assert "path" in replies[6]["error"]["message"]
+    # The refused reload with a path did not reload anything.
+    assert control.request(child.socket, "status")["modules"][0]["generation"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_huge_request_is_refused_and_connection_closed(spawn):
+    child = spawn()
+    replies = raw(child.socket, b"{\"op\": \"ping\", \"x\": \"" + b"a" * (control.MAX_REQUEST + 10) + b"\"}\n"
+                                b"{\"op\": \"ping\"}\n")
+    assert len(replies) == 1 and not replies[0]["ok"]
+    assert "longer than" in replies[0]["error"]["message"]
+    # Without a newline at all, too.
+    replies = raw(child.socket, b"x" * (control.MAX_REQUEST * 2))
+    assert len(replies) == 1 and not replies[0]["ok"]
+    assert control.request(child.socket, "ping")["ok"]
+
+
+@pytest.mark.timeout(60)
+def test_idle_connections_do_not_delay_others(spawn):
+    child = spawn()
+    idle = []
+    for _ in range(5):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(child.socket))
+        idle.append(s)
+    half = socket.socket(socket.AF_UNIX)
+    half.connect(str(child.socket))
+    half.sendall(b"{\"op\": \"pi")  # a request that never ends
+    try:
+        for _ in range(3):
+            assert control.request(child.socket, "status", timeout=10)["ok"]
+    finally:
+        for s in idle + [half]:
+            s.close()
+
+
+@pytest.mark.timeout(60)
+def test_idle_connection_is_dropped(runtime_dir):
+    with Registry() as reg:
+        server = control.serve(reg, idle_timeout=0.5)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(str(server.path))
+            assert s.recv(100) == b""  # the server hung up
+        assert control.request(server.path, "ping")["ok"]
+
+
+# ----------------------------------------------------------------------------- another user
+
+OTHER_USER = "nrtestpeer"
+
+PEER_CLIENT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as exc:
+    print(json.dumps({"connect": type(exc).__name__}))
+    raise SystemExit(0)
+s.sendall(b'{"op": "status"}\\n')
+data = b""
+while not data.endswith(b"\\n"):
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+print(json.dumps({"connect": "ok", "reply": json.loads(data) if data else None}))
+"""
+
+
+@pytest.fixture(scope="module")
+def other_user():
+    """(uid, gid, python) of a second, unprivileged user; created here when running as root."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second user")
+    try:
+        entry = pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER], check=True)
+        entry = pwd.getpwnam(OTHER_USER)
+    # The interpreter running the tests may live under a private home directory.
+    for python in (sys.executable, "/usr/bin/python3"):
+        try:
+            ok = subprocess.run([python, "-c", "pass"], user=entry.pw_uid, group=entry.pw_gid, extra_groups=[],
+                                capture_output=True, timeout=30).returncode == 0
+        except OSError:
+            ok = False
+        if ok:
+            return entry.pw_uid, entry.pw_gid, python
+    pytest.skip(f"no Python interpreter the user {OTHER_USER} can run")
+
+
+def as_other(other_user, path: Path) -> dict:
+    uid, gid, python = other_user
+    out = subprocess.run([python, "-c", PEER_CLIENT, str(path)], user=uid, group=gid, extra_groups=[],
+                         capture_output=True, text=True, timeout=30, cwd="/")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.fixture
+def public_runtime_dir(monkeypatch):
+    """A runtime directory another user can traverse (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="nativereload-test-run-"))
+    os.chmod(path, 0o755)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(path))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.timeout(120)
+def test_another_user_is_refused(other_user, public_runtime_dir, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    child = ServingChild(moddir, public_runtime_dir)
+    try:
+        _check_refused(other_user, child)
+    finally:
+        child.stop()
+
+
+def _check_refused(other_user, child: ServingChild) -> None:
+    # The file system refuses first: 0700 directory, 0600 socket.
+    assert as_other(other_user, child.socket)["connect"] == "PermissionError"
+    # Even with the file permissions opened up, SO_PEERCRED refuses the peer.
+    os.chmod(child.socket.parent, 0o755)
+    os.chmod(child.socket, 0o666)
+    result = as_other(other_user, child.socket)
+    assert result["connect"] == "ok"
+    assert result["reply"]["ok"] is False and result["reply"]["error"]["type"] == "PermissionError"
+    assert "modules" not in result["reply"]
+    # And the server still serves its own user.
+    assert control.request(child.socket, "status")["ok"]
+    assert child.alive()
