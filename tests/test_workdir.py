@@ -1,0 +1,86 @@
+"""The registry's private directories: created safely, removed at close, stale ones swept."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+
+from nativereload import Registry
+
+from conftest import SAMPLE_CDEF, install
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def make_leftover(tmpdir, pid, with_lock=True):
+    path = tmpdir / f"nativereload-{pid}-abc123_x"
+    path.mkdir(mode=0o700)
+    (path / "sample.g1.deadbeef.so").write_bytes(b"stale copy")
+    if with_lock:
+        (path / ".lock").write_bytes(b"")
+    return path
+
+
+def test_stale_directory_of_dead_process_is_removed_at_start(tmpdir_for_copies):
+    leftover = make_leftover(tmpdir_for_copies, dead_pid())
+    no_lock = make_leftover(tmpdir_for_copies, dead_pid(), with_lock=False)
+    Registry(tmpdir=tmpdir_for_copies).close()
+    assert not leftover.exists() and not no_lock.exists()
+
+
+def test_directories_of_live_processes_are_left_alone(tmpdir_for_copies):
+    live = make_leftover(tmpdir_for_copies, os.getppid())
+    locked = make_leftover(tmpdir_for_copies, dead_pid())
+    # The pid looks dead from here, but a live process (us: flock is per open
+    # file) holds the lock: a process in another PID namespace, say.
+    lock_fd = os.open(locked / ".lock", os.O_RDONLY)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    try:
+        Registry(tmpdir=tmpdir_for_copies).close()
+    finally:
+        os.close(lock_fd)
+    assert live.exists() and locked.exists()
+    unrelated = tmpdir_for_copies / "nativereload-notapid"
+    unrelated.mkdir()
+    Registry(tmpdir=tmpdir_for_copies).close()
+    assert unrelated.exists() and live.exists()
+    assert not locked.exists()            # lock released, pid dead: now it goes
+
+
+def test_a_symlink_is_never_followed(tmpdir_for_copies, tmp_path):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    (tmpdir_for_copies / f"nativereload-{dead_pid()}-evil").symlink_to(target)
+    Registry(tmpdir=tmpdir_for_copies).close()
+    assert (target / "keep").exists()
+
+
+def test_directory_is_private_locked_and_removed_at_close(moddir, samples, tmpdir_for_copies):
+    install(samples["v1"], moddir / "sample.so")
+    reg = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
+    reg.load("sample", cdef=SAMPLE_CDEF)
+    [directory] = tmpdir_for_copies.iterdir()
+    assert directory.name.startswith(f"nativereload-{os.getpid()}-")
+    assert directory.stat().st_mode & 0o777 == 0o700
+    probe = os.open(directory / ".lock", os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = True
+        else:
+            held = False
+    finally:
+        os.close(probe)
+    assert held
+    # A second registry sweeping the same tmpdir leaves a live registry's directory alone.
+    Registry(tmpdir=tmpdir_for_copies).close()
+    assert directory.exists()
+    reg.close()
+    assert list(tmpdir_for_copies.iterdir()) == []
