@@ -1,0 +1,364 @@
+"""The ``nativereload`` command: build, reload, status, unload, watch, demo.
+
+``main(argv=None) -> int`` is the whole CLI; tests call it directly. Helpers
+return values or raise; only ``main`` turns outcomes into exit codes, and only
+``main`` installs a logging handler.
+
+Exit codes: 0 success, 1 the operation failed (including: no process reachable,
+several candidates without --pid/--all), 2 usage error. Errors go to stderr as
+``error: ...`` then ``hint: ...``; with ``--json`` stdout carries exactly one
+JSON document (for several targets, a list with one entry per process). No
+traceback reaches the user for an expected failure.
+
+Targets (reload, status, unload, watch): ``--socket PATH``, ``--pid PID``,
+``--all`` (every live process of this user), or, with none of them, the only
+live process of this user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import build as build_mod
+from . import control
+from .errors import NativeReloadError
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_HINTS = {
+    "ModuleNotLoaded": "`nativereload status` lists the modules that process has loaded",
+    "SymbolError": "the old version keeps serving; export the symbol, or reload from Python with a cdef that "
+                   "drops it",
+    "LoadError": "the old version keeps serving; rebuild the module (`nativereload build`) and reload again",
+    "ModuleNotFound": "the old version keeps serving; build the module first (`nativereload build`)",
+}
+
+
+class CLIError(Exception):
+    """An expected failure: printed as ``error: message`` (+ ``hint:``), exit 1."""
+
+    def __init__(self, message: str, hint: str | None = None, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.hint = hint
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as ``error: ...`` + ``hint: ...``, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CLIError(message, hint=f"`{self.prog} --help` shows the usage", code=EXIT_USAGE)
+
+
+def _add_target_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--socket", metavar="PATH", help="the control socket of the process")
+    group.add_argument("--pid", type=int, metavar="PID", help="the process with this pid (its default socket)")
+    group.add_argument("--all", action="store_true", help="every live process of this user")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nativereload", description="Build C modules and hot-reload them in running processes.")
+    p.add_argument("--cmake-dir", action="store_true",
+                   help="print the directory of the CMake helper (nativereload_add_module) and exit")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    b = sub.add_parser("build", help="configure (first time) and build the C modules with CMake")
+    b.add_argument("--source-dir", default=".", help="the CMake project (default: .)")
+    b.add_argument("--build-dir", default="build", help="the build directory (default: build)")
+    b.add_argument("--target", help="build only this CMake target")
+    b.add_argument("--config", default="RelWithDebInfo", help="CMake build type (default: RelWithDebInfo)")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    r = sub.add_parser("reload", help="reload a loaded module in running process(es)")
+    r.add_argument("module", help="the module name, as the process loaded it")
+    _add_target_options(r)
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    u = sub.add_parser("unload", help="unload a module in running process(es)")
+    u.add_argument("module", help="the module name, as the process loaded it")
+    _add_target_options(u)
+    u.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    s = sub.add_parser("status", help="modules, generations and images of running process(es)")
+    _add_target_options(s)
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    w = sub.add_parser("watch", help="rebuild on source changes and reload the changed modules")
+    w.add_argument("--source-dir", default=".", help="the CMake project (default: .)")
+    w.add_argument("--build-dir", default="build", help="the build directory (default: build)")
+    w.add_argument("--config", default="RelWithDebInfo", help="CMake build type (default: RelWithDebInfo)")
+    w.add_argument("--interval", type=float, default=0.5, help="polling interval in seconds when watchfiles "
+                   "is not installed (default: 0.5)")
+    _add_target_options(w)
+
+    d = sub.add_parser("demo", help="build a sample module, reload it under load, and report")
+    d.add_argument("--threads", type=int, default=4, help="calling threads (default: 4)")
+    d.add_argument("--seconds", type=float, default=1.0, help="seconds of calls before and after the reload")
+    return p
+
+
+# --------------------------------------------------------------------------- targets
+
+def resolve_targets(args: argparse.Namespace) -> list[control.Target]:
+    """The processes a command addresses; CLIError when none (or too many) are reachable."""
+    if args.socket:
+        path = Path(args.socket)
+        if not path.exists():
+            raise CLIError(f"no control socket at {path}", hint="is the process running, and did it call "
+                           "reg.serve()?")
+        return [control.Target(None, path)]
+    directory = control.default_socket_dir()
+    try:
+        live = control.discover()
+    except control.ControlError as exc:
+        raise CLIError(str(exc), hint=exc.hint) from None
+    if args.pid is not None:
+        for target in live:
+            if target.pid == args.pid:
+                return [target]
+        raise CLIError(f"process {args.pid} has no live control socket in {directory}",
+                       hint=_candidates_hint(live) or "is it running, and did it call reg.serve()?")
+    if not live:
+        raise CLIError(f"no nativereload process of this user is serving (looked in {directory})",
+                       hint="call reg.serve() in your program; the socket directory comes from "
+                            "XDG_RUNTIME_DIR, else TMPDIR (it must match between your program and this shell)")
+    if args.all or len(live) == 1:
+        return live
+    raise CLIError(f"{len(live)} processes are serving: " + ", ".join(f"pid {t.pid}" for t in live),
+                   hint="choose one with --pid PID (or --socket PATH), or address them all with --all")
+
+
+def _candidates_hint(live: list[control.Target]) -> str | None:
+    if not live:
+        return None
+    return "live processes: " + ", ".join(f"pid {t.pid}" for t in live)
+
+
+def _label(target: control.Target, reply: dict | None = None) -> str:
+    pid = (reply or {}).get("pid", target.pid)
+    return f"pid {pid}" if pid is not None else str(target.path)
+
+
+def _ask(target: control.Target, op: str, **fields: Any) -> dict:
+    """One request; a transport failure becomes an ``ok: false`` reply like the server's."""
+    try:
+        return control.request(target.path, op, **fields)
+    except control.ControlError as exc:
+        return {"ok": False, "pid": target.pid, "error": {"type": "ControlError", "message": str(exc),
+                                                          "hint": exc.hint}}
+
+
+def _print_error(message: str, hint: str | None = None) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
+def _report_failure(target: control.Target, reply: dict, what: str) -> None:
+    err = reply.get("error") or {}
+    kind = err.get("type", "Error")
+    _print_error(f"{_label(target, reply)}: {what} failed: {kind}: {err.get('message', '')}",
+                 err.get("hint") or _HINTS.get(kind))
+
+
+def _emit_json(entries: list[dict], several: bool) -> None:
+    doc: Any = entries if several else entries[0]
+    print(json.dumps(doc, indent=2))
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    targets = resolve_targets(args)
+    entries = []
+    ok = True
+    for target in targets:
+        reply = _ask(target, "reload", module=args.module)
+        reply.setdefault("socket", str(target.path))
+        entries.append(reply)
+        if not reply.get("ok"):
+            ok = False
+            _report_failure(target, reply, f"reload of {args.module!r}")
+        elif not args.json:
+            print(f"{_label(target, reply)}: reloaded {args.module!r} generation {reply['generation_before']} "
+                  f"\u2192 {reply['generation']} in {reply['seconds'] * 1000:.1f} ms")
+    if args.json:
+        _emit_json(entries, args.all)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    targets = resolve_targets(args)
+    entries = []
+    ok = True
+    for target in targets:
+        reply = _ask(target, "unload", module=args.module)
+        reply.setdefault("socket", str(target.path))
+        entries.append(reply)
+        if not reply.get("ok"):
+            ok = False
+            _report_failure(target, reply, f"unload of {args.module!r}")
+        elif not args.json:
+            print(f"{_label(target, reply)}: unloaded {args.module!r} (generation {reply['generation']} draining)")
+    if args.json:
+        _emit_json(entries, args.all)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def format_status(reply: dict, socket_path: str) -> str:
+    """A readable table of one process's status reply."""
+    lines = [f"pid {reply.get('pid')}  ({socket_path})"]
+    modules = reply.get("modules") or []
+    if not modules:
+        lines.append("  no modules loaded")
+        return "\n".join(lines)
+    rows = [("MODULE", "GEN", "IMAGE", "STATE", "IN FLIGHT", "PATH")]
+    for m in modules:
+        images = m.get("images") or [{}]
+        for i, image in enumerate(images):
+            first = i == 0
+            rows.append((m["name"] if first else "", str(m.get("generation")) if first else "",
+                         str(image.get("generation", "-")), image.get("state", "-"),
+                         str(image.get("in_flight", "-")), (m.get("path") or "") if first else ""))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [row[c].ljust(widths[c]) for c in range(len(widths))] + [row[-1]]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    targets = resolve_targets(args)
+    entries = []
+    ok = True
+    for n, target in enumerate(targets):
+        reply = _ask(target, "status")
+        reply.setdefault("socket", str(target.path))
+        entries.append(reply)
+        if not reply.get("ok"):
+            ok = False
+            _report_failure(target, reply, "status")
+        elif not args.json:
+            if n:
+                print()
+            print(format_status(reply, str(target.path)))
+    if args.json:
+        _emit_json(entries, args.all)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    try:
+        result = build_mod.build(args.source_dir, args.build_dir, target=args.target, config=args.config)
+    except build_mod.BuildError as exc:
+        raise CLIError(str(exc), hint=exc.hint) from None
+    if args.json:
+        print(json.dumps({"ok": True, "seconds": result.seconds, "configured": result.configured,
+                          "built": [{"name": m.name, "path": str(m.path)} for m in result.built],
+                          "modules": [{"name": m.name, "path": str(m.path)} for m in result.modules]},
+                         indent=2))
+        return EXIT_OK
+    for m in result.built:
+        print(f"built {m.name}: {m.path}")
+    if not result.built:
+        if result.modules:
+            print(f"up to date: {', '.join(m.name for m in result.modules)} ({len(result.modules)} module(s))")
+        else:
+            print(f"built, but found no module files (use nativereload_add_module() in CMakeLists.txt, or put "
+                  f"the libraries in {Path(args.build_dir) / 'modules'})")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from . import watch
+
+    # Fail early on a usage problem (no process at all) rather than after a build.
+    if args.socket or args.pid is not None:
+        resolve_targets(args)
+    try:
+        watch.watch_sources(args.source_dir, args.build_dir, config=args.config, interval=args.interval,
+                            targets=lambda: _watch_targets(args))
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    return EXIT_OK
+
+
+def _watch_targets(args: argparse.Namespace) -> list[control.Target]:
+    """Targets for one round of ``watch``: re-discovered each time (processes come and go)."""
+    if args.socket or args.pid is not None:
+        return resolve_targets(args)
+    try:
+        return control.discover()
+    except control.ControlError as exc:
+        raise CLIError(str(exc), hint=exc.hint) from None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return EXIT_OK if demo.run(threads=args.threads, seconds=args.seconds) else EXIT_FAILED
+
+
+_COMMANDS = {"build": cmd_build, "reload": cmd_reload, "unload": cmd_unload, "status": cmd_status,
+             "watch": cmd_watch, "demo": cmd_demo}
+
+
+def _install_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("nativereload")
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (default sys.argv[1:]); return the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except CLIError as exc:
+        _print_error(str(exc), exc.hint)
+        return exc.code
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    if args.cmake_dir:
+        print(build_mod.cmake_dir())
+        return EXIT_OK
+    if not args.command:
+        _print_error("no command given", "`nativereload --help` lists the commands")
+        return EXIT_USAGE
+    own_handler = not logging.getLogger("nativereload").handlers
+    if own_handler:
+        _install_logging(args.verbose)
+    try:
+        return _COMMANDS[args.command](args)
+    except CLIError as exc:
+        _print_error(str(exc), exc.hint)
+        return exc.code
+    except NativeReloadError as exc:
+        _print_error(str(exc), getattr(exc, "hint", None))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_FAILED
+    finally:
+        if own_handler:
+            root = logging.getLogger("nativereload")
+            for h in list(root.handlers):
+                root.removeHandler(h)

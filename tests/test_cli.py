@@ -1,0 +1,167 @@
+"""The nativereload command: in-process main([...]) for usage paths, the real command against real children."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, install
+from test_control import child_env, runtime_dir, spawn  # noqa: F401  (fixtures)
+
+from nativereload import cli
+
+
+def nr(*args: str, runtime: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the real command (``python -m nativereload``) as a subprocess."""
+    return subprocess.run([sys.executable, "-m", "nativereload", *args], capture_output=True, text=True,
+                          env=child_env(runtime), timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+
+
+# ----------------------------------------------------------------------------- in-process
+
+def test_cmake_dir(capsys):
+    assert cli.main(["--cmake-dir"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert (Path(out) / "nativereloadConfig.cmake").is_file()
+
+
+@pytest.mark.parametrize("argv", [[], ["reload"], ["frobnicate"], ["status", "--pid", "x"],
+                                  ["reload", "m", "--pid", "1", "--all"], ["status", "--socket", "a", "--all"]])
+def test_usage_errors_exit_2(argv, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "\nhint: " in err
+
+
+def test_help_exits_0(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "reload" in capsys.readouterr().out
+
+
+def test_no_process_is_an_operation_failure(runtime_dir, capsys):
+    assert cli.main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no nativereload process of this user is serving")
+    assert "hint: call reg.serve()" in err
+    assert cli.main(["reload", "sample", "--pid", "1"]) == 1
+    assert cli.main(["status", "--socket", str(runtime_dir / "nope.sock")]) == 1
+    assert "no control socket at" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- against running processes
+
+@pytest.mark.timeout(120)
+def test_reload_and_status_end_to_end(spawn, samples, moddir, runtime_dir):
+    child = spawn()
+    status = nr("status", "--json", runtime=runtime_dir)
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["pid"] == child.pid and doc["modules"][0]["name"] == "sample"
+    assert doc["modules"][0]["generation"] == 1
+
+    table = nr("status", runtime=runtime_dir)
+    assert table.returncode == 0
+    assert f"pid {child.pid}" in table.stdout and "sample" in table.stdout and "active" in table.stdout
+
+    install(samples["v2"], moddir / "sample.so")
+    reload = nr("reload", "sample", runtime=runtime_dir)
+    assert reload.returncode == 0, reload.stderr
+    assert f"pid {child.pid}: reloaded 'sample' generation 1 \u2192 2 in " in reload.stdout
+    assert reload.stdout.rstrip().endswith(" ms")
+    calls = child.calls()
+    assert calls["version"] == 2 and calls["failed"] == []
+
+    # The old image drained: only generation 2 is left.
+    doc = json.loads(nr("status", "--json", "--pid", str(child.pid), runtime=runtime_dir).stdout)
+    assert [i["generation"] for i in doc["modules"][0]["images"]] == [2]
+
+    as_json = nr("reload", "sample", "--json", "--socket", str(child.socket), runtime=runtime_dir)
+    assert as_json.returncode == 0
+    doc = json.loads(as_json.stdout)
+    assert doc["ok"] and doc["generation_before"] == 2 and doc["generation"] == 3
+
+
+@pytest.mark.timeout(120)
+def test_failures_exit_1_and_child_keeps_serving(spawn, samples, moddir, runtime_dir):
+    child = spawn()
+    missing = nr("reload", "nosuch", runtime=runtime_dir)
+    assert missing.returncode == 1
+    no_traceback(missing)
+    assert missing.stderr.startswith(f"error: pid {child.pid}: reload of 'nosuch' failed: ModuleNotLoaded")
+    assert "\nhint: " in missing.stderr
+
+    install(samples["nosym"], moddir / "sample.so")
+    nosym = nr("reload", "sample", runtime=runtime_dir)
+    assert nosym.returncode == 1
+    no_traceback(nosym)
+    assert "SymbolError" in nosym.stderr and "scaled" in nosym.stderr
+    as_json = nr("reload", "sample", "--json", runtime=runtime_dir)
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["error"]["type"] == "SymbolError"
+
+    install(samples["undef"], moddir / "sample.so")
+    undef = nr("reload", "sample", runtime=runtime_dir)
+    assert undef.returncode == 1 and "LoadError" in undef.stderr
+    no_traceback(undef)
+
+    calls = child.calls()
+    assert calls["version"] == 1 and calls["generation"] == 1 and calls["failed"] == []
+    assert child.alive()
+
+
+@pytest.mark.timeout(120)
+def test_several_processes(spawn, samples, moddir, runtime_dir):
+    first, second = spawn(), spawn()
+    ambiguous = nr("reload", "sample", runtime=runtime_dir)
+    assert ambiguous.returncode == 1
+    no_traceback(ambiguous)
+    assert f"pid {first.pid}" in ambiguous.stderr and f"pid {second.pid}" in ambiguous.stderr
+    assert "--all" in ambiguous.stderr
+
+    status = nr("status", "--all", "--json", runtime=runtime_dir)
+    assert status.returncode == 0
+    assert sorted(entry["pid"] for entry in json.loads(status.stdout)) == sorted([first.pid, second.pid])
+
+    install(samples["v2"], moddir / "sample.so")
+    reload = nr("reload", "sample", "--all", runtime=runtime_dir)
+    assert reload.returncode == 0, reload.stderr
+    assert reload.stdout.count("generation 1 \u2192 2") == 2
+    assert first.calls()["version"] == 2 and second.calls()["version"] == 2
+
+    only_first = nr("reload", "sample", "--pid", str(first.pid), "--json", runtime=runtime_dir)
+    assert json.loads(only_first.stdout)["generation"] == 3
+
+    # --all succeeds only if every target reloaded: unload it in one of them.
+    assert nr("unload", "sample", "--pid", str(second.pid), runtime=runtime_dir).returncode == 0
+    partial = nr("reload", "sample", "--all", "--json", runtime=runtime_dir)
+    assert partial.returncode == 1
+    assert sorted(entry["ok"] for entry in json.loads(partial.stdout)) == [False, True]
+
+
+@pytest.mark.timeout(120)
+def test_socket_of_killed_process_is_removed_by_the_cli(spawn, runtime_dir):
+    child = spawn()
+    os.kill(child.pid, signal.SIGKILL)
+    child.proc.wait(timeout=30)
+    assert child.socket.exists()
+    status = nr("status", runtime=runtime_dir)
+    assert status.returncode == 1
+    assert "no nativereload process" in status.stderr
+    assert not child.socket.exists()
+
+
+@pytest.mark.timeout(120)
+def test_python_dash_m_runs_the_cli(runtime_dir):
+    result = nr("--cmake-dir", runtime=runtime_dir)
+    assert result.returncode == 0
+    assert Path(result.stdout.strip()) == ROOT / "nativereload" / "cmake"
