@@ -93,9 +93,14 @@ class Interface:
                 "(plain C declarations, no #include or macros with values)", module=module) from exc
         self.cdef = cdef
         self.ffi = ffi
-        # cffi has no public list of declarations; its parser's is stable since cffi 1.0.
-        self.functions = tuple(key.split(" ", 1)[1] for key in ffi._parser._declarations
-                               if key.startswith("function "))
+        # cffi has no public list of declarations; its parser's (and the
+        # ctype of each function, which ffi.dlopen's accessors build the same
+        # way) has been stable since cffi 1.0.
+        with ffi._lock:
+            self.function_types = {key.split(" ", 1)[1]: ffi._get_cached_btype(declaration[0])
+                                   for key, declaration in ffi._parser._declarations.items()
+                                   if key.startswith("function ")}
+        self.functions = tuple(self.function_types)
 
 
 class Image:
@@ -219,19 +224,23 @@ class Image:
                         "library against the one that does, and rebuild")
             raise self._load_error(reason, refused, None, hint=hint)
         self._handle = handle
-        # ffi.dlopen(handle) wraps the handle we opened; ffi.dlclose(lib)
-        # will dlclose it (exactly once: we never call dlclose on it ourselves).
-        self._lib = self.interface.ffi.dlopen(handle)
+        # The cffi backend's library object over the handle we opened: what
+        # ffi.dlopen(handle) builds, minus the per-library accessor class and
+        # the entries ffi.dlopen appends to ffi._libraries and
+        # ffi._function_caches and never removes (~6 KB per reload), and at
+        # half the cost. Its close_lib() dlcloses the handle: exactly once,
+        # we never call dlclose on it ourselves.
+        self._lib = self.interface.ffi._backend.load_library(handle, 0)
 
     def _resolve(self, refused: str) -> dict:
         """Look up every declared function now, so a reload is refused before anything switches."""
         lib = self._lib
         functions = {}
         missing = []
-        for name in self.interface.functions:
+        for name, ctype in self.interface.function_types.items():
             try:
-                functions[name] = getattr(lib, name)
-            except AttributeError:
+                functions[name] = lib.load_function(ctype, name)
+            except AttributeError:       # dlsym() found nothing
                 missing.append(name)
         if missing:
             names = ", ".join(f"'{name}'" for name in missing)
@@ -255,23 +264,10 @@ class Image:
     # -- closing --------------------------------------------------------------------------
 
     def _unmap(self) -> bool:
-        """dlclose our handle and drop cffi's bookkeeping; return True if the loader really unmapped it."""
-        ffi = self.interface.ffi
+        """dlclose our handle; return True if the loader really unmapped the image."""
         lib, self._lib = self._lib, None
         if lib is not None:
-            ffi.dlclose(lib)
-            # ffi.dlopen appends to these lists and never removes: without
-            # this, every reload would keep ~6 KB for ever.
-            with ffi._lock:
-                libraries = getattr(ffi, "_libraries", None)
-                caches = getattr(ffi, "_function_caches", None)
-                if libraries is not None:
-                    for index, candidate in enumerate(libraries):
-                        if candidate is lib:
-                            del libraries[index]
-                            if caches is not None and index < len(caches):
-                                del caches[index]
-                            break
+            lib.close_lib()
         elif self._handle is not None:
             _dlclose(self._handle)
         self._handle = None

@@ -85,8 +85,9 @@ def test_1000_reload_cycles_leave_one_mapping_and_no_growth(reg, moddir, samples
         assert mod.scaled(1) in (1, 2)
     assert mod.generation == 1002
     assert open_fds() == fds
-    assert len(ffi._libraries) == libraries == 1
-    assert len(ffi._function_caches) == 1
+    # cffi's per-FFI library lists (which ffi.dlopen grows by ~6 KB a call) stay as they were.
+    assert len(ffi._libraries) == libraries
+    assert len(ffi._function_caches) <= libraries
     ours = [path for path in mapped_paths() if path.startswith(str(tmpdir_for_copies))]
     [active] = reg.status()[0].images
     assert ours == [active.copy_path]
