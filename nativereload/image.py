@@ -295,18 +295,24 @@ class Image:
         """Unmap this drained image (called once, by the gate, on the thread that drained it).
 
         Must not run while any call is inside the image: the gate guarantees it.
+        Never raises: it may run at the end of a user's call, which must not
+        fail because of cleanup. A failure is logged, and the image is then
+        reported "leaked" (its copy kept) rather than left "retired" for ever.
         """
         started = time.perf_counter()
         with self._lock:
             if self.state in ("closed", "leaked"):
                 return
-            unmapped = self._unmap()
-            self.gate.functions = {}     # drop the function objects: they point into unmapped code
-            if unmapped:
-                self.state = "closed"
-                self._remove_partial(None, self.copy_path)
-            else:
-                self.state = "leaked"
+            try:
+                unmapped = self._unmap()
+                self.gate.functions = {}     # drop the function objects: they point into unmapped code
+                if unmapped:
+                    self._remove_partial(None, self.copy_path)
+            except Exception:
+                logger.exception("module '%s' generation %d: error while closing %s", self.module,
+                                 self.generation, self.copy_path)
+                unmapped = False
+            self.state = "closed" if unmapped else "leaked"
         elapsed_ms = (time.perf_counter() - started) * 1e3
         if unmapped:
             logger.info("closed '%s' generation %d in %.2f ms", self.module, self.generation, elapsed_ms)
