@@ -373,7 +373,7 @@ class Registry:
         with self._state:
             modules = sorted(self._modules.values(), key=lambda m: m.name) + list(self._unloaded)
             return [ModuleStatus(module.name, module.path, module.generation,
-                                 [ImageStatus(image.generation, image.state,
+                                 [ImageStatus(image.generation, _image_state(module, image),
                                               image.gate.in_flight if image.state != "leaked" else 0,
                                               image.copy_path)
                                   for image in module._images])
@@ -388,7 +388,7 @@ class Registry:
             return self._state.wait_for(self._drained, timeout)
 
     def _drained(self) -> bool:
-        return not any(image.state == "retired"
+        return not any(_image_state(module, image) == "retired"
                        for module in (*self._modules.values(), *self._unloaded) for image in module._images)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -502,6 +502,14 @@ class Registry:
                     _open_workdirs.discard(workdir)
                 else:
                     self._workdirs[workdir.tmpdir] = workdir    # a leaked image's copy is still there
+
+
+def _image_state(module: Module, image: Image) -> str:
+    """What status() reports: the module's current image is "active" (even in the instant before the old
+    one is marked retired), a closed one still mapped "leaked", any other "retired"."""
+    if image is module._active:
+        return "active"
+    return "leaked" if image.state == "leaked" else "retired"
 
 
 _open_workdirs: set[Workdir] = set()
