@@ -49,6 +49,20 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Counting a call in or out.  Free-threaded: a sequentially consistent atomic
+ * read-modify-write.  With the GIL: every access to the counters and flags
+ * happens in C code holding the GIL, which is not released between the load
+ * and the store, and GIL hand-offs order everything else; so a relaxed load
+ * and store (no LOCK-prefixed instruction on x86: ~10 ns less per call)
+ * count exactly as well. */
+#ifdef Py_GIL_DISABLED
+#define NR_COUNT(counter) atomic_fetch_add(&(counter), 1)
+#else
+#define NR_COUNT(counter) \
+    atomic_store_explicit(&(counter), atomic_load_explicit(&(counter), memory_order_relaxed) + 1, \
+                          memory_order_relaxed)
+#endif
+
 #ifdef Py_GIL_DISABLED
 #define NR_MUTEX_FIELD PyMutex mutex;
 #define NR_LOCK(obj) PyMutex_Lock(&(obj)->mutex)
@@ -540,11 +554,11 @@ Func_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
         gate = nr_slot_get(self->slot);
         if (gate == NULL)
             return nr_func_raise_missing(self, Py_None);
-        atomic_fetch_add(&gate->enters, 1);
+        NR_COUNT(gate->enters);
         if (!atomic_load(&gate->retired))
             break;
         /* lost a race with a reload: back out, close it if we were the last, and retry */
-        atomic_fetch_add(&gate->exits, 1);
+        NR_COUNT(gate->exits);
         int status = nr_gate_try_drain(gate);
         Py_DECREF(gate);
         if (status < 0)
@@ -573,7 +587,7 @@ Func_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
     else if (!PyErr_Occurred()) {
         nr_func_raise_missing(self, (PyObject *)gate);
     }
-    atomic_fetch_add(&gate->exits, 1);
+    NR_COUNT(gate->exits);
     if (atomic_load(&gate->retired))
         result = nr_func_drain_after(gate, result);
     Py_DECREF(gate);
