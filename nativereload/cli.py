@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--config", default="RelWithDebInfo", help="CMake build type (default: RelWithDebInfo)")
     w.add_argument("--interval", type=float, default=0.5, help="polling interval in seconds when watchfiles "
                    "is not installed (default: 0.5)")
+    w.add_argument("--poll", action="store_true", help="poll even if watchfiles is installed (file systems "
+                   "without inotify)")
     _add_target_options(w)
 
     d = sub.add_parser("demo", help="build a sample module, reload it under load, and report")
@@ -290,7 +292,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     if args.socket or args.pid is not None:
         resolve_targets(args)
     try:
-        watch.watch_sources(args.source_dir, args.build_dir, config=args.config, interval=args.interval,
+        watch.watch_sources(args.source_dir, args.build_dir, config=args.config, interval=args.interval, poll=args.poll,
                             targets=lambda: _watch_targets(args))
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
