@@ -149,15 +149,24 @@ def _check_private_dir(path: Path, *, create: bool) -> None:
 
 
 def _check_explicit_parent(parent: Path) -> None:
-    """An explicit socket path's parent: ours and not writable by others, else a private dir."""
+    """An explicit socket path's parent must be ours and writable by nobody else.
+
+    A missing parent is created 0700. In a directory others can write (even
+    /tmp with its sticky bit) someone else could take the name first, or
+    expect us to talk to their socket: refused.
+    """
     try:
         st = os.stat(parent)
     except FileNotFoundError:
         _check_private_dir(parent, create=True)
         return
-    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return
-    _check_private_dir(parent, create=False)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"{parent} is not a directory", path=parent)
+    if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ControlError(f"refusing to serve in {parent}: it is owned by uid {st.st_uid} with mode "
+                           f"{stat.S_IMODE(st.st_mode):o}, and must be owned by uid {os.geteuid()} and writable "
+                           "by nobody else", path=parent,
+                           hint="use a private directory for socket_path, or the default (serve() with no path)")
 
 
 def _pid_alive(pid: int) -> bool:

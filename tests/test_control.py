@@ -279,6 +279,22 @@ def test_refuses_directory_owned_by_someone_else(runtime_dir, tmp_path):
     assert list(directory.iterdir()) == []
 
 
+def test_explicit_path_parent_must_be_private(runtime_dir, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with Registry() as reg:
+        with pytest.raises(control.ControlError, match="writable by nobody else"):
+            reg.serve(shared / "x.sock")
+        # A missing parent is created private; an existing one of ours (0755) is fine.
+        server = reg.serve(tmp_path / "new" / "x.sock")
+        assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700
+        os.chmod(tmp_path / "new", 0o755)
+        assert reg.serve(tmp_path / "new" / "y.sock").path.exists()
+        server.close()
+    assert list(shared.iterdir()) == []
+
+
 def test_refuses_symlinked_directory(runtime_dir, tmp_path):
     target = tmp_path / "elsewhere"
     target.mkdir(mode=0o700)
