@@ -39,8 +39,7 @@ EXIT_USAGE = 2
 
 _HINTS = {
     "ModuleNotLoaded": "`nativereload status` lists the modules that process has loaded",
-    "SymbolError": "the old version keeps serving; export the symbol, or reload from Python with a cdef that "
-                   "drops it",
+    "SymbolError": "the old version keeps serving; rebuild with the symbol exported, then reload again",
     "LoadError": "the old version keeps serving; rebuild the module (`nativereload build`) and reload again",
     "ModuleNotFound": "the old version keeps serving; build the module first (`nativereload build`)",
 }
