@@ -10,9 +10,12 @@ several candidates without --pid/--all), 2 usage error. Errors go to stderr as
 JSON document (for several targets, a list with one entry per process). No
 traceback reaches the user for an expected failure.
 
-Targets (reload, status, unload, watch): ``--socket PATH``, ``--pid PID``,
-``--all`` (every live process of this user), or, with none of them, the only
-live process of this user.
+Targets (reload, status, unload): ``--socket PATH``, ``--pid PID``, ``--all``
+(every live process of this user), or, with none of them, the only live
+process of this user. ``watch`` takes the same options, but with none of them
+it reloads in every live process of this user that has the changed file
+loaded: processes start and stop during a watch session, and the file's path
+already says which ones run this build.
 """
 
 from __future__ import annotations
@@ -43,6 +46,15 @@ _HINTS = {
     "LoadError": "the old version keeps serving; rebuild the module (`nativereload build`) and reload again",
     "ModuleNotFound": "the old version keeps serving; build the module first (`nativereload build`)",
 }
+
+
+def arrow(stream: Any) -> str:
+    """"\u2192" where the stream can encode it, else "->" (PYTHONIOENCODING=ascii must not crash a reload report)."""
+    try:
+        "\u2192".encode(getattr(stream, "encoding", None) or "ascii")
+    except (LookupError, UnicodeEncodeError):
+        return "->"
+    return "\u2192"
 
 
 class CLIError(Exception):
@@ -196,7 +208,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
             _report_failure(target, reply, f"reload of {args.module!r}")
         elif not args.json:
             print(f"{_label(target, reply)}: reloaded {args.module!r} generation {reply['generation_before']} "
-                  f"\u2192 {reply['generation']} in {reply['seconds'] * 1000:.1f} ms")
+                  f"{arrow(sys.stdout)} {reply['generation']} in {reply['seconds'] * 1000:.1f} ms")
     if args.json:
         _emit_json(entries, args.all)
     return EXIT_OK if ok else EXIT_FAILED

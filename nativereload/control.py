@@ -59,16 +59,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import NativeReloadError
+from .errors import ModuleNotLoaded, NativeReloadError
 
 __all__ = [
     "MAX_REQUEST",
     "ControlError",
+    "ProtocolError",
     "Server",
     "Target",
     "default_socket_dir",
     "default_socket_path",
     "discover",
+    "handle",
     "request",
     "serve",
 ]
@@ -98,7 +100,13 @@ class ControlError(NativeReloadError):
         self.hint = hint
 
 
-ControlError.__module__ = "nativereload"
+
+
+class ProtocolError(ControlError):
+    """A request that is not valid JSON, or not a valid operation (unknown op, wrong type, unknown field)."""
+
+
+ControlError.__module__ = ProtocolError.__module__ = "nativereload"
 
 
 # --------------------------------------------------------------------------- paths
@@ -442,10 +450,6 @@ def _send(conn: socket.socket, reply: dict) -> bool:
         return False
 
 
-class ProtocolError(ControlError):
-    """A request that is not valid JSON or not a valid operation."""
-
-
 _FIELDS = {"ping": set(), "status": set(), "reload": {"module"}, "unload": {"module"}}
 
 
@@ -490,8 +494,6 @@ def handle(registry: Any, req: Any) -> dict:
     # status() also lists unloaded modules still draining: only an active image counts.
     loaded = {m.name: m for m in registry.status() if any(i.state == "active" for i in m.images)}
     if name not in loaded:
-        from .errors import ModuleNotLoaded
-
         raise ModuleNotLoaded(f"module {name!r} is not loaded in process {pid} (loaded: "
                               f"{', '.join(sorted(loaded)) or 'none'})", module=name)
     before = loaded[name].generation

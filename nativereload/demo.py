@@ -94,6 +94,7 @@ def run(threads: int = 4, seconds: float = 1.0, out: IO[str] | None = None) -> b
         DemoError: the module could not be compiled.
     """
     from . import Registry
+    from .cli import arrow
 
     out = out or sys.stdout
 
@@ -150,7 +151,7 @@ def run(threads: int = 4, seconds: float = 1.0, out: IO[str] | None = None) -> b
             reloaded_at = time.perf_counter()
             old = [i for m in reg.status() for i in m.images if i.generation == 1]
             old_state = f"{old[0].state}, {old[0].in_flight} call(s) in flight" if old else "closed"
-            say(f"reloaded 'demo' generation 1 \u2192 {mod.generation} in {reload_ms:.1f} ms; "
+            say(f"reloaded 'demo' generation 1 {arrow(out)} {mod.generation} in {reload_ms:.1f} ms; "
                 f"old image: {old_state}")
 
             drained = reg.wait_drained(timeout=10.0)
@@ -166,10 +167,10 @@ def run(threads: int = 4, seconds: float = 1.0, out: IO[str] | None = None) -> b
         ok = not failed and drained and served.get(2, 0) > 0 and held == [1]
         say("")
         say("report")
-        say(f"  calls served:      {total} (version 1: {served.get(1, 0)}, version 2: {served.get(2, 0)})")
-        say(f"  calls failed:      {len(failed)}")
-        say(f"  generation:        {generation}")
-        say(f"  held call:         started on version 1, finished on version {held[0] if held else '?'}")
+        say(f"  calls served: {total} (version 1: {served.get(1, 0)}, version 2: {served.get(2, 0)})")
+        say(f"  calls failed: {len(failed)}")
+        say(f"  generation: {generation}")
+        say(f"  held call: started on version 1, finished on version {held[0] if held else '?'}")
         say(f"  old image drained: {'yes' if drained else 'no'}"
             + (f" ({drain_s:.2f} s after the reload, when the held call returned)" if drained else ""))
         for message in failed[:5]:

@@ -280,6 +280,7 @@ def watch_sources(source_dir: str | os.PathLike, build_dir: str | os.PathLike, *
     without inotify, e.g. some network and container mounts).
     """
     from . import build, control
+    from .cli import arrow
 
     source_dir = Path(source_dir).resolve()
     build_dir = Path(build_dir).resolve()
@@ -332,7 +333,7 @@ def watch_sources(source_dir: str | os.PathLike, build_dir: str | os.PathLike, *
                     reloads += 1
                     if reply.get("ok"):
                         say(out, f"{label}: reloaded {mod['name']!r} generation {reply['generation_before']} "
-                                 f"\u2192 {reply['generation']} in {reply['seconds'] * 1000:.1f} ms")
+                                 f"{arrow(out)} {reply['generation']} in {reply['seconds'] * 1000:.1f} ms")
                     else:
                         e = reply.get("error", {})
                         say(err, f"error: {label}: reload of {mod['name']!r} failed: {e.get('type')}: "
