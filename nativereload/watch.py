@@ -28,6 +28,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -147,9 +148,21 @@ class ModuleFileWatcher:
         return reloaded
 
 
+_watchers: "weakref.WeakKeyDictionary[Any, ModuleFileWatcher]" = weakref.WeakKeyDictionary()
+_watchers_lock = threading.Lock()
+
+
 def watch_module_files(registry: Any, interval: float = 0.2) -> ModuleFileWatcher:
-    """Start a ModuleFileWatcher on ``registry``; ``registry.close()`` stops it."""
-    watcher = ModuleFileWatcher(registry, interval).start()
+    """Start a ModuleFileWatcher on ``registry``; ``registry.close()`` stops it.
+
+    Idempotent: while one is running for this registry, it is returned (two
+    watchers would both reload the same replaced file).
+    """
+    with _watchers_lock:
+        running = _watchers.get(registry)
+        if running is not None and not running.closed:
+            return running
+        watcher = _watchers[registry] = ModuleFileWatcher(registry, interval).start()
     add_closer = getattr(registry, "_add_closer", None)
     if add_closer is not None:
         add_closer(watcher.close)

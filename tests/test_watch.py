@@ -60,8 +60,11 @@ def test_watch_files_and_close(samples, moddir, tmpdir_for_copies):
     try:
         mod = reg.load("sample", cdef=SAMPLE_CDEF)
         watcher = reg.watch_files()
+        assert reg.watch_files() is watcher  # one watcher per registry: never two reloads per change
         install(samples["v2"], moddir / "sample.so")
         wait_for(lambda: mod.generation == 2)
+        time.sleep(1.0)
+        assert mod.generation == 2
         watcher.close()
         assert watcher.closed
         install(samples["v3"], moddir / "sample.so")
