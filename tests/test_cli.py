@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,3 +166,30 @@ def test_python_dash_m_runs_the_cli(runtime_dir):
     result = nr("--cmake-dir", runtime=runtime_dir)
     assert result.returncode == 0
     assert Path(result.stdout.strip()) == ROOT / "nativereload" / "cmake"
+
+
+@pytest.mark.timeout(120)
+def test_console_script(runtime_dir):
+    script = shutil.which("nativereload", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    if script is None:
+        pytest.skip("nativereload is not installed as a console script here")
+    result = subprocess.run([script, "status"], capture_output=True, text=True, env=child_env(runtime_dir),
+                            timeout=60)
+    assert result.returncode == 1 and result.stderr.startswith("error: no nativereload process")
+
+
+@pytest.mark.timeout(120)
+def test_unload_and_status_table(spawn, runtime_dir):
+    first, second = spawn(), spawn()
+    unload = nr("unload", "sample", "--pid", str(first.pid), runtime=runtime_dir)
+    assert unload.returncode == 0, unload.stderr
+    assert f"pid {first.pid}: unloaded 'sample'" in unload.stdout
+    table = nr("status", "--all", runtime=runtime_dir)
+    assert table.returncode == 0
+    blocks = table.stdout.split("\n\n")
+    assert len(blocks) == 2
+    by_pid = {int(block.split()[1]): block for block in blocks}
+    assert "sample" in by_pid[second.pid] and "active" in by_pid[second.pid]
+    assert "active" not in by_pid[first.pid]
+    again = nr("unload", "sample", "--pid", str(first.pid), runtime=runtime_dir)
+    assert again.returncode == 1 and "ModuleNotLoaded" in again.stderr
