@@ -27,7 +27,6 @@ import os
 import queue
 import sys
 import threading
-import time
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
