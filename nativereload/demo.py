@@ -38,8 +38,6 @@ class DemoError(NativeReloadError):
         self.hint = hint
 
 
-DemoError.__module__ = "nativereload"
-
 
 def compile_demo(workdir: Path, version: int, log: IO[str]) -> tuple[Path, str]:
     """Build demo.so with ``DEMO_VERSION=version`` into ``workdir/modules``; return (path, how).
