@@ -54,7 +54,7 @@ setup(
     package_data={"nativereload": ["cmake/*.cmake", "py.typed", "*.pyi", "data/*"]},
     install_requires=["cffi>=1.17"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "watchfiles>=0.21"],
         "watch": ["watchfiles>=0.21"],
     },
     entry_points={"console_scripts": ["nativereload = nativereload.cli:main"]},

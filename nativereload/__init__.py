@@ -8,14 +8,16 @@
 See README.md for the guarantees and their limits.
 """
 
-from .errors import (InterfaceError, LoadError, ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
-                     ModuleUnloaded, NativeReloadError, SymbolError)
+from .errors import (BuildError, ControlError, InterfaceError, LoadError, ModuleConflict, ModuleNameError,
+                     ModuleNotFound, ModuleNotLoaded, ModuleUnloaded, NativeReloadError, ProtocolError, SymbolError)
 from .gate import Func
 from .registry import ImageStatus, Module, ModuleStatus, Registry
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BuildError",
+    "ControlError",
     "Func",
     "ImageStatus",
     "InterfaceError",
@@ -28,6 +30,7 @@ __all__ = [
     "ModuleStatus",
     "ModuleUnloaded",
     "NativeReloadError",
+    "ProtocolError",
     "Registry",
     "SymbolError",
 ]

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from .errors import NativeReloadError
+from .errors import BuildError
 
 __all__ = ["BuildError", "BuildResult", "Module", "build", "cmake_dir", "module_files"]
 
@@ -35,21 +35,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_DIR = "nativereload-modules"
 
 
-class BuildError(NativeReloadError):
-    """Configuring or building failed (or CMake is not installed).
-
-    Attributes:
-        returncode: the failing command's exit status (None if it could not run).
-        hint: what to try next, for the CLI's ``hint:`` line.
-    """
-
-    def __init__(self, message: str, *, returncode: int | None = None, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.returncode = returncode
-        self.hint = hint
-
-
-BuildError.__module__ = "nativereload"
 
 
 @dataclasses.dataclass(frozen=True)

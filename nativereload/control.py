@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ModuleNotLoaded, NativeReloadError
+from .errors import ControlError, ModuleNotLoaded, NativeReloadError, ProtocolError
 
 __all__ = [
     "MAX_REQUEST",
@@ -86,27 +86,6 @@ MAX_CONNECTIONS = 64
 _MAX_SOCKET_PATH = 107
 
 
-class ControlError(NativeReloadError):
-    """The control socket could not be served, reached, or understood.
-
-    Attributes:
-        path: the socket path concerned (None if there is none).
-        hint: what to try next, for the CLI's ``hint:`` line.
-    """
-
-    def __init__(self, message: str, *, path: str | os.PathLike | None = None, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.path = None if path is None else str(path)
-        self.hint = hint
-
-
-
-
-class ProtocolError(ControlError):
-    """A request that is not valid JSON, or not a valid operation (unknown op, wrong type, unknown field)."""
-
-
-ControlError.__module__ = ProtocolError.__module__ = "nativereload"
 
 
 # --------------------------------------------------------------------------- paths

@@ -13,13 +13,20 @@ exception also carries its facts as attributes (``.module``, ``.path``,
      +-- SymbolError (also AttributeError)   declared symbols missing from the image
      +-- InterfaceError                      the cdef is missing or does not parse
      +-- ModuleUnloaded                      a call through a handle of an unloaded module
+     +-- ControlError                        the control socket cannot be served or reached
+     |    +-- ProtocolError                  a request that is not valid JSON or not a valid operation
+     +-- BuildError                          CMake configure or build failed (or CMake is missing)
 
 This module imports nothing from the package.
 """
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
+    "BuildError",
+    "ControlError",
     "InterfaceError",
     "LoadError",
     "ModuleConflict",
@@ -28,6 +35,7 @@ __all__ = [
     "ModuleNotLoaded",
     "ModuleUnloaded",
     "NativeReloadError",
+    "ProtocolError",
     "SymbolError",
 ]
 
@@ -103,8 +111,40 @@ class ModuleUnloaded(NativeReloadError):
     """A Func handle was called after its module was unloaded."""
 
 
+class ControlError(NativeReloadError):
+    """The control socket could not be served, reached, or understood.
+
+    Attributes:
+        path: the socket path concerned (None if there is none).
+        hint: what to try next, for the CLI's ``hint:`` line.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.hint = hint
+
+
+class ProtocolError(ControlError):
+    """A request that is not valid JSON, or not a valid operation (unknown op, wrong type, unknown field)."""
+
+
+class BuildError(NativeReloadError):
+    """Configuring or building failed (or CMake is not installed).
+
+    Attributes:
+        returncode: the failing command's exit status (None if it could not run).
+        hint: what to try next, for the CLI's ``hint:`` line.
+    """
+
+    def __init__(self, message: str, *, returncode: int | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.hint = hint
+
+
 for _cls in (NativeReloadError, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleConflict,
-             LoadError, SymbolError, InterfaceError, ModuleUnloaded):
+             LoadError, SymbolError, InterfaceError, ModuleUnloaded, ControlError, ProtocolError, BuildError):
     # Tracebacks read "nativereload.LoadError", the name users import.
     _cls.__module__ = "nativereload"
 del _cls

@@ -23,11 +23,10 @@ import functools
 import logging
 import os
 import threading
-import time
 from typing import Any, Iterable, NamedTuple
 
 from . import gate as _gate
-from .errors import (InterfaceError, ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
+from .errors import (ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
                      ModuleUnloaded, NativeReloadError, SymbolError)
 from .image import Image, Interface
 from .workdir import Workdir, remove_stale, resolve_tmpdir

@@ -201,7 +201,8 @@ def test_info_log_lines(reg, moddir, samples, caplog):
 
 def test_errors_are_exported_and_named_for_the_package():
     for name in ("NativeReloadError", "ModuleNotFound", "ModuleNotLoaded", "LoadError", "SymbolError",
-                 "InterfaceError", "ModuleUnloaded", "ModuleNameError", "ModuleConflict"):
+                 "InterfaceError", "ModuleUnloaded", "ModuleNameError", "ModuleConflict", "ControlError",
+                 "ProtocolError", "BuildError"):
         cls = getattr(nativereload, name)
         assert issubclass(cls, NativeReloadError)
         assert cls.__module__ == "nativereload"
