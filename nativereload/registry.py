@@ -273,7 +273,10 @@ class Registry:
                 path = self.find(name)
             interface = self._interface(cdef, name)
             module = Module(name, path, interface, self._gate)
-            image = self._load_image(module, 1, interface, "load refused")
+            try:
+                image = self._load_image(module, 1, interface, "load refused")
+            finally:
+                self._release_idle_workdirs()
             with self._state:
                 module._images.append(image)
                 module._active = image
@@ -305,8 +308,12 @@ class Registry:
             module = self._loaded(name)
             interface = self._interface(cdef, name) if cdef is not None else module._interface
             serving = module.generation
-            image = self._load_image(module, serving + 1, interface,
-                                     f"reload refused; generation {serving} still serving")
+            try:
+                image = self._load_image(module, serving + 1, interface,
+                                         f"reload refused; generation {serving} still serving")
+            except BaseException:
+                self._release_idle_workdirs()
+                raise
             with self._state:
                 old = module._active
                 module._images.append(image)
@@ -317,6 +324,7 @@ class Registry:
                 module._slot.current = image.gate     # from here on, new calls go to the new image
             old.retire()
             in_flight = old.gate.in_flight if old.state == "retired" else 0
+            self._release_idle_workdirs()        # the old image's, if $TMPDIR changed since
         if old.state == "retired":
             outcome = f"generation {serving} draining, {in_flight} call{'s' * (in_flight != 1)} in flight"
         else:
@@ -334,6 +342,7 @@ class Registry:
         _check_name(name)
         with self._admin:
             self._unload(self._loaded(name))
+            self._release_idle_workdirs()
 
     def _unload(self, module: Module) -> None:
         with self._state:
@@ -492,15 +501,22 @@ class Registry:
             self._remove_workdirs_if_drained()
 
     def _remove_workdirs_if_drained(self) -> None:
+        if self._closed:
+            self._release_idle_workdirs()
+
+    def _release_idle_workdirs(self) -> None:
+        """Remove this registry's directories that no open image lives in (a leaked image's stays).
+
+        Call with ``_admin`` held, or once the registry is closed: a load in
+        progress must not see its directory vanish.
+        """
         with self._state:
-            if not self._closed or not self._drained():
-                return
-            workdirs, self._workdirs = self._workdirs, {}
-            for workdir in workdirs.values():
-                if workdir.remove():
+            busy = {os.path.dirname(image.copy_path)
+                    for module in (*self._modules.values(), *self._unloaded) for image in module._images}
+            for tmpdir, workdir in list(self._workdirs.items()):
+                if workdir.path not in busy and workdir.remove():
+                    del self._workdirs[tmpdir]
                     _open_workdirs.discard(workdir)
-                else:
-                    self._workdirs[workdir.tmpdir] = workdir    # a leaked image's copy is still there
 
 
 def _image_state(module: Module, image: Image) -> str:

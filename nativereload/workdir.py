@@ -27,7 +27,7 @@ __all__ = ["Workdir", "remove_stale", "resolve_tmpdir"]
 logger = logging.getLogger(__name__.rpartition(".")[0])
 
 PREFIX = "nativereload-"
-_STALE_NAME = re.compile(r"^nativereload-(\d+)-[A-Za-z0-9_]+$")
+_STALE_NAME = re.compile(r"^nativereload-(\d+)-.+$")
 _LOCK_NAME = ".lock"
 
 

@@ -39,7 +39,7 @@ def test_noexec_tmpdir_says_to_set_tmpdir(moddir, samples, mount_tmpfs):
     install(samples["v1"], moddir / "sample.so")
     with Registry(path=[moddir], tmpdir=noexec) as reg:
         with pytest.raises(LoadError):
-            reg.load("sample", cdef=SAMPLE_CDEF)       # also creates the registry's directory and lock
+            reg.load("sample", cdef=SAMPLE_CDEF)
         fds = open_fds()
         with pytest.raises(LoadError) as info:
             reg.load("sample", cdef=SAMPLE_CDEF)
@@ -71,7 +71,7 @@ def test_full_tmpdir_says_to_free_space_or_set_tmpdir(moddir, samples, mount_tmp
     install(samples["v1"], moddir / "sample.so")
     with Registry(path=[moddir], tmpdir=full) as reg:
         with pytest.raises(LoadError):
-            reg.load("sample", cdef=SAMPLE_CDEF)       # also creates the registry's directory and lock
+            reg.load("sample", cdef=SAMPLE_CDEF)
         fds = open_fds()
         with pytest.raises(LoadError) as info:
             reg.load("sample", cdef=SAMPLE_CDEF)

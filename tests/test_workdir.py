@@ -6,7 +6,9 @@ import fcntl
 import os
 import subprocess
 
-from nativereload import Registry
+import pytest
+
+from nativereload import LoadError, Registry
 
 from conftest import SAMPLE_CDEF, install
 
@@ -84,3 +86,26 @@ def test_directory_is_private_locked_and_removed_at_close(moddir, samples, tmpdi
     assert directory.exists()
     reg.close()
     assert list(tmpdir_for_copies.iterdir()) == []
+
+
+def test_no_directory_is_left_while_no_image_is_loaded(moddir, samples, tmpdir_for_copies):
+    install(samples["undef"], moddir / "broken.so")
+    install(samples["v1"], moddir / "sample.so")
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies) as reg:
+        with pytest.raises(LoadError):
+            reg.load("broken", cdef=SAMPLE_CDEF)
+        assert list(tmpdir_for_copies.iterdir()) == []          # a failed first load leaves nothing
+        reg.load("sample", cdef=SAMPLE_CDEF)
+        assert len(list(tmpdir_for_copies.iterdir())) == 1
+        reg.unload("sample")
+        assert list(tmpdir_for_copies.iterdir()) == []          # nothing loaded, nothing on disk
+
+
+def test_stale_directory_with_any_suffix_is_removed(tmpdir_for_copies):
+    leftover = tmpdir_for_copies / f"nativereload-{dead_pid()}-left-over.d"
+    leftover.mkdir()
+    (leftover / "x.so").write_bytes(b"x")
+    sockets = tmpdir_for_copies / "nativereload-sockets-0"
+    sockets.mkdir()
+    Registry(tmpdir=tmpdir_for_copies).close()
+    assert not leftover.exists() and sockets.exists()
