@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from typing import Any, Iterable, NamedTuple
 
 from . import gate as _gate
@@ -303,6 +304,7 @@ class Registry:
             On any error the old image keeps serving and the generation is unchanged.
         """
         _check_name(name)
+        started = time.perf_counter()
         with self._admin:
             self._check_open()
             module = self._loaded(name)
@@ -329,8 +331,8 @@ class Registry:
             outcome = f"generation {serving} draining, {in_flight} call{'s' * (in_flight != 1)} in flight"
         else:
             outcome = f"generation {serving} {old.state}"
-        logger.info("reloaded '%s' generation %d in %.2f ms (%s)", name, serving + 1, image.load_seconds * 1e3,
-                    outcome)
+        logger.info("reloaded '%s' generation %d in %.2f ms (%s)", name, serving + 1,
+                    (time.perf_counter() - started) * 1e3, outcome)
         return module
 
     def unload(self, name: str) -> None:
@@ -345,6 +347,7 @@ class Registry:
             self._release_idle_workdirs()
 
     def _unload(self, module: Module) -> None:
+        started = time.perf_counter()
         with self._state:
             del self._modules[module.name]
             module._unloaded = True
@@ -352,7 +355,9 @@ class Registry:
             active, module._active = module._active, None
             self._unloaded.append(module)
         active.retire()
-        logger.info("unloaded '%s' (generation %d %s)", module.name, module.generation, active.state)
+        logger.info("unloaded '%s' generation %d in %.2f ms (%s)", module.name, module.generation,
+                    (time.perf_counter() - started) * 1e3,
+                    active.state if active.state != "retired" else f"draining, {active.gate.in_flight} in flight")
 
     # -- calling ------------------------------------------------------------------------------
 
@@ -410,6 +415,7 @@ class Registry:
         Returns:
             True if everything was closed before returning.
         """
+        started = time.perf_counter()
         closers, self._closers = self._closers, []
         for closer in closers:
             try:
@@ -423,7 +429,8 @@ class Registry:
                     self._unload(module)
         drained = self.wait_drained(timeout)
         self._remove_workdirs_if_drained()
-        logger.info("closed registry (%s)", "all images closed" if drained else "images still draining")
+        logger.info("closed the registry in %.2f ms (%s)", (time.perf_counter() - started) * 1e3,
+                    "all images closed" if drained else "images still draining")
         return drained
 
     def __enter__(self) -> "Registry":
