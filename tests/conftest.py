@@ -84,6 +84,16 @@ def tmpdir_for_copies(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture
+def reg(moddir, tmpdir_for_copies, gate_impl):
+    """A Registry searching ``moddir``, copying into ``tmpdir_for_copies``, once per gate implementation."""
+    from nativereload import Registry
+
+    registry = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
+    yield registry
+    registry.close(timeout=10)
+
+
 @pytest.fixture(params=["python", "c"])
 def gate_impl(request, monkeypatch):
     """Run a test once per gate implementation (the C one only where it is built)."""

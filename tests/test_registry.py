@@ -14,12 +14,6 @@ from nativereload import (InterfaceError, ModuleConflict, ModuleNameError, Modul
 from conftest import SAMPLE_CDEF, install, private_copies
 
 
-@pytest.fixture
-def reg(moddir, tmpdir_for_copies, gate_impl):
-    registry = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
-    yield registry
-    registry.close()
-
 
 def test_load_and_call_every_way(reg, moddir, samples):
     source = install(samples["v1"], moddir / "sample.so")

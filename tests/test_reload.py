@@ -13,12 +13,6 @@ from nativereload import (InterfaceError, LoadError, ModuleNotFound, ModuleUnloa
 from conftest import SAMPLE_CDEF, install, mapped_paths, open_fds, private_copies, run_python
 
 
-@pytest.fixture
-def reg(moddir, tmpdir_for_copies, gate_impl):
-    registry = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
-    yield registry
-    registry.close(timeout=10)
-
 
 @pytest.fixture
 def loaded(reg, moddir, samples):

@@ -7,16 +7,9 @@ import threading
 
 import pytest
 
-from nativereload import Registry
 
 from conftest import SAMPLE_CDEF, install, mapped_paths, open_fds, private_copies
 
-
-@pytest.fixture
-def reg(moddir, tmpdir_for_copies, gate_impl):
-    registry = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
-    yield registry
-    registry.close(timeout=10)
 
 
 @pytest.fixture
