@@ -14,7 +14,6 @@ from nativereload import (InterfaceError, ModuleConflict, ModuleNameError, Modul
 from conftest import SAMPLE_CDEF, install, private_copies
 
 
-
 def test_load_and_call_every_way(reg, moddir, samples):
     source = install(samples["v1"], moddir / "sample.so")
     mod = reg.load("sample", cdef=SAMPLE_CDEF)

@@ -13,7 +13,6 @@ from nativereload import (InterfaceError, LoadError, ModuleNotFound, ModuleUnloa
 from conftest import SAMPLE_CDEF, install, mapped_paths, open_fds, private_copies, run_python
 
 
-
 @pytest.fixture
 def loaded(reg, moddir, samples):
     install(samples["v1"], moddir / "sample.so")

@@ -7,9 +7,7 @@ import threading
 
 import pytest
 
-
 from conftest import SAMPLE_CDEF, install, mapped_paths, open_fds, private_copies
-
 
 
 @pytest.fixture
