@@ -80,8 +80,16 @@ logger = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
 """Longest request line accepted, in bytes (without its newline)."""
 
-DEFAULT_IDLE_TIMEOUT = 30.0
+DEFAULT_IDLE_TIMEOUT = 10.0
+"""Seconds a connection may stay silent before it is dropped (read when serve() is called)."""
 MAX_CONNECTIONS = 64
+# After refusing an oversized request: how long, and how much, to keep reading
+# and discarding what the client is still sending before closing. Closing a
+# Unix socket with unread data makes Linux report ECONNRESET to the peer
+# (net/unix/af_unix.c, unix_release_sock), and a client still in sendall()
+# gets EPIPE: either way it would never read our error reply.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 16 * 1024 * 1024
 # Linux's sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 
@@ -235,6 +243,27 @@ def _close_all_at_exit() -> None:
         server.close()
 
 
+def _forget_servers_in_child() -> None:
+    """After fork(): the child inherits the parent's Server objects but not their threads.
+
+    The socket files belong to the parent (a pre-fork server's master): the
+    child must never unlink them at its exit, nor write to the wake-up pipe it
+    shares with the parent's accept loop (that would stop the parent serving).
+    It only drops its copies of the descriptors; a worker that wants its own
+    socket calls serve() again, which binds <its pid>.sock.
+    """
+    global _live_lock
+    # Another thread may have held the lock at fork time; it does not exist here.
+    _live_lock = threading.Lock()
+    servers = list(_live_servers)
+    _live_servers.clear()
+    for server in servers:
+        server._abandon_in_child()
+
+
+os.register_at_fork(after_in_child=_forget_servers_in_child)
+
+
 class Server:
     """A running control socket. Create with ``serve()``.
 
@@ -249,6 +278,7 @@ class Server:
     def __init__(self, registry: Any, path: Path, listener: socket.socket, *,
                  idle_timeout: float) -> None:
         self.path = path
+        self._owner_pid = os.getpid()
         self._registry = registry
         self._listener = listener
         self._idle_timeout = idle_timeout
@@ -274,7 +304,14 @@ class Server:
         return self._closed.is_set()
 
     def close(self) -> None:
-        """Stop serving and remove the socket file."""
+        """Stop serving and remove the socket file.
+
+        In a child forked after serve(), the server is already closed: the
+        socket file is the parent's, and it is left alone.
+        """
+        if os.getpid() != self._owner_pid:
+            self._abandon_in_child()
+            return
         with self._lock:
             if self._closed.is_set():
                 return
@@ -291,7 +328,10 @@ class Server:
             pass
         except OSError as exc:
             logger.warning("cannot remove control socket %s: %s", self.path, exc)
-        os.write(self._wake_w, b"x")
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # the accept loop already ended and closed the pipe
+            pass
         for conn in connections:
             # Wakes a connection thread blocked in recv(); it then exits.
             try:
@@ -300,7 +340,32 @@ class Server:
                 pass
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5.0)
+        if not self._thread.is_alive():
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         logger.info("control socket %s closed", self.path)
+
+    def _abandon_in_child(self) -> None:
+        """Close this process's copies of an inherited server's descriptors; touch nothing shared."""
+        if os.getpid() == self._owner_pid or self._closed.is_set():
+            return
+        self._closed.set()
+        self._lock = threading.Lock()
+        connections, self._connections = list(self._connections), set()
+        # close(), never shutdown(): shutdown acts on the socket the parent still uses.
+        for sock in (self._listener, *connections):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def __enter__(self) -> "Server":
         return self
@@ -330,9 +395,8 @@ class Server:
         except Exception:
             logger.exception("control socket %s: accept loop failed; no longer serving", self.path)
         finally:
+            # The wake-up pipe is close()'s to close: it may still write to it.
             self._listener.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     def _admit(self, conn: socket.socket) -> None:
         conn.setblocking(True)
@@ -366,8 +430,7 @@ class Server:
                 newline = buffer.find(b"\n")
                 if newline < 0:
                     if len(buffer) > MAX_REQUEST:
-                        _send(conn, _error_reply("ControlError", f"request longer than {MAX_REQUEST} bytes; "
-                                                 "closing the connection"))
+                        self._refuse_oversized(conn)
                         return
                     try:
                         chunk = conn.recv(65536)
@@ -380,8 +443,7 @@ class Server:
                     continue
                 line, buffer = buffer[:newline], buffer[newline + 1:]
                 if len(line) > MAX_REQUEST:
-                    _send(conn, _error_reply("ControlError", f"request longer than {MAX_REQUEST} bytes; "
-                                             "closing the connection"))
+                    self._refuse_oversized(conn)
                     return
                 if not line.strip():
                     continue
@@ -393,6 +455,33 @@ class Server:
             with self._lock:
                 self._connections.discard(conn)
             conn.close()
+
+    def _refuse_oversized(self, conn: socket.socket) -> None:
+        """Reply with an error, then close so that the client reads the reply, not a reset.
+
+        The client may still be sending: the rest is read and discarded (for
+        at most _LINGER_SECONDS and _LINGER_BYTES) until it stops or hangs up.
+        """
+        _send(conn, _error_reply("ProtocolError", f"request longer than {MAX_REQUEST} bytes; closing the "
+                                 "connection"))
+        try:
+            conn.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + _LINGER_SECONDS
+            discarded = 0
+            while discarded < _LINGER_BYTES and not self._closed.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                conn.settimeout(min(left, 0.5))
+                try:
+                    chunk = conn.recv(65536)
+                except socket.timeout:
+                    break  # the client stopped sending: it is reading our reply
+                if not chunk:
+                    break
+                discarded += len(chunk)
+        except OSError:
+            pass
 
     def _handle_line(self, line: bytes) -> dict:
         try:
@@ -515,14 +604,15 @@ def _bind_private(path: Path) -> socket.socket:
 
 
 def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
-          idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> Server:
+          idle_timeout: float | None = None) -> Server:
     """Serve ``registry`` on a Unix socket from a daemon thread; return the Server.
 
     Args:
         socket_path: default ``default_socket_path()``. Its directory is checked
             (see the module docstring); an existing socket there is replaced
             only if stale (dead pid, or nobody listening).
-        idle_timeout: seconds a connection may stay silent before it is dropped.
+        idle_timeout: seconds a connection may stay silent before it is dropped
+            (default ``DEFAULT_IDLE_TIMEOUT``).
 
     Raises:
         ControlError: unsafe or unusable directory, path too long, or a live
@@ -543,7 +633,8 @@ def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
         raise ControlError(f"{path} is in use (a live server answers there, or it is not a socket)", path=path,
                            hint="close the other server first, or pass another socket_path")
     listener = _bind_private(path)
-    server = Server(registry, path, listener, idle_timeout=idle_timeout)
+    server = Server(registry, path, listener,
+                    idle_timeout=DEFAULT_IDLE_TIMEOUT if idle_timeout is None else idle_timeout)
     server._start()
     add_closer = getattr(registry, "_add_closer", None)
     if add_closer is not None:

@@ -216,6 +216,43 @@ def test_socket_removed_at_interpreter_exit(moddir, samples, tmp_path):
     assert not Path(out.stdout.strip()).exists()
 
 
+FORK = textwrap.dedent("""
+    import json, os, sys
+    import nativereload
+    from nativereload import control
+
+    reg = nativereload.Registry()
+    server = reg.serve()
+    pid = os.fork()
+    if pid == 0:
+        # A pre-fork server's worker: serves on its own socket, then exits
+        # normally (atexit runs) -- it must not take the parent's socket along.
+        mine = reg.serve()
+        print(json.dumps({"worker": str(mine.path)}), flush=True)
+        sys.exit(0)
+    _, status = os.waitpid(pid, 0)
+    alive = server.path.exists() and control.request(server.path, "ping")["ok"]
+    reg.close()
+    print(json.dumps({"parent": str(server.path), "worker_status": status, "parent_serving": alive,
+                      "removed": not server.path.exists()}), flush=True)
+""")
+
+
+@pytest.mark.timeout(60)
+def test_forked_worker_leaves_the_parents_socket_alone(tmp_path):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    out = subprocess.run([sys.executable, "-c", FORK], env=child_env(runtime), capture_output=True, text=True,
+                         timeout=50)
+    assert out.returncode == 0, out.stderr
+    worker, parent = (json.loads(line) for line in out.stdout.splitlines())
+    assert parent["worker_status"] == 0
+    assert parent["parent_serving"] and parent["removed"]
+    assert worker["worker"] != parent["parent"]
+    assert not Path(worker["worker"]).exists()
+    assert "Traceback" not in out.stderr, out.stderr
+
+
 def test_server_close_and_registry_close_remove_socket(runtime_dir, tmp_path):
     with Registry() as reg:
         server = reg.serve()
@@ -363,6 +400,10 @@ def test_huge_request_is_refused_and_connection_closed(spawn):
     # Without a newline at all, too.
     replies = raw(child.socket, b"x" * (control.MAX_REQUEST * 2))
     assert len(replies) == 1 and not replies[0]["ok"]
+    # Far more than a socket buffer: the client's sendall() completes, and it
+    # reads the error reply and then end-of-file (no EPIPE, no ECONNRESET).
+    replies = raw(child.socket, b"{\"op\": \"ping\", \"x\": \"" + b"a" * (4 << 20) + b"\"}\n")
+    assert len(replies) == 1 and replies[0]["error"]["type"] == "ProtocolError"
     assert control.request(child.socket, "ping")["ok"]
 
 
@@ -386,9 +427,10 @@ def test_idle_connections_do_not_delay_others(spawn):
 
 
 @pytest.mark.timeout(60)
-def test_idle_connection_is_dropped(runtime_dir):
+def test_idle_connection_is_dropped(runtime_dir, monkeypatch):
+    monkeypatch.setattr(control, "DEFAULT_IDLE_TIMEOUT", 0.5)
     with Registry() as reg:
-        server = control.serve(reg, idle_timeout=0.5)
+        server = reg.serve()
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(30)
             s.connect(str(server.path))
