@@ -112,19 +112,20 @@ ImageGate_init(ImageGate *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "ImageGate: on_drained must be callable");
         return -1;
     }
-    /* __init__ runs once on a fresh object in practice; a second call only
-     * swaps the references, like assigning the attributes would. */
+    /* Once only: a second __init__ would replace on_drained, which the thread
+     * that drains the gate reads and clears without a lock, and reset a gate
+     * that may already be retired. */
+    if (atomic_load(&self->serial) != 0) {
+        PyErr_SetString(PyExc_TypeError, "ImageGate.__init__() may be called only once");
+        return -1;
+    }
     Py_INCREF(functions);
     Py_INCREF(on_drained);
     NR_LOCK(self);
-    PyObject *old_functions = self->functions;
-    PyObject *old_on_drained = self->on_drained;
     self->functions = functions;
     self->on_drained = on_drained;
     atomic_store(&self->serial, nr_serial_new());
     NR_UNLOCK(self);
-    Py_XDECREF(old_functions);
-    Py_XDECREF(old_on_drained);
     return 0;
 }
 
@@ -550,7 +551,7 @@ Func_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
         PyErr_Format(PyExc_TypeError, "%S() takes no keyword arguments", self->name);
         return NULL;
     }
-    for (int attempt = 0;; attempt++) {
+    for (int retried = 0;; retried = 1) {
         gate = nr_slot_get(self->slot);
         if (gate == NULL)
             return nr_func_raise_missing(self, Py_None);
@@ -563,7 +564,7 @@ Func_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
         Py_DECREF(gate);
         if (status < 0)
             return NULL;
-        if (attempt > 0) {
+        if (retried) {
             /* Retired again on a re-read: slot.current has not moved on yet (a
              * swap in progress, or a registry that retired before swapping).
              * The Python gate's loop lets other threads run here; so must we,
@@ -607,24 +608,26 @@ Func_init(Func *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "Func: on_missing must be callable");
         return -1;
     }
+    /* Once only: calls read slot, symbol and on_missing without a lock (they
+     * never change after this), so replacing them under a call running on
+     * another thread (free-threaded builds) would free what it is using. */
+    if (self->slot != NULL) {
+        PyErr_SetString(PyExc_TypeError, "Func.__init__() may be called only once");
+        return -1;
+    }
     /* an exact, interned str keeps the dict lookup on its fastest path */
     symbol = PyUnicode_FromObject(symbol);
     if (symbol == NULL)
         return -1;
     PyUnicode_InternInPlace(&symbol);
-    Py_INCREF(slot);
     Py_INCREF(qualname);
     Py_INCREF(on_missing);
-    Py_XSETREF(self->slot, (Slot *)slot);
     Py_XSETREF(self->name, qualname);
     Py_XSETREF(self->symbol, symbol);
     Py_XSETREF(self->on_missing, on_missing);
-    NR_LOCK(self);
-    PyObject *old = self->cache_function;
-    self->cache_function = NULL;
-    self->cache_serial = 0;
-    NR_UNLOCK(self);
-    Py_XDECREF(old);
+    /* slot last: a non-NULL slot is what marks the Func initialized */
+    Py_INCREF(slot);
+    self->slot = (Slot *)slot;
     return 0;
 }
 

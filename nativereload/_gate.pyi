@@ -11,6 +11,9 @@ Differences from the Python types, all stricter:
     * ``Slot.current`` accepts only an ``ImageGate`` of this module, or None.
     * ``Func`` needs a ``Slot`` of this module and a ``str`` symbol.
     * ``ImageGate.retired`` is read-only: use ``retire()``.
+    * ``ImageGate`` and ``Func`` can be initialized only once (a second
+      ``__init__`` raises TypeError): a call on another thread reads their
+      fields without a lock.
     * None of the three can be subclassed.
 """
 
