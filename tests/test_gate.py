@@ -97,6 +97,47 @@ def test_calls_pass_arguments_and_results(impl, libc):
         g(x=1)
 
 
+def test_keyword_arguments_are_refused_before_the_call_is_counted(impl):
+    ran = []
+    image, _, f = make(impl, {"f": lambda *args, **kwargs: ran.append(kwargs)})
+    for kwargs in ({"x": 1}, {"x": 1, "y": 2}):
+        with pytest.raises(TypeError):
+            f(1, **kwargs)
+    assert f(**{}) is None             # no keywords at all is an ordinary call
+    assert ran == [{}]
+    assert image.in_flight == 0
+
+
+def test_bad_arguments_to_a_cffi_function_count_the_exit(impl, libc):
+    ffi, lib = libc
+    fired = []
+    image, slot, f = make(impl, {"abs": lib.abs}, lambda: fired.append(1), symbol="abs")
+    for bad in (("x",), (), (1, 2), (2 ** 70,)):
+        with pytest.raises((TypeError, OverflowError)):
+            f(*bad)
+    assert image.in_flight == 0
+    slot.current = None
+    image.retire()
+    assert fired == [1]
+
+
+def test_on_drained_error_in_the_last_call_keeps_the_call_error_as_context(impl):
+    def last_call():
+        slot.current = None
+        image.retire()                  # in flight: does not fire yet
+        assert not image.drained
+        raise KeyError("from the call")
+
+    def on_drained():
+        raise OSError("close failed")
+
+    image, slot, f = make(impl, {"f": last_call}, on_drained)
+    with pytest.raises(OSError, match="close failed") as raised:
+        f()
+    assert isinstance(raised.value.__context__, KeyError)
+    assert image.drained and image.in_flight == 0
+
+
 def test_counts_calls_in_and_out(impl):
     seen = []
 
@@ -434,6 +475,66 @@ def test_reference_cycles_are_collected(impl):
     build()
     gc.collect()
     assert finalized == [1]
+
+
+def test_no_references_leak_on_any_path(impl, libc):
+    """Calls that return, raise inside, get bad arguments, miss the symbol or find no image drop what they took."""
+    ffi, lib = libc
+
+    def boom():
+        raise ValueError("boom")
+
+    class Missing(LookupError):
+        pass
+
+    def on_missing(gate_or_none):
+        return Missing(gate_or_none is None)
+
+    def on_drained():
+        pass
+
+    tracked = {"abs": lib.abs, "boom": boom, "on_missing": on_missing, "on_drained": on_drained,
+               "Missing": Missing, "None": None}
+
+    def cycle():
+        slot = impl.Slot()
+        image = impl.ImageGate({"abs": lib.abs, "boom": boom}, on_drained)
+        slot.current = image
+        funcs = [impl.Func(slot, f"mod.{name}", name, on_missing) for name in ("abs", "boom", "nope")]
+        for _ in range(50):
+            assert funcs[0](-3) == 3
+            for func, args, error in ((funcs[0], ("x",), TypeError), (funcs[0], (1,), None),
+                                      (funcs[1], (), ValueError), (funcs[2], (), Missing)):
+                try:
+                    func(*args)
+                except BaseException as exc:       # noqa: BLE001 - checked just below
+                    assert isinstance(exc, error)
+        slot.current = impl.ImageGate({"abs": lib.abs}, on_drained)
+        image.retire()
+        image.functions = {}
+        assert funcs[0](-4) == 4
+        slot.current = None
+        with pytest.raises(Missing):
+            funcs[0](1)
+
+    cycle()                       # warm up caches that live for the process (interned names, type caches)
+    gc.collect()
+    before = {name: sys.getrefcount(obj) for name, obj in tracked.items()}
+    for _ in range(20):
+        cycle()
+    gc.collect()
+    assert {name: sys.getrefcount(obj) for name, obj in tracked.items()} == before
+
+
+def test_c_types_initialize_once():
+    if gate.C is None:
+        pytest.skip("C gate not built in this environment")
+    image, slot, f = make(gate.C, {"f": len})
+    with pytest.raises(TypeError, match="only once"):
+        image.__init__({"f": abs}, lambda: None)
+    with pytest.raises(TypeError, match="only once"):
+        f.__init__(slot, "mod.g", "g", missing)
+    assert f.name == "mod.f" and f("ab") == 2
 
 
 def test_c_types_check_their_arguments():
