@@ -13,11 +13,11 @@ bytes keep the file its full size on disk.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
-import sys
+import sysconfig
 from pathlib import Path
 
 import cffi
@@ -83,18 +83,26 @@ def build_funcs_library(directory: Path, n: int) -> Path:
 
 
 def build_api_module(directory: Path):
-    """sample.c as a cffi API-mode extension module, compiled and imported; returns its ``lib``."""
+    """sample.c as a cffi API-mode extension module, compiled and imported; returns (ffi, lib).
+
+    cffi writes the C source and the compiler builds it directly, like the
+    other libraries: ``ffi.compile()`` would need setuptools, which a fresh
+    virtualenv on Python >= 3.12 does not have.
+    """
+    name = "_nativereload_bench_api"
     ffi = cffi.FFI()
     ffi.cdef(SAMPLE_CDEF)
-    ffi.set_source("_nativereload_bench_api", SAMPLE_SOURCE.read_text(), extra_compile_args=["-O2"])
+    ffi.set_source(name, SAMPLE_SOURCE.read_text(), compiler_verbose=False)   # no "generating ..." on stdout
     build = directory / "api"
     build.mkdir(exist_ok=True)
-    ffi.compile(tmpdir=str(build), verbose=False)
-    sys.path.insert(0, str(build))
-    try:
-        module = importlib.import_module("_nativereload_bench_api")
-    finally:
-        sys.path.remove(str(build))
+    source = build / f"{name}.c"
+    ffi.emit_c_code(str(source))
+    output = build / (name + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run([compiler(), "-shared", "-fPIC", "-O2", f"-I{sysconfig.get_paths()['include']}", str(source),
+                    "-o", str(output)], check=True, capture_output=True, text=True)
+    spec = importlib.util.spec_from_file_location(name, output)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module.ffi, module.lib
 
 
