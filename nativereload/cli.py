@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -129,9 +131,17 @@ def resolve_targets(args: argparse.Namespace) -> list[control.Target]:
     """The processes a command addresses; CLIError when none (or too many) are reachable."""
     if args.socket:
         path = Path(args.socket)
-        if not path.exists():
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
             raise CLIError(f"no control socket at {path}", hint="is the process running, and did it call "
-                           "reg.serve()?")
+                           "reg.serve()?") from None
+        except OSError as exc:
+            raise CLIError(f"cannot reach {path}: {exc.strerror or exc}",
+                           hint="the socket may belong to another user; run as that user") from None
+        if not stat.S_ISSOCK(mode):
+            raise CLIError(f"{path} is not a socket", hint="pass the path a process's reg.serve() printed "
+                           "(Server.path), or use --pid PID")
         return [control.Target(None, path)]
     directory = control.default_socket_dir()
     try:
@@ -250,7 +260,41 @@ def format_status(reply: dict, socket_path: str) -> str:
     for row in rows:
         cells = [row[c].ljust(widths[c]) for c in range(len(widths))] + [row[-1]]
         lines.append("  " + "  ".join(cells).rstrip())
+    for m in modules:
+        note = _old_images_note(m)
+        if note:
+            lines.append(f"  {m['name']}: {note}")
     return "\n".join(lines)
+
+
+def _old_images_note(module: dict) -> str | None:
+    """What became of a module's earlier generations, e.g. "old images drained (generation 1)".
+
+    The reply lists only images not yet closed, and generations count
+    successful loads: an earlier generation that is not listed has drained
+    and closed.
+    """
+    images = module.get("images") or []
+    generation = module.get("generation")
+    if not isinstance(generation, int):
+        return None
+    listed = {i.get("generation") for i in images}
+    active = [i.get("generation") for i in images if i.get("state") == "active"]
+    newest = active[0] if active else generation + 1  # unloaded: every listed image is old
+    closed = [g for g in range(1, newest) if g not in listed]
+    draining = [i for i in images if i.get("state") == "retired"]
+    parts = []
+    if draining:
+        calls = sum(i.get("in_flight") or 0 for i in draining)
+        parts.append(f"draining: generation {', '.join(str(i.get('generation')) for i in draining)} "
+                     f"({calls} call(s) in flight)")
+    if len(closed) == 1:
+        parts.append(f"old image drained (generation {closed[0]})")
+    elif closed:
+        contiguous = closed == list(range(closed[0], closed[-1] + 1))
+        span = f"{closed[0]}-{closed[-1]}" if contiguous else ", ".join(map(str, closed))
+        parts.append(f"old images drained (generations {span})")
+    return "; ".join(parts) or None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -298,7 +342,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     from . import watch
 
-    # Fail early on a usage problem (no process at all) rather than after a build.
+    # Fail early on a usage problem (no sources, no such process) rather than after a build.
+    if not Path(args.source_dir).is_dir():
+        raise CLIError(f"source directory {args.source_dir} does not exist",
+                       hint="run from your project's directory or pass --source-dir")
     if args.socket or args.pid is not None:
         resolve_targets(args)
     try:
@@ -368,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        return EXIT_FAILED
+    except OSError as exc:
+        # The environment refused something (a directory we cannot read or
+        # create, a full disk): an expected failure, reported without a traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        _print_error(f"{exc.strerror or exc}{where}", "check the paths and permissions involved; -v logs more")
         return EXIT_FAILED
     finally:
         if own_handler:

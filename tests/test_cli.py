@@ -59,6 +59,39 @@ def test_no_process_is_an_operation_failure(runtime_dir, capsys):
     assert "no control socket at" in capsys.readouterr().err
 
 
+def test_socket_option_that_is_not_a_socket(runtime_dir, tmp_path, capsys):
+    regular = tmp_path / "file"
+    regular.write_text("")
+    for path in (regular, tmp_path):
+        assert cli.main(["reload", "sample", "--socket", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path} is not a socket\n") and "\nhint: " in err
+
+
+def test_watch_without_sources_fails_before_building(tmp_path, capsys):
+    assert cli.main(["watch", "--source-dir", str(tmp_path / "missing"), "--build-dir", str(tmp_path / "b")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: source directory {tmp_path / 'missing'} does not exist")
+    assert not (tmp_path / "b").exists()
+
+
+def test_status_table_says_what_became_of_old_images():
+    def module(generation, *images):
+        return {"name": "m", "path": "/x/m.so", "generation": generation,
+                "images": [{"generation": g, "state": s, "in_flight": n} for g, s, n in images]}
+
+    def table(*modules):
+        return cli.format_status({"ok": True, "pid": 7, "modules": list(modules)}, "/s")
+
+    assert "drained" not in table(module(1, (1, "active", 0)))
+    assert "  m: old image drained (generation 1)" in table(module(2, (2, "active", 0)))
+    assert "  m: old images drained (generations 1-3)" in table(module(4, (4, "active", 0)))
+    assert "  m: draining: generation 2 (3 call(s) in flight); old image drained (generation 1)" in table(
+        module(3, (2, "retired", 3), (3, "active", 1)))
+    # Unloaded: nothing active, the last image still draining.
+    assert "  m: draining: generation 2 (1 call(s) in flight); old image drained (generation 1)" in table(
+        module(2, (2, "retired", 1)))
+
+
 # ----------------------------------------------------------------------------- against running processes
 
 @pytest.mark.timeout(120)
@@ -82,9 +115,11 @@ def test_reload_and_status_end_to_end(spawn, samples, moddir, runtime_dir):
     calls = child.calls()
     assert calls["version"] == 2 and calls["failed"] == []
 
-    # The old image drained: only generation 2 is left.
+    # The old image drained: only generation 2 is left, and the table says so.
     doc = json.loads(nr("status", "--json", "--pid", str(child.pid), runtime=runtime_dir).stdout)
     assert [i["generation"] for i in doc["modules"][0]["images"]] == [2]
+    table = nr("status", runtime=runtime_dir)
+    assert "sample: old image drained (generation 1)" in table.stdout
 
     as_json = nr("reload", "sample", "--json", "--socket", str(child.socket), runtime=runtime_dir)
     assert as_json.returncode == 0
