@@ -90,15 +90,39 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _cached_build_type(build_dir: Path) -> str | None:
+def _cache_entry(build_dir: Path, name: str) -> str | None:
+    """The value of ``name`` in ``build_dir``'s CMakeCache.txt (None: no cache, or no such entry)."""
     try:
         lines = (build_dir / "CMakeCache.txt").read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise BuildError(f"cannot read {build_dir / 'CMakeCache.txt'}: {exc.strerror or exc}",
+                         hint="pass a --build-dir you can read and write") from None
     for line in lines:
-        if line.startswith("CMAKE_BUILD_TYPE:"):
+        if line.startswith(name + ":"):
             return line.partition("=")[2]
     return None
+
+
+def _prepare_build_dir(source_dir: Path, build_dir: Path) -> None:
+    """Check the directories before CMake runs, so the failure names its cause."""
+    if not source_dir.is_dir():
+        raise BuildError(f"source directory {source_dir} does not exist",
+                         hint="run from your project's directory or pass --source-dir")
+    if build_dir.exists() and not build_dir.is_dir():
+        raise BuildError(f"the build directory {build_dir} is not a directory", hint="pass another --build-dir")
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuildError(f"cannot create the build directory {build_dir}: {exc.strerror or exc}",
+                         hint="pass a --build-dir you can write") from None
+    if not os.access(build_dir, os.W_OK | os.X_OK):
+        raise BuildError(f"the build directory {build_dir} is not writable", hint="pass a --build-dir you can write")
+    home = _cache_entry(build_dir, "CMAKE_HOME_DIRECTORY")
+    if home is not None and Path(home).resolve() != source_dir:
+        raise BuildError(f"{build_dir} was configured for another project ({home}), not {source_dir}",
+                         hint="pass --build-dir for a directory of its own, or remove that one")
 
 
 def _run(cmd: list[str], output: IO[str] | None, what: str) -> None:
@@ -142,7 +166,9 @@ def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "b
         output: where CMake and the compiler write (default: sys.stderr).
 
     Raises:
-        BuildError: CMake missing, no CMakeLists.txt, configure or build failed.
+        BuildError: CMake missing, no source directory or CMakeLists.txt, a build
+            directory that cannot be written or belongs to another project,
+            configure or build failed.
     """
     source_dir = Path(source_dir).resolve()
     build_dir = Path(build_dir).resolve()
@@ -152,7 +178,8 @@ def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "b
                          "cmake) and make sure it is on PATH")
     started = time.perf_counter()
     configured = False
-    cached_type = _cached_build_type(build_dir)
+    _prepare_build_dir(source_dir, build_dir)
+    cached_type = _cache_entry(build_dir, "CMAKE_BUILD_TYPE")
     if cached_type is None or cached_type != config:
         if not (source_dir / "CMakeLists.txt").is_file():
             raise BuildError(f"no CMakeLists.txt in {source_dir}",

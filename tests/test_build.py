@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
-import os
 import json
+import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -111,3 +112,56 @@ def test_helper_rewrites_manifest_on_reconfigure(tmp_path):
         "nativereload_add_module(other SOURCES other.c OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/elsewhere)\n", ""))
     result = build.build(project, project / "build", output=log)
     assert [m.name for m in result.modules] == ["counter"]
+
+
+def test_unusable_directories_fail_without_traceback(tmp_path, capsys):
+    project = user_project(tmp_path / "proj")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    cases = {
+        ("--source-dir", str(tmp_path / "missing")): f"error: source directory {tmp_path / 'missing'} does not exist",
+        ("--source-dir", str(project), "--build-dir", str(not_a_dir)): f"error: the build directory {not_a_dir} "
+                                                                       "is not a directory",
+        ("--source-dir", str(project), "--build-dir", str(not_a_dir / "b")): "error: cannot create the build "
+                                                                             f"directory {not_a_dir / 'b'}",
+    }
+    for argv, message in cases.items():
+        assert cli.main(["build", *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(message) and "\nhint: " in err
+
+
+def test_build_dir_of_another_project_is_refused(tmp_path, capsys):
+    project = user_project(tmp_path / "proj")
+    other = tmp_path / "other-build"
+    other.mkdir()
+    (other / "CMakeCache.txt").write_text(f"CMAKE_HOME_DIRECTORY:INTERNAL={tmp_path / 'elsewhere'}\n"
+                                          "CMAKE_BUILD_TYPE:STRING=RelWithDebInfo\n")
+    assert cli.main(["build", "--source-dir", str(project), "--build-dir", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {other} was configured for another project ({tmp_path / 'elsewhere'})")
+
+
+def test_cxx_module_has_the_reload_flags(tmp_path):
+    """-fPIC, -Wl,-Bsymbolic and (GCC) -fno-gnu-unique: no STB_GNU_UNIQUE symbol keeps the image mapped."""
+    if not shutil.which("readelf"):
+        pytest.skip("readelf not installed")
+    project = tmp_path / "cxx"
+    project.mkdir()
+    (project / "CMakeLists.txt").write_text(textwrap.dedent("""
+        cmake_minimum_required(VERSION 3.16)
+        project(cxx CXX)
+        find_package(nativereload REQUIRED)
+        nativereload_add_module(unique SOURCES unique.cpp)
+    """))
+    # An inline function's static: g++ makes it STB_GNU_UNIQUE unless told not to.
+    (project / "unique.cpp").write_text('inline int &count() { static int n; return n; }\n'
+                                        'extern "C" int bump() { return ++count(); }\n')
+    result = build.build(project, project / "build", output=io.StringIO())
+    (module,) = result.built
+    symbols = subprocess.run(["readelf", "-sW", str(module.path)], capture_output=True, text=True, check=True)
+    assert "UNIQUE" not in symbols.stdout
+    dynamic = subprocess.run(["readelf", "-d", str(module.path)], capture_output=True, text=True, check=True)
+    assert "SYMBOLIC" in dynamic.stdout
+    text = (build.cmake_dir() / "nativereloadConfig.cmake").read_text()
+    assert "-fPIC" in text and "-Wl,-Bsymbolic" in text and "-fno-gnu-unique" in text

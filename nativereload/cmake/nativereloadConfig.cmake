@@ -6,10 +6,11 @@
 #
 # gives build/modules/counter.so (OUTPUT_DIRECTORY defaults to
 # ${CMAKE_BINARY_DIR}/modules, the directory `nativereload build` reports):
-#   - position-independent code, no "lib" prefix;
+#   - no "lib" prefix;
+#   - -fPIC;
 #   - -Wl,-Bsymbolic: the library's calls to its own functions bind inside the
 #     library, so no other loaded image can interpose on them;
-#   - C++: -fno-gnu-unique, since STB_GNU_UNIQUE symbols keep an image mapped
+#   - C++ (GCC): -fno-gnu-unique, since STB_GNU_UNIQUE symbols keep an image mapped
 #     after dlclose() and the registry would have to report it "leaked";
 #   - written atomically: the linker writes into a staging directory and the
 #     finished file is renamed over the output, so a process watching the
@@ -33,8 +34,13 @@ function(nativereload_add_module name)
     PREFIX ""
     POSITION_INDEPENDENT_CODE ON
     LIBRARY_OUTPUT_DIRECTORY "${staging}")
-  target_link_options(${name} PRIVATE "LINKER:-Bsymbolic")
-  target_compile_options(${name} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fno-gnu-unique>)
+  # CMake already compiles a SHARED library position-independent; -fPIC is
+  # spelled out so the flags reloading relies on read the same here as on the
+  # compiler's command line.
+  target_compile_options(${name} PRIVATE -fPIC)
+  target_link_options(${name} PRIVATE -Wl,-Bsymbolic)
+  # Only GCC emits STB_GNU_UNIQUE (and knows the flag); Clang never does.
+  target_compile_options(${name} PRIVATE $<$<AND:$<COMPILE_LANGUAGE:CXX>,$<CXX_COMPILER_ID:GNU>>:-fno-gnu-unique>)
   set(final "${NRM_OUTPUT_DIRECTORY}/$<TARGET_FILE_NAME:${name}>")
   # The manifest is rewritten at each configure, so a module removed from the
   # project disappears from it: clear it once per configure run (global
