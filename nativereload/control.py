@@ -16,7 +16,9 @@ no moment at which the final path exists without a listener (so a client that
 gets ECONNREFUSED knows the socket is stale). Each connection's peer uid
 (SO_PEERCRED) must be ours or root's. The socket is removed by Server.close(),
 by Registry.close(), and at interpreter exit; sockets of dead pids are removed
-by the next serve() in the same directory and by the CLI.
+by the next serve() in the same directory and by the CLI. A child forked after
+serve() (a pre-fork server's worker) inherits no server: it never removes the
+parent's socket, and calls serve() itself to get its own.
 
 Protocol: one JSON object per line (UTF-8), one JSON object per line back.
 

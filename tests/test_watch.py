@@ -33,7 +33,7 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, context=l
 # ----------------------------------------------------------------------------- in-process module files
 
 @pytest.mark.timeout(60)
-def test_auto_reload_picks_up_a_replaced_file(samples, moddir, tmpdir_for_copies):
+def test_auto_reload_picks_up_a_replaced_file(samples, moddir, tmpdir_for_copies, caplog):
     install(samples["v1"], moddir / "sample.so")
     with Registry(path=[moddir], tmpdir=tmpdir_for_copies, auto_reload=True) as reg:
         mod = reg.load("sample", cdef=SAMPLE_CDEF)
@@ -44,7 +44,8 @@ def test_auto_reload_picks_up_a_replaced_file(samples, moddir, tmpdir_for_copies
         assert version() == 2
         # A failed reload (missing symbol) is logged; the old version keeps serving...
         install(samples["nosym"], moddir / "sample.so")
-        time.sleep(1.0)  # several polls: enough for the watcher to try and refuse
+        wait_for(lambda: any("automatic reload" in r.getMessage() and "scaled" in r.getMessage()
+                             for r in caplog.records))
         assert mod.generation == 2 and version() == 2
         # ...and the next good build is picked up.
         install(samples["v3"], moddir / "sample.so")
