@@ -110,7 +110,15 @@ def table(rows: Rows) -> str:
 
 
 def targets(rows: Rows, gates: list[str], contention_ratios: dict) -> list[dict]:
-    """The issue's targets, each with the measured figure and whether it was met."""
+    """The issue's targets, each with the measured figure and whether it was met.
+
+    "Linear in file size" and "flat" have no number in the issue; we read
+    them with the same 10 % tolerance as the d/a target: the per-MB cost of a
+    reload (small -> large module) within 1.10x the per-MB cost of the bare
+    copy + dlopen + resolve + dlclose + unlink, and the reload/bare or Func/cffi
+    ratio with 50 modules loaded (or after 1,000 reloads) within 1.10x the
+    same ratio with 1 module (fresh).
+    """
     results = []
 
     def target(name: str, measured: float | None, limit: float, fmt: str, note: str = "") -> None:
@@ -119,18 +127,48 @@ def targets(rows: Rows, gates: list[str], contention_ratios: dict) -> list[dict]
         results.append({"target": name, "measured": measured, "limit": limit, "met": measured <= limit,
                          "text": fmt.format(measured), "note": note})
 
+    def ratio(key: str) -> float | None:
+        return (rows.get(key) or {}).get("ratio")
+
     gate = gates[0]
-    python_ratio = (rows.get("call.add.d_python") or {}).get("ratio")
-    target(f"d/a ≤ 1.10 ({gate} gate)", (rows.get(f"call.add.d_{gate}") or {}).get("ratio"), 1.10, "{:.3f}",
+    python_ratio = ratio("call.add.d_python")
+    target(f"d/a ≤ 1.10 ({gate} gate)", ratio(f"call.add.d_{gate}"), 1.10, "{:.3f}",
            f"Python gate: {python_ratio:.3f}" if python_ratio else "")
-    target("small reload ≤ 1.5× bare", (rows.get(f"reload.{gate}.small") or {}).get("ratio"), 1.5, "{:.2f}×")
-    target("large reload ≤ 1.1× bare", (rows.get(f"reload.{gate}.large") or {}).get("ratio"), 1.1, "{:.2f}×")
+    target("small reload ≤ 1.5× bare", ratio(f"reload.{gate}.small"), 1.5, "{:.2f}×")
+    target("large reload ≤ 1.1× bare", ratio(f"reload.{gate}.large"), 1.1, "{:.2f}×")
+    small, large = rows.get(f"reload.{gate}.small"), rows.get(f"reload.{gate}.large")
+    if small and large:
+        megabytes = (large["bytes"] - small["bytes"]) / 1e6
+        reload_slope = (large["median"] - small["median"]) / megabytes
+        bare_slope = (large["bare_with_close_us"] - small["bare_with_close_us"]) / megabytes
+        target("reload time linear in file size (per-MB cost ≤ 1.1× bare's)", reload_slope / bare_slope, 1.1,
+               "{:.2f}×", f"{reload_slope:.0f} µs/MB vs bare load + close {bare_slope:.0f} µs/MB")
+    one, many = ratio(f"reload.{gate}.small.1module"), ratio(f"reload.{gate}.small.modules")
+    if one and many:
+        target("reload time flat in other modules (50 vs 1, reload/bare)", many / one, 1.1, "{:.2f}×",
+               f"{one:.2f}× bare with 1 module, {many:.2f}× with 50")
+    for other, label in (("reloaded", "after 1,000 reloads"), ("modules", "with 50 modules")):
+        fresh, after = ratio(f"flat.{gate}.fresh"), ratio(f"flat.{gate}.{other}")
+        if fresh and after:
+            target(f"call cost flat {label} (Func/cffi vs fresh)", after / fresh, 1.1, "{:.2f}×",
+                   f"d/a {fresh:.3f} fresh, {after:.3f} {label}")
     if gate in contention_ratios:
-        target("p99 with reloader ≤ 1.5× without", contention_ratios[gate]["p99_ratio"], 1.5, "{:.2f}×")
+        target("p99 with reloader ≤ 1.5× without", contention_ratios[gate]["p99_ratio"], 1.5, "{:.2f}×",
+               f"max {contention_ratios[gate]['max_busy_ns'] / 1e3:,.0f} µs with, "
+               f"{contention_ratios[gate]['max_quiet_ns'] / 1e3:,.0f} µs without")
     growth = rows.get(f"rss.{gate}.growth")
     target("RSS growth < 5 MB over 10,000 reloads", growth and growth["median"] * (1 << 20) / 1e6, 5.0,
            "{:.2f} MB")
     return results
+
+
+def target_rows(results: list[dict]) -> str:
+    """The targets as the last section of the table: measured figure, then met/MISSED and the detail."""
+    lines = ["| **targets** | | | | |"]
+    for result in results:
+        note = f" ({result['note']})" if result["note"] else ""
+        lines.append(f"| {result['target']} | {result['text']} | | | {'met' if result['met'] else 'MISSED'}{note} |")
+    return "\n".join(lines)
 
 
 def machine() -> dict:
@@ -204,10 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"nativereload benchmark — `{command}` — {info['cpu']}, {info['nproc']} CPUs, "
           f"Python {info['python']}, cffi {info['cffi']}, {elapsed:.0f} s\n")
     print(table(rows))
-    print("\n| target | measured | |\n|---|---|---|")
-    for result in met:
-        note = f" ({result['note']})" if result["note"] else ""
-        print(f"| {result['target']} | {result['text']}{note} | {'met' if result['met'] else 'MISSED'} |")
+    print(target_rows(met))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump({"command": command, "mode": mode, "seconds": elapsed, "machine": info,
