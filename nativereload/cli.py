@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="build a sample module, reload it under load, and report")
     d.add_argument("--threads", type=int, default=4, help="calling threads (default: 4)")
     d.add_argument("--seconds", type=float, default=1.0, help="seconds of calls before and after the reload")
+    d.add_argument("--json", action="store_true", help="print the report as JSON (the live lines go to stderr)")
     return p
 
 
@@ -369,7 +370,11 @@ def _watch_targets(args: argparse.Namespace) -> list[control.Target]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    return EXIT_OK if demo.run(threads=args.threads, seconds=args.seconds) else EXIT_FAILED
+    # With --json the live report goes to stderr: stdout carries only the JSON document.
+    report = demo.run(threads=args.threads, seconds=args.seconds, out=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
 _COMMANDS = {"build": cmd_build, "reload": cmd_reload, "unload": cmd_unload, "status": cmd_status,

@@ -85,8 +85,12 @@ def compile_demo(workdir: Path, version: int, log: IO[str]) -> tuple[Path, str]:
     return target, how
 
 
-def run(threads: int = 4, seconds: float = 1.0, out: IO[str] | None = None) -> bool:
-    """Run the demo, printing a live report to ``out`` (stdout); True on success.
+def run(threads: int = 4, seconds: float = 1.0, out: IO[str] | None = None) -> dict:
+    """Run the demo, printing a live report to ``out`` (stdout); return the report.
+
+    The report (``nativereload demo --json``): ``ok`` (every call served,
+    the old image drained), ``calls_served``, ``calls_failed``,
+    ``generation``, ``old_image_drained``, ``reload_ms``, ``seconds``.
 
     Raises:
         DemoError: the module could not be compiled.
@@ -175,6 +179,7 @@ def run(threads: int = 4, seconds: float = 1.0, out: IO[str] | None = None) -> b
             say(f"  failure: {message}")
         say(f"done in {time.perf_counter() - started:.1f} s "
             + ("- the process kept serving through the reload" if ok else "- SOMETHING WENT WRONG"))
-        return ok
+        return {"ok": ok, "calls_served": total, "calls_failed": len(failed), "generation": generation,
+                "old_image_drained": drained, "reload_ms": reload_ms, "seconds": time.perf_counter() - started}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -53,6 +54,19 @@ def test_demo_without_cmake_uses_cc(tmp_path):
                             stdin=subprocess.DEVNULL)
     check_report(result)
     assert "with cc" in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_demo_json(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "nativereload", "demo", "--json", "--seconds", "0.3",
+                             "--threads", "2"], capture_output=True, text=True, env=env, timeout=100, cwd=tmp_path,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True and report["calls_failed"] == 0 and report["calls_served"] > 0
+    assert report["generation"] == 2 and report["old_image_drained"] is True
+    assert "calls failed: 0" in result.stderr
 
 
 @pytest.mark.timeout(300)

@@ -63,12 +63,12 @@ def test_watch_files_and_close(samples, moddir, tmpdir_for_copies):
         assert reg.watch_files() is watcher  # one watcher per registry: never two reloads per change
         install(samples["v2"], moddir / "sample.so")
         wait_for(lambda: mod.generation == 2)
-        time.sleep(1.0)
+        time.sleep(0.6)  # three more polls: a second watcher would reload again
         assert mod.generation == 2
         watcher.close()
         assert watcher.closed
         install(samples["v3"], moddir / "sample.so")
-        time.sleep(1.0)
+        time.sleep(0.6)
         assert mod.generation == 2
     finally:
         reg.close()
