@@ -146,6 +146,7 @@ class Image:
         self._handle = None
         self._lib = None
         self._lock = threading.Lock()
+        self._owner = os.getpid()          # a forked child never deletes its parent's copy
         started = time.perf_counter()
         self.copy_path = self._copy(directory, refused)
         try:
@@ -306,7 +307,7 @@ class Image:
             try:
                 unmapped = self._unmap()
                 self.gate.functions = {}     # drop the function objects: they point into unmapped code
-                if unmapped:
+                if unmapped and self._owner == os.getpid():
                     self._remove_partial(None, self.copy_path)
             except Exception:
                 logger.exception("module '%s' generation %d: error while closing %s", self.module,

@@ -489,7 +489,7 @@ class Registry:
         """This registry's directory in the current tmpdir (made, after a stale-directory sweep, on first use)."""
         tmpdir = resolve_tmpdir(self._tmpdir)
         workdir = self._workdirs.get(tmpdir)
-        if workdir is None:
+        if workdir is None or workdir.owner != os.getpid():     # none yet, or the parent's (we forked)
             remove_stale(tmpdir)
             workdir = Workdir(tmpdir, module)
             _open_workdirs.add(workdir)

@@ -54,6 +54,9 @@ class Workdir:
             directory cannot be created there.
         """
         self.tmpdir = tmpdir
+        # A forked child (a pre-fork server's worker) inherits this object; only
+        # the process that made the directory may delete it or anything in it.
+        self.owner = os.getpid()
         try:
             self.path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=tmpdir)
         except OSError as exc:
@@ -73,12 +76,16 @@ class Workdir:
                 module=module, path=tmpdir, reason=str(exc)) from None
 
     def remove(self) -> bool:
-        """Delete the directory if nothing but the lock is left in it; return True if it is gone.
+        """Delete the directory if nothing but the lock is left in it; return True if it is gone (for us).
 
         A directory still holding files (a leaked image's copy) is kept, and
-        its lock stays held until the process exits.
+        its lock stays held until the process exits. In a forked child, the
+        parent's directory is only forgotten, never deleted.
         """
         if self._lock_fd is None:
+            return True
+        if self.owner != os.getpid():
+            self._forget()
             return True
         leftovers = [name for name in os.listdir(self.path) if name != _LOCK_NAME]
         if leftovers:
@@ -91,8 +98,13 @@ class Workdir:
 
     def remove_at_exit(self) -> None:
         """Delete the directory and everything in it: the process is ending, so no mapping outlives it."""
-        if self._lock_fd is not None:
+        if self._lock_fd is not None and self.owner == os.getpid():
             shutil.rmtree(self.path, ignore_errors=True)
+        self._forget()
+
+    def _forget(self) -> None:
+        """Close our descriptor of the lock (a forked child's copy of it: the owner's lock stays held)."""
+        if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 
@@ -10,7 +11,7 @@ import pytest
 
 from nativereload import LoadError, Registry
 
-from conftest import SAMPLE_CDEF, install
+from conftest import SAMPLE_CDEF, install, run_python
 
 
 def dead_pid() -> int:
@@ -109,3 +110,39 @@ def test_stale_directory_with_any_suffix_is_removed(tmpdir_for_copies):
     sockets.mkdir()
     Registry(tmpdir=tmpdir_for_copies).close()
     assert not leftover.exists() and sockets.exists()
+
+
+FORK_SCENARIO = """
+import json, os, sys
+import nativereload
+CDEF = sys.argv[3]
+reg = nativereload.Registry(path=[sys.argv[1]], tmpdir=sys.argv[2])
+mod = reg.load("sample", cdef=CDEF)
+copy = reg.status()[0].images[0].copy_path
+pid = os.fork()
+if pid == 0:
+    # A pre-fork worker: calls, reloads (its copies go to a directory of its own), exits normally.
+    ok = mod.version() == 1
+    reg.reload("sample")
+    ok = ok and mod.version() == 1 and os.path.dirname(reg.status()[0].images[0].copy_path) != os.path.dirname(copy)
+    sys.exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+report = {"child": os.waitstatus_to_exitcode(status), "copy_kept": os.path.exists(copy),
+          "calls": mod.version(), "entries_after_child": sorted(os.listdir(sys.argv[2]))}
+reg.close()
+report["entries_after_close"] = os.listdir(sys.argv[2])
+print(json.dumps(report))
+"""
+
+
+def test_a_forked_child_never_deletes_the_parents_copies(moddir, samples, tmpdir_for_copies):
+    install(samples["v1"], moddir / "sample.so")
+    code = FORK_SCENARIO.replace("sys.argv[1]", repr(str(moddir))).replace(
+        "sys.argv[2]", repr(str(tmpdir_for_copies))).replace("sys.argv[3]", repr(SAMPLE_CDEF))
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["child"] == 0
+    assert report["copy_kept"] and report["calls"] == 1
+    assert len(report["entries_after_child"]) == 1 and str(os.getpid()) not in report["entries_after_child"][0]
+    assert report["entries_after_close"] == []
