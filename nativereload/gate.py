@@ -201,7 +201,10 @@ class Implementation:
         self.Func = func
 
 
-PYTHON = Implementation("python", Slot, ImageGate, _LockedFunc if _GIL_DISABLED else Func)
+# The lock-based Python gate serves free-threaded builds; it is correct (and
+# tested) with the GIL too.
+LOCKED = Implementation("python-locked", Slot, ImageGate, _LockedFunc)
+PYTHON = LOCKED if _GIL_DISABLED else Implementation("python", Slot, ImageGate, Func)
 
 try:
     from . import _gate as _c_gate

@@ -1,4 +1,4 @@
-"""The in-flight gate, tested directly: both implementations (gate.PYTHON and, where built, gate.C).
+"""The in-flight gate, tested directly: gate.PYTHON, gate.LOCKED and, where built, gate.C.
 
 The contract under test is nativereload/gate.py's docstring: calls are counted
 in and out (also when they raise), a retired gate fires ``on_drained`` exactly
@@ -25,10 +25,15 @@ from nativereload import gate
 WAIT = 30.0     # a bound on waits for other threads, never an expectation
 
 
-@pytest.fixture
-def impl(gate_impl) -> gate.Implementation:
-    """The gate implementation under test (conftest's gate_impl picks and skips)."""
-    return gate.C if gate_impl == "c" else gate.PYTHON
+@pytest.fixture(params=["python", "python-locked", "c"])
+def impl(request) -> gate.Implementation:
+    """The gate implementation under test: the Python gate, its lock-based variant (the one free-threaded
+    builds use), and the C gate where it is built."""
+    if request.param == "c":
+        if gate.C is None:
+            pytest.skip("C gate not built in this environment")
+        return gate.C
+    return gate.LOCKED if request.param == "python-locked" else gate.PYTHON
 
 
 @pytest.fixture(scope="module")
@@ -403,7 +408,7 @@ def test_swapping_under_many_callers(impl):
     swaps, n_callers = 3000, 4
     violations: list[str] = []
     images = [Tracked(violations)]
-    slot = SwitchingSlot() if impl is gate.PYTHON else impl.Slot()
+    slot = SwitchingSlot() if impl in (gate.PYTHON, gate.LOCKED) else impl.Slot()
     slot.current = impl.ImageGate({"f": images[0].function}, images[0].on_drained)
     f = impl.Func(slot, "mod.f", "f", missing)
     done = threading.Event()
