@@ -135,13 +135,13 @@ class Module:
             SymbolError: the current cdef does not declare ``symbol``.
         """
         existing = self._funcs.get(symbol)
-        if existing is not None and symbol in self._interface.functions:
+        if existing is not None and symbol in self._interface.function_types:
             return existing
         if self._unloaded:
             raise ModuleUnloaded(
                 f"module '{self.name}' was unloaded — load it again and take new handles from the new module",
                 module=self.name)
-        if symbol not in self._interface.functions:
+        if symbol not in self._interface.function_types:
             declared = ", ".join(self._interface.functions) or "none"
             raise SymbolError(
                 f"module '{self.name}': '{symbol}' is not a function its cdef declares (declared: {declared}) — "
@@ -166,8 +166,8 @@ class Module:
 
         Handles already taken stay valid objects; calling them raises SymbolError.
         """
-        for symbol in self._funcs:
-            if symbol not in self._interface.functions:
+        for symbol in list(self._funcs):       # func() may add one on another thread
+            if symbol not in self._interface.function_types:
                 self.__dict__.pop(symbol, None)
 
     def _missing(self, symbol: str, gate: Any) -> NativeReloadError:
