@@ -106,7 +106,9 @@ class ImageGate:
             if exits != _count_value(self._enters):
                 return
             self._drained = True
-        self._on_drained()
+            # Taken, not kept: fires once, and breaks the cycle gate -> callback -> image -> gate.
+            callback, self._on_drained = self._on_drained, None
+        callback()
 
 
 class Slot:
