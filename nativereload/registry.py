@@ -248,7 +248,8 @@ class Registry:
         """Load module ``name`` (or return it unchanged if it is already loaded with the same cdef and file).
 
         Args:
-            cdef: the C declarations of the functions to call (required).
+            cdef: the C declarations of the functions to call (required, unless
+                the module is already loaded: then it may be left out).
             file: load this file instead of searching the path.
 
         Raises:
@@ -256,15 +257,19 @@ class Registry:
             ModuleConflict: already loaded with another cdef or file.
         """
         _check_name(name)
-        if not isinstance(cdef, str) or not cdef.strip():
-            Interface(cdef, name)         # raises the InterfaceError that says a cdef is required
+        no_cdef = cdef is None or (isinstance(cdef, str) and not cdef.strip())
         path = os.path.abspath(os.fspath(file)) if file is not None else None
         with self._admin:
             self._check_open()
             existing = self._modules.get(name)
+            if no_cdef and existing is None:
+                Interface(cdef, name)         # raises the InterfaceError that says a cdef is required
             if existing is not None:
-                if cdef != existing.cdef or (path is not None and path != existing.path):
-                    what = "cdef" if cdef != existing.cdef else f"file ({path}, loaded from {existing.path})"
+                # Like require: a module already loaded is returned as it is;
+                # asking for other declarations or another file is a mistake.
+                other_cdef = not no_cdef and cdef != existing.cdef
+                if other_cdef or (path is not None and path != existing.path):
+                    what = "cdef" if other_cdef else f"file ({path}, loaded from {existing.path})"
                     raise ModuleConflict(
                         f"module '{name}' is already loaded (generation {existing.generation}) with a different "
                         f"{what} — to switch, call reload('{name}', cdef=...), or unload('{name}') first",

@@ -35,6 +35,7 @@ def test_load_of_loaded_module_returns_it_unchanged(reg, moddir, samples):
     mod = reg.load("sample", cdef=SAMPLE_CDEF)
     assert reg.load("sample", cdef=SAMPLE_CDEF) is mod
     assert reg.load("sample", cdef=SAMPLE_CDEF, file=moddir / "sample.so") is mod
+    assert reg.load("sample") is mod                 # like require: no need to repeat the cdef
     assert mod.generation == 1
     assert len(reg.status()[0].images) == 1
 
@@ -47,6 +48,8 @@ def test_load_with_other_cdef_or_file_points_to_reload(reg, moddir, samples):
         reg.load("sample", cdef="int version(void);")
     with pytest.raises(ModuleConflict, match="other.so"):
         reg.load("sample", cdef=SAMPLE_CDEF, file=other)
+    with pytest.raises(ModuleConflict, match="different file"):
+        reg.load("sample", file=other)
     assert reg.call("sample.version") == 1
 
 
