@@ -85,6 +85,7 @@ MAX_REQUEST = 64 * 1024
 DEFAULT_IDLE_TIMEOUT = 10.0
 """Seconds a connection may stay silent before it is dropped (read when serve() is called)."""
 MAX_CONNECTIONS = 64
+"""Connections served at once; at the limit, the one silent the longest is dropped to admit a new one."""
 # After refusing an oversized request: how long, and how much, to keep reading
 # and discarding what the client is still sending before closing. Closing a
 # Unix socket with unread data makes Linux report ECONNRESET to the peer
@@ -287,7 +288,8 @@ class Server:
         self._inode = os.stat(path).st_ino
         self._closed = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
-        self._connections: set[socket.socket] = set()
+        # Each open connection -> when it last sent a request (time.monotonic()).
+        self._connections: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, name=f"nativereload-control {path}",
                                         daemon=True)
@@ -356,7 +358,7 @@ class Server:
             return
         self._closed.set()
         self._lock = threading.Lock()
-        connections, self._connections = list(self._connections), set()
+        connections, self._connections = list(self._connections), {}
         # close(), never shutdown(): shutdown acts on the socket the parent still uses.
         for sock in (self._listener, *connections):
             try:
@@ -377,11 +379,16 @@ class Server:
 
     # The accept loop waits on the listener and a wake-up pipe: closing a
     # listening socket from another thread does not wake accept() on Linux.
+    # poll(), not select(): select() cannot watch a descriptor numbered 1024
+    # or more, which a busy server process easily has.
     def _accept_loop(self) -> None:
         try:
+            poller = select.poll()
+            poller.register(self._listener, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
             while not self._closed.is_set():
-                readable, _, _ = select.select([self._listener, self._wake_r], [], [])
-                if self._wake_r in readable or self._closed.is_set():
+                ready = {fd for fd, _ in poller.poll()}
+                if self._wake_r in ready or self._closed.is_set():
                     break
                 try:
                     conn, _ = self._listener.accept()
@@ -406,15 +413,20 @@ class Server:
             if self._closed.is_set():
                 conn.close()
                 return
+            evicted = None
             if len(self._connections) >= MAX_CONNECTIONS:
-                full = True
-            else:
-                full = False
-                self._connections.add(conn)
-        if full:
-            _send(conn, _error_reply("ControlError", f"too many connections ({MAX_CONNECTIONS}); try again"))
-            conn.close()
-            return
+                # Full: a silent client must not lock others out, so the one
+                # silent the longest makes room (its thread then sees EOF).
+                evicted = min(self._connections, key=self._connections.__getitem__)
+                del self._connections[evicted]
+            self._connections[conn] = time.monotonic()
+        if evicted is not None:
+            logger.debug("control socket %s: %d connections; dropping the longest silent one", self.path,
+                         MAX_CONNECTIONS)
+            try:
+                evicted.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
                          name="nativereload-control-conn").start()
 
@@ -449,13 +461,16 @@ class Server:
                     return
                 if not line.strip():
                     continue
+                with self._lock:
+                    if conn in self._connections:
+                        self._connections[conn] = time.monotonic()
                 if not _send(conn, self._handle_line(line)):
                     return
         except OSError as exc:
             logger.debug("control socket %s: connection ended: %s", self.path, exc)
         finally:
             with self._lock:
-                self._connections.discard(conn)
+                self._connections.pop(conn, None)
             conn.close()
 
     def _refuse_oversized(self, conn: socket.socket) -> None:
@@ -490,6 +505,8 @@ class Server:
             req = json.loads(line)
         except (UnicodeDecodeError, ValueError) as exc:
             return _error_reply("ProtocolError", f"invalid JSON: {exc}")
+        except RecursionError:
+            return _error_reply("ProtocolError", "invalid JSON: nested too deeply")
         try:
             return handle(self._registry, req)
         except NativeReloadError as exc:
@@ -591,7 +608,7 @@ def _bind_private(path: Path) -> socket.socket:
     try:
         sock.bind(str(temp))
         os.chmod(temp, 0o600)
-        sock.listen(64)
+        sock.listen(socket.SOMAXCONN)
         os.rename(temp, path)
     except BaseException:
         sock.close()
@@ -655,6 +672,24 @@ class Target:
     path: Path
 
 
+def _connect(sock: socket.socket, path: str | os.PathLike, timeout: float) -> None:
+    """connect(), retried while the server's listen backlog is full.
+
+    A Unix socket with a timeout fails at once with EAGAIN when the backlog
+    is full (it does not wait like a TCP connect): the server is busy
+    accepting, not gone.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(str(path))
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise socket.timeout(f"connect to {path} timed out (listen backlog full)") from None
+            time.sleep(0.01)
+
+
 def request(path: str | os.PathLike, op: str, *, timeout: float = 30.0, **fields: Any) -> dict:
     """Send one operation to the socket at ``path``; return the decoded reply.
 
@@ -667,7 +702,7 @@ def request(path: str | os.PathLike, op: str, *, timeout: float = 30.0, **fields
     sock.settimeout(timeout)
     try:
         try:
-            sock.connect(str(path))
+            _connect(sock, path, timeout)
         except FileNotFoundError:
             raise ControlError(f"no control socket at {path}", path=path,
                                hint="is the process running and did it call reg.serve()?") from None

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,18 @@ def moddir(tmp_path) -> Path:
     path = tmp_path / "modules"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def short_tmp_path() -> Path:
+    """A fresh directory with a short name (/tmp/nrt-XXXXXXXX), removed afterwards.
+
+    For Unix sockets: a socket path has at most 107 bytes, and pytest's
+    tmp_path (/tmp/pytest-of-USER/pytest-N/<test name>N/) can use most of them.
+    """
+    path = Path(tempfile.mkdtemp(prefix="nrt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

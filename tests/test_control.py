@@ -119,9 +119,9 @@ class ServingChild:
 
 
 @pytest.fixture
-def runtime_dir(tmp_path, monkeypatch) -> Path:
+def runtime_dir(short_tmp_path, monkeypatch) -> Path:
     """A private XDG_RUNTIME_DIR for this test, for the children and for in-process clients."""
-    path = tmp_path / "run"
+    path = short_tmp_path / "run"
     path.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(path))
     return path
@@ -162,12 +162,12 @@ def raw(path: Path, data: bytes, *, timeout: float = 10) -> list[dict]:
 
 # ----------------------------------------------------------------------------- where and how it listens
 
-def test_default_socket_path_from_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
-    assert control.default_socket_path(42) == tmp_path / "xdg" / "nativereload" / "42.sock"
+def test_default_socket_path_from_environment(monkeypatch, short_tmp_path):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_tmp_path / "xdg"))
+    assert control.default_socket_path(42) == short_tmp_path / "xdg" / "nativereload" / "42.sock"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "t"))
-    assert control.default_socket_path(42) == tmp_path / "t" / f"nativereload-sockets-{os.getuid()}" / "42.sock"
+    monkeypatch.setenv("TMPDIR", str(short_tmp_path / "t"))
+    assert control.default_socket_path(42) == short_tmp_path / "t" / f"nativereload-sockets-{os.getuid()}" / "42.sock"
     monkeypatch.delenv("TMPDIR")
     assert control.default_socket_dir() == Path("/tmp") / f"nativereload-sockets-{os.getuid()}"
 
@@ -189,11 +189,11 @@ def test_child_serves_at_default_path_private(spawn, runtime_dir):
 
 
 @pytest.mark.timeout(60)
-def test_tmpdir_fallback_when_no_runtime_dir(moddir, samples, tmp_path):
+def test_tmpdir_fallback_when_no_runtime_dir(moddir, samples, short_tmp_path):
     install(samples["v1"], moddir / "sample.so")
-    tmp = tmp_path / "tmp"
+    tmp = short_tmp_path / "tmp"
     tmp.mkdir()
-    env = child_env(tmp_path, TMPDIR=str(tmp))
+    env = child_env(short_tmp_path, TMPDIR=str(tmp))
     del env["XDG_RUNTIME_DIR"]
     code = ("import nativereload, os, stat; r = nativereload.Registry(path=[%r]); r.load('sample', cdef=%r); "
             "s = r.serve(); print(s.path); print(oct(stat.S_IMODE(os.stat(s.path.parent).st_mode))); r.close(); "
@@ -206,11 +206,11 @@ def test_tmpdir_fallback_when_no_runtime_dir(moddir, samples, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_socket_removed_at_interpreter_exit(moddir, samples, tmp_path):
+def test_socket_removed_at_interpreter_exit(moddir, samples, short_tmp_path):
     install(samples["v1"], moddir / "sample.so")
     code = ("import nativereload; r = nativereload.Registry(path=[%r]); r.load('sample', cdef=%r); "
             "print(r.serve().path)") % (str(moddir), SAMPLE_CDEF)
-    out = subprocess.run([sys.executable, "-c", code], env=child_env(tmp_path), capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(short_tmp_path), capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 0, out.stderr
     assert not Path(out.stdout.strip()).exists()
@@ -239,8 +239,8 @@ FORK = textwrap.dedent("""
 
 
 @pytest.mark.timeout(60)
-def test_forked_worker_leaves_the_parents_socket_alone(tmp_path):
-    runtime = tmp_path / "run"
+def test_forked_worker_leaves_the_parents_socket_alone(short_tmp_path):
+    runtime = short_tmp_path / "run"
     runtime.mkdir(mode=0o700)
     out = subprocess.run([sys.executable, "-c", FORK], env=child_env(runtime), capture_output=True, text=True,
                          timeout=50)
@@ -253,14 +253,14 @@ def test_forked_worker_leaves_the_parents_socket_alone(tmp_path):
     assert "Traceback" not in out.stderr, out.stderr
 
 
-def test_server_close_and_registry_close_remove_socket(runtime_dir, tmp_path):
+def test_server_close_and_registry_close_remove_socket(runtime_dir, short_tmp_path):
     with Registry() as reg:
         server = reg.serve()
         assert server.path.exists()
         server.close()
         server.close()
         assert not server.path.exists()
-        explicit = reg.serve(tmp_path / "explicit.sock")
+        explicit = reg.serve(short_tmp_path / "explicit.sock")
         assert control.request(explicit.path, "ping")["ok"]
     assert not explicit.path.exists()
     assert explicit.closed
@@ -285,20 +285,20 @@ def test_stale_sockets_replaced_and_swept(runtime_dir):
         assert not (directory / f"{dead_pid}.sock").exists()
 
 
-def test_live_socket_is_not_replaced(runtime_dir, tmp_path):
+def test_live_socket_is_not_replaced(runtime_dir, short_tmp_path):
     with Registry() as reg:
-        first = reg.serve(tmp_path / "s.sock")
+        first = reg.serve(short_tmp_path / "s.sock")
         with pytest.raises(control.ControlError, match="in use"):
-            reg.serve(tmp_path / "s.sock")
+            reg.serve(short_tmp_path / "s.sock")
         assert control.request(first.path, "ping")["ok"]
-        (tmp_path / "file").write_text("not a socket")
+        (short_tmp_path / "file").write_text("not a socket")
         with pytest.raises(control.ControlError, match="in use"):
-            reg.serve(tmp_path / "file")
-        assert (tmp_path / "file").read_text() == "not a socket"
+            reg.serve(short_tmp_path / "file")
+        assert (short_tmp_path / "file").read_text() == "not a socket"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory owned by another user")
-def test_refuses_directory_owned_by_someone_else(runtime_dir, tmp_path):
+def test_refuses_directory_owned_by_someone_else(runtime_dir, short_tmp_path):
     directory = runtime_dir / "nativereload"
     directory.mkdir(mode=0o700)
     os.chown(directory, 65534, 65534)
@@ -306,7 +306,7 @@ def test_refuses_directory_owned_by_someone_else(runtime_dir, tmp_path):
         with pytest.raises(control.ControlError, match="owned by uid 65534"):
             reg.serve()
         # An explicit path in a shared, world-writable directory owned by someone else.
-        shared = tmp_path / "shared"
+        shared = short_tmp_path / "shared"
         shared.mkdir()
         os.chmod(shared, 0o1777)
         os.chown(shared, 65534, 65534)
@@ -315,24 +315,24 @@ def test_refuses_directory_owned_by_someone_else(runtime_dir, tmp_path):
     assert list(directory.iterdir()) == []
 
 
-def test_explicit_path_parent_must_be_private(runtime_dir, tmp_path):
-    shared = tmp_path / "shared"
+def test_explicit_path_parent_must_be_private(runtime_dir, short_tmp_path):
+    shared = short_tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o777)
     with Registry() as reg:
         with pytest.raises(control.ControlError, match="writable by nobody else"):
             reg.serve(shared / "x.sock")
         # A missing parent is created private; an existing one of ours (0755) is fine.
-        server = reg.serve(tmp_path / "new" / "x.sock")
-        assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700
-        os.chmod(tmp_path / "new", 0o755)
-        assert reg.serve(tmp_path / "new" / "y.sock").path.exists()
+        server = reg.serve(short_tmp_path / "new" / "x.sock")
+        assert stat.S_IMODE(os.stat(short_tmp_path / "new").st_mode) == 0o700
+        os.chmod(short_tmp_path / "new", 0o755)
+        assert reg.serve(short_tmp_path / "new" / "y.sock").path.exists()
         server.close()
     assert list(shared.iterdir()) == []
 
 
-def test_refuses_symlinked_directory(runtime_dir, tmp_path):
-    target = tmp_path / "elsewhere"
+def test_refuses_symlinked_directory(runtime_dir, short_tmp_path):
+    target = short_tmp_path / "elsewhere"
     target.mkdir(mode=0o700)
     (runtime_dir / "nativereload").symlink_to(target)
     with Registry() as reg, pytest.raises(control.ControlError, match="not a directory"):
@@ -427,6 +427,49 @@ def test_idle_connections_do_not_delay_others(spawn):
 
 
 @pytest.mark.timeout(60)
+def test_more_silent_clients_than_the_connection_limit_do_not_lock_others_out(spawn):
+    child = spawn()
+    silent = []
+    try:
+        for _ in range(control.MAX_CONNECTIONS + 20):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(child.socket))
+            silent.append(s)
+        for _ in range(3):
+            assert control.request(child.socket, "ping", timeout=10)["ok"]
+    finally:
+        for s in silent:
+            s.close()
+
+
+def test_deeply_nested_json_gets_an_error_reply(spawn):
+    child = spawn()
+    replies = raw(child.socket, b"[" * 30000 + b"]" * 30000 + b"\n{\"op\": \"ping\"}\n")
+    assert [r["ok"] for r in replies] == [False, True]
+    assert "invalid JSON" in replies[0]["error"]["message"]
+
+
+def test_serves_in_a_process_with_descriptors_above_1024(moddir, samples, short_tmp_path, runtime_dir):
+    install(samples["v1"], moddir / "sample.so")
+    code = textwrap.dedent(f"""
+        import json, os, sys
+        import nativereload
+        from nativereload import control
+        held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]    # select() would fail past 1023
+        with nativereload.Registry(path=[{str(moddir)!r}]) as reg:
+            reg.load("sample", cdef="int version(void);")
+            server = reg.serve()
+            print(json.dumps(control.request(server.path, "status")))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env=child_env(runtime_dir))
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["ok"] and reply["modules"][0]["name"] == "sample"
+    assert "no longer serving" not in result.stderr
+
+
+@pytest.mark.timeout(60)
 def test_idle_connection_is_dropped(runtime_dir, monkeypatch):
     monkeypatch.setattr(control, "DEFAULT_IDLE_TIMEOUT", 0.5)
     with Registry() as reg:
@@ -493,7 +536,7 @@ def as_other(other_user, path: Path) -> dict:
 
 @pytest.fixture
 def public_runtime_dir(monkeypatch):
-    """A runtime directory another user can traverse (pytest's tmp_path is private to root)."""
+    """A runtime directory another user can traverse (pytest's short_tmp_path is private to root)."""
     path = Path(tempfile.mkdtemp(prefix="nativereload-test-run-"))
     os.chmod(path, 0o755)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(path))
