@@ -27,7 +27,7 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import build as build_mod
 from . import control
@@ -205,41 +205,33 @@ def _emit_json(entries: list[dict], several: bool) -> None:
 
 # --------------------------------------------------------------------------- commands
 
-def cmd_reload(args: argparse.Namespace) -> int:
-    targets = resolve_targets(args)
+def _module_op(args: argparse.Namespace, op: str, describe: Callable[[dict], str]) -> int:
+    """Send ``op`` on ``args.module`` to every target; print ``describe(reply)`` (or JSON) for each."""
     entries = []
     ok = True
-    for target in targets:
-        reply = _ask(target, "reload", module=args.module)
+    for target in resolve_targets(args):
+        reply = _ask(target, op, module=args.module)
         reply.setdefault("socket", str(target.path))
         entries.append(reply)
         if not reply.get("ok"):
             ok = False
-            _report_failure(target, reply, f"reload of {args.module!r}")
+            _report_failure(target, reply, f"{op} of {args.module!r}")
         elif not args.json:
-            print(f"{_label(target, reply)}: reloaded {args.module!r} generation {reply['generation_before']} "
-                  f"{arrow(sys.stdout)} {reply['generation']} in {reply['seconds'] * 1000:.1f} ms")
+            print(f"{_label(target, reply)}: {describe(reply)}")
     if args.json:
         _emit_json(entries, args.all)
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    return _module_op(args, "reload", lambda reply: (
+        f"reloaded {args.module!r} generation {reply['generation_before']} {arrow(sys.stdout)} "
+        f"{reply['generation']} in {reply['seconds'] * 1000:.1f} ms"))
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    targets = resolve_targets(args)
-    entries = []
-    ok = True
-    for target in targets:
-        reply = _ask(target, "unload", module=args.module)
-        reply.setdefault("socket", str(target.path))
-        entries.append(reply)
-        if not reply.get("ok"):
-            ok = False
-            _report_failure(target, reply, f"unload of {args.module!r}")
-        elif not args.json:
-            print(f"{_label(target, reply)}: unloaded {args.module!r} (generation {reply['generation']} draining)")
-    if args.json:
-        _emit_json(entries, args.all)
-    return EXIT_OK if ok else EXIT_FAILED
+    return _module_op(args, "unload", lambda reply: (
+        f"unloaded {args.module!r} (generation {reply['generation']} draining)"))
 
 
 def format_status(reply: dict, socket_path: str) -> str:

@@ -34,20 +34,25 @@ def mount_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(point)], check=True)
 
 
+def refused_load(reg) -> LoadError:
+    """``reg.load("sample")``, which must fail: return its LoadError, having checked nothing stayed open."""
+    fds = open_fds()
+    with pytest.raises(LoadError) as info:
+        reg.load("sample", cdef=SAMPLE_CDEF)
+    assert open_fds() == fds and reg.status() == []
+    return info.value
+
+
 def test_noexec_tmpdir_says_to_set_tmpdir(moddir, samples, mount_tmpfs):
     noexec = mount_tmpfs("noexec", "noexec,size=4m")
     install(samples["v1"], moddir / "sample.so")
     with Registry(path=[moddir], tmpdir=noexec) as reg:
-        with pytest.raises(LoadError):
-            reg.load("sample", cdef=SAMPLE_CDEF)
-        fds = open_fds()
-        with pytest.raises(LoadError) as info:
-            reg.load("sample", cdef=SAMPLE_CDEF)
-        message = str(info.value)
+        error = refused_load(reg)
+        message = str(error)
         assert "'sample'" in message and "noexec" in message
         assert "TMPDIR" in message and "tmpdir=" in message
-        assert "failed to map segment" in info.value.reason
-        assert reg.status() == [] and private_copies(noexec) == [] and open_fds() == fds
+        assert "failed to map segment" in error.reason
+        assert private_copies(noexec) == []
 
 
 def test_reload_into_a_noexec_tmpdir_keeps_old_version(moddir, samples, mount_tmpfs, tmp_path, monkeypatch):
@@ -70,15 +75,10 @@ def test_full_tmpdir_says_to_free_space_or_set_tmpdir(moddir, samples, mount_tmp
     full = mount_tmpfs("full", "size=8k")      # two pages: the copy (~16 KB) cannot fit
     install(samples["v1"], moddir / "sample.so")
     with Registry(path=[moddir], tmpdir=full) as reg:
-        with pytest.raises(LoadError):
-            reg.load("sample", cdef=SAMPLE_CDEF)
-        fds = open_fds()
-        with pytest.raises(LoadError) as info:
-            reg.load("sample", cdef=SAMPLE_CDEF)
-        message = str(info.value)
+        message = str(refused_load(reg))
         assert "No space left on device" in message
         assert "TMPDIR" in message and "tmpdir=" in message
-        assert private_copies(full) == [] and open_fds() == fds
+        assert private_copies(full) == []
     assert os.listdir(full) == []
 
 
