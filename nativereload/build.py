@@ -28,7 +28,7 @@ from typing import IO
 
 from .errors import BuildError
 
-__all__ = ["BuildError", "BuildResult", "Module", "build", "cmake_dir", "module_files"]
+__all__ = ["BuildError", "BuildResult", "Module", "build", "cmake_dir", "file_signature", "module_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,11 @@ def module_files(build_dir: str | os.PathLike) -> list[Module]:
     return [Module(p.name[: -len(".so")], p) for p in sorted((build_dir / "modules").glob("*.so"))]
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
+def file_signature(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of ``path``, or None if it cannot be stat'ed: changes when the file does."""
     try:
-        st = path.stat()
-    except FileNotFoundError:
+        st = os.stat(path)
+    except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
@@ -194,7 +195,7 @@ def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "b
         _run(cmd, output, "CMake configure")
         configured = True
 
-    before = {m.path: _signature(m.path) for m in module_files(build_dir)}
+    before = {m.path: file_signature(m.path) for m in module_files(build_dir)}
     cmd = [cmake, "--build", str(build_dir), "--config", config]
     if target:
         cmd += ["--target", target]
@@ -203,7 +204,7 @@ def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "b
     _run(cmd, output, "build")
 
     modules = tuple(m for m in module_files(build_dir) if m.path.exists())
-    built = tuple(m for m in modules if _signature(m.path) != before.get(m.path))
+    built = tuple(m for m in modules if file_signature(m.path) != before.get(m.path))
     seconds = time.perf_counter() - started
     logger.info("built %d module(s) in %.1f s: %s", len(built), seconds,
                 ", ".join(m.name for m in built) or "all up to date")

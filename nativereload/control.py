@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ControlError, ModuleNotLoaded, NativeReloadError, ProtocolError
+from .workdir import pid_alive
 
 __all__ = [
     "MAX_REQUEST",
@@ -167,16 +168,6 @@ def _check_explicit_parent(parent: Path) -> None:
                            hint="use a private directory for socket_path, or the default (serve() with no path)")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _listening(path: Path) -> bool:
     """Does anything accept connections on the socket at ``path``?
 
@@ -206,7 +197,7 @@ def _remove_if_stale(path: Path) -> bool:
     if not stat.S_ISSOCK(st.st_mode):
         return False
     stem = path.name[: -len(".sock")] if path.name.endswith(".sock") else ""
-    dead = stem.isdigit() and not _pid_alive(int(stem))
+    dead = stem.isdigit() and not pid_alive(int(stem))
     if dead or not _listening(path):
         try:
             os.unlink(path)
@@ -226,7 +217,7 @@ def _sweep(directory: Path) -> None:
     for entry in entries:
         if entry.name.endswith(".sock") and entry.name[:-5].isdigit():
             try:
-                if not _pid_alive(int(entry.name[:-5])):
+                if not pid_alive(int(entry.name[:-5])):
                     _remove_if_stale(entry)
             except OSError as exc:
                 logger.debug("cannot check %s: %s", entry, exc)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import elf
+from .build import file_signature
 from .errors import NativeReloadError
 
 __all__ = ["ModuleFileWatcher", "watch_module_files", "watch_sources"]
@@ -39,14 +40,6 @@ __all__ = ["ModuleFileWatcher", "watch_module_files", "watch_sources"]
 logger = logging.getLogger(__name__)
 
 _Signature = tuple[int, int, int]
-
-
-def _signature(path: str | os.PathLike) -> _Signature | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 # --------------------------------------------------------------------------- in-process
@@ -109,13 +102,13 @@ class ModuleFileWatcher:
         for name, (m, image) in current.items():
             if self._stop.is_set():
                 break
-            sig = _signature(m.path)
+            sig = file_signature(m.path)
             watched = self._watched.get(name)
             if watched is None or watched.generation != m.generation:
                 # First sight of this generation (loaded, or reloaded by someone
                 # else). Its copy was written at load, after the source was: a
                 # source newer than the copy was replaced since.
-                copy = _signature(image.copy_path) if image.copy_path else None
+                copy = file_signature(image.copy_path) if image.copy_path else None
                 replaced = sig is not None and copy is not None and sig[2] > copy[2]
                 self._watched[name] = watched = _Watched(m.generation, None if replaced else sig)
             if sig is None or sig == watched.baseline:
@@ -191,7 +184,7 @@ def _snapshot(source_dir: Path, build_dir: Path) -> dict[str, _Signature]:
             path = here / name
             if _ignored(path, build_dir):
                 continue
-            sig = _signature(path)
+            sig = file_signature(path)
             if sig is not None:
                 found[str(path)] = sig
     return found

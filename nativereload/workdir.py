@@ -22,7 +22,7 @@ import tempfile
 
 from .errors import LoadError
 
-__all__ = ["Workdir", "remove_stale", "resolve_tmpdir"]
+__all__ = ["Workdir", "pid_alive", "remove_stale", "resolve_tmpdir"]
 
 logger = logging.getLogger(__name__.rpartition(".")[0])
 
@@ -109,7 +109,8 @@ class Workdir:
             self._lock_fd = None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is there a process ``pid`` (of any user) in this PID namespace?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -141,7 +142,7 @@ def remove_stale(tmpdir: str) -> list[str]:
                 continue
         except OSError:
             continue
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         try:
             lock_fd = os.open(os.path.join(entry.path, _LOCK_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
