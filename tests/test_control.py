@@ -70,6 +70,9 @@ def child_env(runtime_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["XDG_RUNTIME_DIR"] = str(runtime_dir)
+    # The child's private copies go there too: a child the test kills with
+    # SIGKILL cannot remove them, and they must not be left in the real /tmp.
+    env["TMPDIR"] = str(runtime_dir)
     env.update(extra)
     return env
 
