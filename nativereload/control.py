@@ -646,9 +646,7 @@ def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
     server = Server(registry, path, listener,
                     idle_timeout=DEFAULT_IDLE_TIMEOUT if idle_timeout is None else idle_timeout)
     server._start()
-    add_closer = getattr(registry, "_add_closer", None)
-    if add_closer is not None:
-        add_closer(server.close)
+    registry._add_closer(server.close)     # registry.close() stops it first
     logger.info("control socket serving at %s", path)
     return server
 

@@ -155,9 +155,7 @@ def watch_module_files(registry: Any, interval: float = 0.2) -> ModuleFileWatche
         if running is not None and not running.closed:
             return running
         watcher = _watchers[registry] = ModuleFileWatcher(registry, interval).start()
-    add_closer = getattr(registry, "_add_closer", None)
-    if add_closer is not None:
-        add_closer(watcher.close)
+    registry._add_closer(watcher.close)     # registry.close() stops it first
     return watcher
 
 
