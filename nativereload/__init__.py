@@ -8,8 +8,9 @@
 See README.md for the guarantees and their limits.
 """
 
-from .errors import (BuildError, ControlError, InterfaceError, LoadError, ModuleConflict, ModuleNameError,
-                     ModuleNotFound, ModuleNotLoaded, ModuleUnloaded, NativeReloadError, ProtocolError, SymbolError)
+from .errors import (BuildError, ControlError, DemoError, InterfaceError, LoadError, ModuleConflict,
+                     ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleUnloaded, NativeReloadError,
+                     ProtocolError, SymbolError)
 from .gate import Func
 from .registry import ImageStatus, Module, ModuleStatus, Registry
 
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BuildError",
     "ControlError",
+    "DemoError",
     "Func",
     "ImageStatus",
     "InterfaceError",

@@ -21,22 +21,13 @@ import time
 from pathlib import Path
 from typing import IO
 
-from .errors import NativeReloadError
+from .errors import DemoError
 
 __all__ = ["DemoError", "compile_demo", "run"]
 
 DATA = Path(__file__).resolve().parent / "data"
 CDEF = "int version(void); long work(long); int hold(int);"
 HOLD_MS = 600
-
-
-class DemoError(NativeReloadError):
-    """The demo module could not be compiled (no compiler, or it failed)."""
-
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message, module="demo")
-        self.hint = hint
-
 
 
 def compile_demo(workdir: Path, version: int, log: IO[str]) -> tuple[Path, str]:

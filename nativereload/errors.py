@@ -16,6 +16,7 @@ exception also carries its facts as attributes (``.module``, ``.path``,
      +-- ControlError                        the control socket cannot be served or reached
      |    +-- ProtocolError                  a request that is not valid JSON or not a valid operation
      +-- BuildError                          CMake configure or build failed (or CMake is missing)
+     +-- DemoError                           the demo module could not be compiled
 
 This module imports nothing from the package.
 """
@@ -27,6 +28,7 @@ import os
 __all__ = [
     "BuildError",
     "ControlError",
+    "DemoError",
     "InterfaceError",
     "LoadError",
     "ModuleConflict",
@@ -143,8 +145,21 @@ class BuildError(NativeReloadError):
         self.hint = hint
 
 
+class DemoError(NativeReloadError):
+    """``nativereload demo`` could not compile its module (no compiler, or it failed).
+
+    Attributes:
+        hint: what to try next, for the CLI's ``hint:`` line.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, module="demo")
+        self.hint = hint
+
+
 for _cls in (NativeReloadError, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleConflict,
-             LoadError, SymbolError, InterfaceError, ModuleUnloaded, ControlError, ProtocolError, BuildError):
+             LoadError, SymbolError, InterfaceError, ModuleUnloaded, ControlError, ProtocolError, BuildError,
+             DemoError):
     # Tracebacks read "nativereload.LoadError", the name users import.
     _cls.__module__ = "nativereload"
 del _cls

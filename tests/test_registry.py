@@ -198,7 +198,7 @@ def test_info_log_lines(reg, moddir, samples, caplog):
 def test_errors_are_exported_and_named_for_the_package():
     for name in ("NativeReloadError", "ModuleNotFound", "ModuleNotLoaded", "LoadError", "SymbolError",
                  "InterfaceError", "ModuleUnloaded", "ModuleNameError", "ModuleConflict", "ControlError",
-                 "ProtocolError", "BuildError"):
+                 "ProtocolError", "BuildError", "DemoError"):
         cls = getattr(nativereload, name)
         assert issubclass(cls, NativeReloadError)
         assert cls.__module__ == "nativereload"
