@@ -426,8 +426,8 @@ class Server:
             uid = _peer_uid(conn)
             if uid is None or (uid != os.geteuid() and uid != 0):
                 logger.warning("control socket %s: refused a connection from uid %s", self.path, uid)
-                _send(conn, _error_reply("PermissionError", f"uid {uid} may not use this socket; only uid "
-                                         f"{os.geteuid()} and root may"))
+                self._refuse(conn, _error_reply("PermissionError", f"uid {uid} may not use this socket; only "
+                                                f"uid {os.geteuid()} and root may"))
                 return
             conn.settimeout(self._idle_timeout)
             buffer = b""
@@ -435,7 +435,7 @@ class Server:
                 newline = buffer.find(b"\n")
                 if newline < 0:
                     if len(buffer) > MAX_REQUEST:
-                        self._refuse_oversized(conn)
+                        self._refuse(conn, _TOO_LONG)
                         return
                     try:
                         chunk = conn.recv(65536)
@@ -448,7 +448,7 @@ class Server:
                     continue
                 line, buffer = buffer[:newline], buffer[newline + 1:]
                 if len(line) > MAX_REQUEST:
-                    self._refuse_oversized(conn)
+                    self._refuse(conn, _TOO_LONG)
                     return
                 if not line.strip():
                     continue
@@ -464,14 +464,14 @@ class Server:
                 self._connections.pop(conn, None)
             conn.close()
 
-    def _refuse_oversized(self, conn: socket.socket) -> None:
-        """Reply with an error, then close so that the client reads the reply, not a reset.
+    def _refuse(self, conn: socket.socket, reply: dict) -> None:
+        """Send ``reply`` (an error), then close so that the client reads the reply, not a reset or EPIPE.
 
-        The client may still be sending: the rest is read and discarded (for
-        at most _LINGER_SECONDS and _LINGER_BYTES) until it stops or hangs up.
+        The client may still be sending, or not have sent yet (a peer refused
+        the moment it connects): what it sends is read and discarded (for at
+        most _LINGER_SECONDS and _LINGER_BYTES) until it stops or hangs up.
         """
-        _send(conn, _error_reply("ProtocolError", f"request longer than {MAX_REQUEST} bytes; closing the "
-                                 "connection"))
+        _send(conn, reply)
         try:
             conn.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + _LINGER_SECONDS
@@ -518,6 +518,9 @@ def _peer_uid(conn: socket.socket) -> int | None:
 
 def _error_reply(kind: str, message: str) -> dict:
     return {"ok": False, "error": {"type": kind, "message": message}}
+
+
+_TOO_LONG = _error_reply("ProtocolError", f"request longer than {MAX_REQUEST} bytes; closing the connection")
 
 
 def _send(conn: socket.socket, reply: dict) -> bool:
