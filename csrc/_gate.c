@@ -1,45 +1,64 @@
 /* nativereload._gate: the in-flight gate in C.
  *
- * Same three types, constructor signatures and semantics as the pure-Python
+ * Same four types, constructor signatures and semantics as the pure-Python
  * gate in nativereload/gate.py, whose module docstring states the protocol:
  *
- *   ImageGate(functions, on_drained)  per image: enter/exit counters, retired flag
+ *   ImageGate(functions, on_drained)  per image: enter/exit counters, holds, flags
  *   Slot()                            per module: .current, the gate new calls go to
  *   Func(slot, qualname, symbol, on_missing)
- *                                     a vectorcall (PEP 590) handle on one symbol
+ *                                     a vectorcall (PEP 590) handle on one symbol;
+ *                                     .policy: None or a CallPolicy
+ *   CallPolicy(handle_args, pointer_result, needs_after, after, table, on_conflict, on_released)
  *
  * A call: read slot.current and take a strong reference; count enter; if the
- * gate is retired, count exit, try to drain it and start again; look the
- * function object up (cached per Func); call it; count exit (also when it
- * raised); if the gate is retired, try to drain it.  Draining reads exits
- * *first*, then enters, and fires on_drained once if they are equal.
+ * gate's flags are set (retired or paused), count exit, try to drain it, wait
+ * while it is paused, and start again; look the function object up (cached
+ * per Func); call it; count exit (also when it raised); if a flag is set, try
+ * to drain (retired) or tell the pauser it is quiet (paused).  Draining reads
+ * exits *first*, then enters; if equal, reads holds; if zero, reads enters
+ * again; fires on_drained once if nothing moved.
  *
  * Why it is safe without a lock on the call path: every counter and flag is a
- * C11 atomic accessed with sequentially consistent operations, so all of them
- * fall into one total order.  retire() stores retired=1 before its first drain
- * attempt.  A drain attempt that reads exits == E and then enters == E saw no
- * call inside the image at the moment it read exits (exits never exceeds
- * enters) and no enter between its two reads; any call that counts itself in
- * later also loads retired later than the store, sees 1, and backs out before
- * touching the image.  A compare-and-swap on `drained` makes on_drained fire
- * exactly once even when several threads see the gate drain together.
+ * C11 atomic accessed with sequentially consistent operations (or, with the
+ * GIL, only ever touched while holding it), so all of them fall into one total
+ * order.  retire() sets RETIRED before its first drain attempt.  A drain
+ * attempt that reads exits == E and then enters == E saw no call inside the
+ * image at the moment it read exits (exits never exceeds enters) and no enter
+ * between its two reads; any call that counts itself in later also loads the
+ * flags later than the store, sees RETIRED, and backs out before touching the
+ * image.  Holds (pins, pointer results, bound handles) are taken only by a call
+ * or pin counted in at that moment, so a drain that saw neither a call nor a
+ * hold cannot miss one being taken; the second read of enters catches a call
+ * routed by a handle (which does not back out of a retired image) that counted
+ * itself in just before its binding's hold was dropped.  A compare-and-swap on
+ * `drained` makes on_drained fire exactly once.
  *
  * Free-threaded CPython (Py_GIL_DISABLED): the counters need nothing more, but
- * three "read a pointer, then take a reference" steps would race with a writer
+ * the "read a pointer, then take a reference" steps would race with a writer
  * that replaces the pointer and drops the last reference to the old object:
- * Slot.current, ImageGate.functions and Func's lookup cache.  Each of those
- * objects carries a PyMutex held only around the read+incref or the swap
- * (the old value is released after unlocking).  With the GIL the same steps
- * run without releasing it, so the mutex macros compile to nothing.
+ * Slot.current, ImageGate.functions, Func's lookup cache and Func.policy.  Each
+ * of those objects carries a PyMutex held only around the read+incref or the
+ * swap (the old value is released after unlocking).  With the GIL the same
+ * steps run without releasing it, so the mutex macros compile to nothing.
  *
  * Func caches (serial, function object) of the last gate it called through.
  * Each gate gets a process-unique serial at creation and a new one whenever
  * its `functions` attribute is assigned (the registry may swap in {} after a
  * drain), so a cache hit can never come from a freed gate whose address was
- * reused, nor from a replaced dict.  Only hits are cached: a symbol added to
- * the dict later is still found.  The cached strong reference to a function
- * object of a retired image is never called (retired gates are backed out of
- * before the lookup) and is dropped on the next call through another image.
+ * reused, nor from a replaced dict.  Only hits are cached.
+ *
+ * A pointer result is leased: the image stays open while the returned cdata
+ * lives.  With the GIL, the gate keeps a strong reference to each result in
+ * its lease list, and an entry whose only reference is the list's is dead
+ * (Py_REFCNT is exact while the GIL is held); the list is pruned when it has
+ * doubled since the last prune, and a drain attempt on a retired gate prunes
+ * it and, while live results remain, asks for another attempt later
+ * (configure()'s recheck callable).  That costs one list append per call.
+ * Free-threaded builds cannot read another thread's reference count reliably:
+ * there the gate takes a hold and wraps the result with cffi's gcp (what
+ * ffi.gc does), whose destructor drops the hold when the cdata is freed; it
+ * runs inside the garbage collector, on any thread, so it never closes the
+ * image itself: it hands a retired gate to the deferred-drain callable.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -49,19 +68,22 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Counting a call in or out.  Free-threaded: a sequentially consistent atomic
+/* Changing a counter.  Free-threaded: a sequentially consistent atomic
  * read-modify-write.  With the GIL: every access to the counters and flags
  * happens in C code holding the GIL, which is not released between the load
  * and the store, and GIL hand-offs order everything else; so a relaxed load
  * and store (no LOCK-prefixed instruction on x86: ~10 ns less per call)
  * count exactly as well. */
 #ifdef Py_GIL_DISABLED
-#define NR_COUNT(counter) atomic_fetch_add(&(counter), 1)
+#define NR_ADD(counter, delta) atomic_fetch_add(&(counter), (delta))
+#define NR_LOAD_PTR(field) __atomic_load_n(&(field), __ATOMIC_ACQUIRE)
 #else
-#define NR_COUNT(counter) \
-    atomic_store_explicit(&(counter), atomic_load_explicit(&(counter), memory_order_relaxed) + 1, \
+#define NR_ADD(counter, delta) \
+    atomic_store_explicit(&(counter), atomic_load_explicit(&(counter), memory_order_relaxed) + (delta), \
                           memory_order_relaxed)
+#define NR_LOAD_PTR(field) (field)
 #endif
+#define NR_COUNT(counter) NR_ADD(counter, 1)
 
 #ifdef Py_GIL_DISABLED
 #define NR_MUTEX_FIELD PyMutex mutex;
@@ -72,6 +94,21 @@
 #define NR_LOCK(obj) ((void)0)
 #define NR_UNLOCK(obj) ((void)0)
 #endif
+
+#define NR_RETIRED 1
+#define NR_PAUSED 2
+
+/* Set once by configure() (gate.py does it at import): cffi's cdata base
+ * type, cffi's gcp (ffi.gc's implementation), the deferred-drain callable
+ * (drain this gate soon, on another thread) and the recheck callable (try to
+ * drain this gate again a little later). */
+static PyTypeObject *nr_cdata_type;
+static PyObject *nr_gcp;
+static PyObject *nr_deferred_drain;
+static PyObject *nr_recheck_later;
+
+/* The lease list is pruned when it reaches this size (and twice the live entries after a prune). */
+#define NR_LEASE_PRUNE_MIN 64
 
 /* Serial 0 means "no cached gate"; real serials start at 1 and never wrap. */
 static _Atomic(uint64_t) nr_next_serial = 1;
@@ -90,11 +127,19 @@ typedef struct {
     PyObject_HEAD
     _Atomic(uint64_t) enters;
     _Atomic(uint64_t) exits;
-    _Atomic(int) retired;
+    _Atomic(int64_t) holds;     /* pins + pointer results + bound handles */
+    _Atomic(int64_t) pins;      /* for status only */
+    _Atomic(int64_t) leases;    /* pointer results, for status only */
+    _Atomic(int) flags;         /* NR_RETIRED | NR_PAUSED */
     _Atomic(int) drained;
     _Atomic(uint64_t) serial;   /* changes with every assignment of functions */
     PyObject *functions;        /* guarded by mutex on free-threaded builds */
     PyObject *on_drained;       /* taken (set to NULL) by the thread that fires it */
+    PyObject *resume;           /* pause(): calls wait on resume.wait() */
+    PyObject *on_quiet;         /* pause(): called when the last call in flight exits */
+    PyObject *end_lease;        /* free-threaded: the gcp destructor of this gate's leases */
+    PyObject *lease_list;       /* with the GIL: the pointer results, alive while referenced elsewhere */
+    Py_ssize_t lease_prune_at;
     NR_MUTEX_FIELD
 } ImageGate;
 
@@ -134,6 +179,10 @@ ImageGate_traverse(ImageGate *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->functions);
     Py_VISIT(self->on_drained);
+    Py_VISIT(self->resume);
+    Py_VISIT(self->on_quiet);
+    Py_VISIT(self->end_lease);
+    Py_VISIT(self->lease_list);
     return 0;
 }
 
@@ -142,6 +191,10 @@ ImageGate_clear(ImageGate *self)
 {
     Py_CLEAR(self->functions);
     Py_CLEAR(self->on_drained);
+    Py_CLEAR(self->resume);
+    Py_CLEAR(self->on_quiet);
+    Py_CLEAR(self->end_lease);
+    Py_CLEAR(self->lease_list);
     return 0;
 }
 
@@ -153,25 +206,78 @@ ImageGate_dealloc(ImageGate *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Fire on_drained if the gate is retired and no call is in flight.
+/* A strong reference to one of the gate's object fields, or NULL (no error). */
+static PyObject *
+nr_gate_field(ImageGate *self, PyObject **field)
+{
+    NR_LOCK(self);
+    PyObject *value = *field;
+    Py_XINCREF(value);
+    NR_UNLOCK(self);
+    return value;
+}
+
+#ifndef Py_GIL_DISABLED
+/* Drop the lease list's dead entries (referenced by the list alone); return
+ * how many are alive.  The GIL is held: reference counts are exact. */
+static Py_ssize_t
+nr_gate_prune_leases(ImageGate *self)
+{
+    PyObject *list = self->lease_list;
+    if (list == NULL)
+        return 0;
+    Py_ssize_t size = PyList_GET_SIZE(list), live = 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        if (Py_REFCNT(item) > 1)
+            PyList_SET_ITEM(list, live++, item);
+        else
+            Py_DECREF(item);    /* a plain pointer cdata: freeing it runs no code */
+    }
+    Py_SET_SIZE(list, live);
+    return live;
+}
+#endif
+
+/* Ask for another drain attempt later (live pointer results hold the gate). */
+static int
+nr_gate_recheck_later(ImageGate *self)
+{
+    if (nr_recheck_later == NULL)
+        return 0;
+    PyObject *result = PyObject_CallOneArg(nr_recheck_later, (PyObject *)self);
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
+/* Fire on_drained if the gate is retired and nothing is in flight or held.
  * Returns 0, or -1 with an exception set if on_drained raised. */
 static int
 nr_gate_try_drain(ImageGate *self)
 {
-    if (!atomic_load(&self->retired) || atomic_load(&self->drained))
+    if (!(atomic_load(&self->flags) & NR_RETIRED) || atomic_load(&self->drained))
         return 0;
-    /* exits first: see the comment at the top of this file */
+    /* exits first, then enters, holds, enters again: see the comment at the top of this file */
     uint64_t exits = atomic_load(&self->exits);
     uint64_t enters = atomic_load(&self->enters);
-    if (exits != enters)
+    if (exits != enters || atomic_load(&self->holds) != 0 || atomic_load(&self->enters) != enters)
         return 0;
+#ifndef Py_GIL_DISABLED
+    /* No call is in flight and we hold the GIL: no lease can be added meanwhile. */
+    if (nr_gate_prune_leases(self) > 0)
+        return nr_gate_recheck_later(self);
+#endif
     int expected = 0;
     if (!atomic_compare_exchange_strong(&self->drained, &expected, 1))
         return 0;               /* another thread saw it drain first and fires it */
     /* Only the CAS winner gets here, so only it takes the callback; dropping
      * it also breaks the usual cycle gate -> on_drained -> registry -> gate. */
+    NR_LOCK(self);
     PyObject *callback = self->on_drained;
     self->on_drained = NULL;
+    NR_UNLOCK(self);
     if (callback == NULL)
         return 0;
     PyObject *result = PyObject_CallNoArgs(callback);
@@ -182,10 +288,69 @@ nr_gate_try_drain(ImageGate *self)
     return 0;
 }
 
+/* After a call (or a backed-out admission) counted its exit and found `flags`
+ * set: drain a retired gate, or tell the pauser of a paused gate that no call
+ * is left.  Returns 0, or -1 with an exception set. */
+static int
+nr_gate_after_exit(ImageGate *self, int flags)
+{
+    if (flags & NR_RETIRED)
+        return nr_gate_try_drain(self);
+    if (flags & NR_PAUSED) {
+        uint64_t exits = atomic_load(&self->exits);
+        if (atomic_load(&self->enters) != exits)
+            return 0;
+        PyObject *on_quiet = nr_gate_field(self, &self->on_quiet);
+        if (on_quiet == NULL)
+            return 0;
+        PyObject *result = PyObject_CallNoArgs(on_quiet);
+        Py_DECREF(on_quiet);
+        if (result == NULL)
+            return -1;
+        Py_DECREF(result);
+    }
+    return 0;
+}
+
+/* Block (the GIL released by Event.wait) until a paused gate is resumed. */
+static int
+nr_gate_wait_resumed(ImageGate *self)
+{
+    if (!(atomic_load(&self->flags) & NR_PAUSED))
+        return 0;
+    PyObject *resume = nr_gate_field(self, &self->resume);
+    if (resume == NULL)
+        return 0;
+    PyObject *result = PyObject_CallMethod(resume, "wait", NULL);
+    Py_DECREF(resume);
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
+/* Drop a hold; drain now, or (deferred) hand a retired gate to the drain thread. */
+static int
+nr_gate_release_hold(ImageGate *self, int deferred)
+{
+    NR_ADD(self->holds, -1);
+    if (!(atomic_load(&self->flags) & NR_RETIRED))
+        return 0;
+    if (!deferred)
+        return nr_gate_try_drain(self);
+    if (nr_deferred_drain == NULL)
+        return 0;
+    PyObject *result = PyObject_CallOneArg(nr_deferred_drain, (PyObject *)self);
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
 static PyObject *
 ImageGate_retire(ImageGate *self, PyObject *Py_UNUSED(ignored))
 {
-    atomic_store(&self->retired, 1);
+    atomic_fetch_or(&self->flags, NR_RETIRED);
     if (nr_gate_try_drain(self) < 0)
         return NULL;
     Py_RETURN_NONE;
@@ -200,12 +365,189 @@ ImageGate_try_drain(ImageGate *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
+ImageGate_hold(ImageGate *self, PyObject *Py_UNUSED(ignored))
+{
+    NR_ADD(self->holds, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ImageGate_release_hold(ImageGate *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"deferred", NULL};
+    int deferred = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p:release_hold", kwlist, &deferred))
+        return NULL;
+    if (nr_gate_release_hold(self, deferred) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+#ifdef Py_GIL_DISABLED
+/* The destructor of a lease (gcp calls it with the original cdata when the wrapper dies). */
+static PyObject *
+nr_gate_end_lease(PyObject *gate, PyObject *Py_UNUSED(cdata))
+{
+    ImageGate *self = (ImageGate *)gate;
+    NR_ADD(self->leases, -1);
+    if (nr_gate_release_hold(self, 1) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef nr_end_lease_def = {"end_lease", nr_gate_end_lease, METH_O, NULL};
+#endif
+
+/* Lease the pointer result of a call in flight on `self`, so that the image
+ * stays open while it lives.  Steals `result`; returns a new reference or NULL. */
+static PyObject *
+nr_gate_lease(ImageGate *self, PyObject *result)
+{
+    if (nr_cdata_type == NULL || !PyObject_TypeCheck(result, nr_cdata_type))
+        return result;
+    int nonzero = PyObject_IsTrue(result);
+    if (nonzero <= 0) {
+        if (nonzero < 0)
+            Py_CLEAR(result);
+        return result;          /* NULL holds nothing */
+    }
+#ifndef Py_GIL_DISABLED
+    if (self->lease_list == NULL) {
+        self->lease_list = PyList_New(0);
+        self->lease_prune_at = NR_LEASE_PRUNE_MIN;
+        if (self->lease_list == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+    }
+    if (PyList_Append(self->lease_list, result) < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    if (PyList_GET_SIZE(self->lease_list) >= self->lease_prune_at) {
+        Py_ssize_t live = nr_gate_prune_leases(self);
+        self->lease_prune_at = live * 2 > NR_LEASE_PRUNE_MIN ? live * 2 : NR_LEASE_PRUNE_MIN;
+    }
+    return result;
+#else
+    if (nr_gcp == NULL)
+        return result;
+    PyObject *end = nr_gate_field(self, &self->end_lease);
+    if (end == NULL) {
+        end = PyCFunction_New(&nr_end_lease_def, (PyObject *)self);
+        if (end == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        NR_LOCK(self);
+        if (self->end_lease == NULL) {
+            Py_INCREF(end);
+            self->end_lease = end;
+        }
+        NR_UNLOCK(self);
+    }
+    NR_ADD(self->holds, 1);
+    NR_ADD(self->leases, 1);
+    PyObject *wrapped = PyObject_CallFunctionObjArgs(nr_gcp, result, end, NULL);
+    Py_DECREF(end);
+    Py_DECREF(result);
+    if (wrapped == NULL) {
+        NR_ADD(self->leases, -1);
+        NR_ADD(self->holds, -1);     /* still inside the call: no drain can be due */
+    }
+    return wrapped;
+#endif
+}
+
+static PyObject *
+ImageGate_lease(ImageGate *self, PyObject *result)
+{
+    Py_INCREF(result);
+    return nr_gate_lease(self, result);
+}
+
+/* Admit a pin like a call; take a hold if admitted.  1 admitted, 0 not, -1 error. */
+static int
+nr_gate_try_pin(ImageGate *self)
+{
+    NR_COUNT(self->enters);
+    int flags = atomic_load(&self->flags);
+    if (!flags) {
+        NR_ADD(self->holds, 1);
+        NR_ADD(self->pins, 1);
+    }
+    NR_COUNT(self->exits);
+    if (flags && nr_gate_after_exit(self, flags) < 0)
+        return -1;
+    return !flags;
+}
+
+static PyObject *
+ImageGate_try_pin(ImageGate *self, PyObject *Py_UNUSED(ignored))
+{
+    int admitted = nr_gate_try_pin(self);
+    if (admitted < 0)
+        return NULL;
+    return PyBool_FromLong(admitted);
+}
+
+static PyObject *
+ImageGate_unpin(ImageGate *self, PyObject *Py_UNUSED(ignored))
+{
+    NR_ADD(self->pins, -1);
+    if (nr_gate_release_hold(self, 0) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ImageGate_pause(ImageGate *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"resume", "on_quiet", NULL};
+    PyObject *resume, *on_quiet;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:pause", kwlist, &resume, &on_quiet))
+        return NULL;
+    if (!PyCallable_Check(on_quiet)) {
+        PyErr_SetString(PyExc_TypeError, "ImageGate.pause: on_quiet must be callable");
+        return NULL;
+    }
+    Py_INCREF(resume);
+    Py_INCREF(on_quiet);
+    NR_LOCK(self);
+    PyObject *old_resume = self->resume, *old_quiet = self->on_quiet;
+    self->resume = resume;
+    self->on_quiet = on_quiet;
+    NR_UNLOCK(self);
+    Py_XDECREF(old_resume);
+    Py_XDECREF(old_quiet);
+    atomic_fetch_or(&self->flags, NR_PAUSED);   /* after the fields: a waiter that sees the flag finds them */
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ImageGate_unpause(ImageGate *self, PyObject *Py_UNUSED(ignored))
+{
+    atomic_fetch_and(&self->flags, ~NR_PAUSED);
+    NR_LOCK(self);
+    PyObject *old_quiet = self->on_quiet;
+    self->on_quiet = NULL;
+    NR_UNLOCK(self);
+    Py_XDECREF(old_quiet);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ImageGate_wait_resumed(ImageGate *self, PyObject *Py_UNUSED(ignored))
+{
+    if (nr_gate_wait_resumed(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 ImageGate_get_functions(ImageGate *self, void *Py_UNUSED(closure))
 {
-    NR_LOCK(self);
-    PyObject *functions = self->functions;
-    Py_XINCREF(functions);
-    NR_UNLOCK(self);
+    PyObject *functions = nr_gate_field(self, &self->functions);
     if (functions == NULL)
         PyErr_SetString(PyExc_AttributeError, "functions");
     return functions;
@@ -232,7 +574,13 @@ ImageGate_set_functions(ImageGate *self, PyObject *value, void *Py_UNUSED(closur
 static PyObject *
 ImageGate_get_retired(ImageGate *self, void *Py_UNUSED(closure))
 {
-    return PyBool_FromLong(atomic_load(&self->retired));
+    return PyBool_FromLong(atomic_load(&self->flags) & NR_RETIRED);
+}
+
+static PyObject *
+ImageGate_get_paused(ImageGate *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(atomic_load(&self->flags) & NR_PAUSED);
 }
 
 static PyObject *
@@ -249,12 +597,57 @@ ImageGate_get_in_flight(ImageGate *self, void *Py_UNUSED(closure))
     return PyLong_FromUnsignedLongLong(enters > exits ? enters - exits : 0);
 }
 
+static PyObject *
+nr_nonnegative(int64_t value)
+{
+    return PyLong_FromLongLong(value > 0 ? value : 0);
+}
+
+static PyObject *
+ImageGate_get_holds(ImageGate *self, void *Py_UNUSED(closure))
+{
+    return nr_nonnegative(atomic_load(&self->holds));
+}
+
+static PyObject *
+ImageGate_get_pins(ImageGate *self, void *Py_UNUSED(closure))
+{
+    return nr_nonnegative(atomic_load(&self->pins));
+}
+
+static PyObject *
+ImageGate_get_pointer_results(ImageGate *self, void *Py_UNUSED(closure))
+{
+#ifndef Py_GIL_DISABLED
+    return PyLong_FromSsize_t(nr_gate_prune_leases(self));
+#else
+    return nr_nonnegative(atomic_load(&self->leases));
+#endif
+}
+
 static PyMethodDef ImageGate_methods[] = {
     {"retire", (PyCFunction)ImageGate_retire, METH_NOARGS,
-     "retire()\n--\n\nStop admitting calls; fire on_drained now if none is in flight, else when the "
-     "last returns. Call only after slot.current points elsewhere. Idempotent."},
+     "retire()\n--\n\nStop admitting calls; fire on_drained now if nothing is in flight or held, else when "
+     "the last goes. Call only after slot.current points elsewhere. Idempotent."},
     {"try_drain", (PyCFunction)ImageGate_try_drain, METH_NOARGS,
-     "try_drain()\n--\n\nFire on_drained once, if retired and no call is in flight."},
+     "try_drain()\n--\n\nFire on_drained once, if retired and no call is in flight and no hold is left."},
+    {"hold", (PyCFunction)ImageGate_hold, METH_NOARGS,
+     "hold()\n--\n\nTake a hold: only while a call counted in on this gate is running."},
+    {"release_hold", (PyCFunction)(void (*)(void))ImageGate_release_hold, METH_VARARGS | METH_KEYWORDS,
+     "release_hold(deferred=False)\n--\n\nDrop a hold, then drain if it was the last (deferred: on the "
+     "drain thread)."},
+    {"lease", (PyCFunction)ImageGate_lease, METH_O,
+     "lease(result)\n--\n\nHold the image while the returned cdata lives (only inside a call on this gate)."},
+    {"try_pin", (PyCFunction)ImageGate_try_pin, METH_NOARGS,
+     "try_pin()\n--\n\nAdmit a pin like a call: take a hold and return True, or False if retired or paused."},
+    {"unpin", (PyCFunction)ImageGate_unpin, METH_NOARGS, "unpin()\n--\n\nRelease a pin taken by try_pin()."},
+    {"pause", (PyCFunction)(void (*)(void))ImageGate_pause, METH_VARARGS | METH_KEYWORDS,
+     "pause(resume, on_quiet)\n--\n\nMake new calls wait on resume.wait(); call on_quiet() whenever the "
+     "last call in flight exits."},
+    {"unpause", (PyCFunction)ImageGate_unpause, METH_NOARGS,
+     "unpause()\n--\n\nAdmit calls again (set the resume event after this)."},
+    {"wait_resumed", (PyCFunction)ImageGate_wait_resumed, METH_NOARGS,
+     "wait_resumed()\n--\n\nIf paused, wait on the resume event."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -262,9 +655,14 @@ static PyGetSetDef ImageGate_getset[] = {
     {"functions", (getter)ImageGate_get_functions, (setter)ImageGate_set_functions,
      "symbol -> function object; assigning a new mapping invalidates every Func's cached lookup.", NULL},
     {"retired", (getter)ImageGate_get_retired, NULL, "True once retire() was called.", NULL},
+    {"paused", (getter)ImageGate_get_paused, NULL, "True between pause() and unpause().", NULL},
     {"drained", (getter)ImageGate_get_drained, NULL, "True once on_drained has been called.", NULL},
     {"in_flight", (getter)ImageGate_get_in_flight, NULL,
      "Calls that have entered and not yet left (a snapshot).", NULL},
+    {"holds", (getter)ImageGate_get_holds, NULL, "Pins, pointer results and bound handles (a snapshot).", NULL},
+    {"pins", (getter)ImageGate_get_pins, NULL, "Pins held (a snapshot).", NULL},
+    {"pointer_results", (getter)ImageGate_get_pointer_results, NULL,
+     "Leased pointer results still alive (a snapshot).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -395,6 +793,143 @@ static PyTypeObject Slot_Type = {
 };
 
 /* ------------------------------------------------------------------------ */
+/* CallPolicy                                                               */
+/* ------------------------------------------------------------------------ */
+
+/* Handle arguments beyond this many are not routed (they are bound by after()). */
+#define NR_MAX_HANDLE_ARGS 32
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t n_handle_args;
+    Py_ssize_t handle_args[NR_MAX_HANDLE_ARGS];
+    int pointer_result;
+    int needs_after;
+    int initialized;
+    PyObject *handle_args_tuple;
+    PyObject *after;            /* after(gate, args, result, unbound) -> result, or None */
+    PyObject *table;            /* dict: cdata address -> ImageGate */
+    PyObject *on_conflict;      /* on_conflict(gate_a, gate_b) -> exception */
+    PyObject *on_released;      /* on_released(gate) -> exception */
+} CallPolicy;
+
+static PyTypeObject CallPolicy_Type;
+
+static int
+CallPolicy_init(CallPolicy *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"handle_args", "pointer_result", "needs_after", "after", "table", "on_conflict",
+                             "on_released", NULL};
+    PyObject *handle_args, *after, *table, *on_conflict, *on_released;
+    int pointer_result, needs_after;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OppOO!OO:CallPolicy", kwlist, &handle_args, &pointer_result,
+                                     &needs_after, &after, &PyDict_Type, &table, &on_conflict, &on_released))
+        return -1;
+    if (self->initialized) {
+        PyErr_SetString(PyExc_TypeError, "CallPolicy.__init__() may be called only once");
+        return -1;
+    }
+    if (!PyCallable_Check(on_conflict) || !PyCallable_Check(on_released) ||
+        (after != Py_None && !PyCallable_Check(after))) {
+        PyErr_SetString(PyExc_TypeError, "CallPolicy: after, on_conflict and on_released must be callable");
+        return -1;
+    }
+    PyObject *indexes = PySequence_Tuple(handle_args);
+    if (indexes == NULL)
+        return -1;
+    Py_ssize_t n = PyTuple_GET_SIZE(indexes);
+    if (n > NR_MAX_HANDLE_ARGS)
+        n = NR_MAX_HANDLE_ARGS;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(indexes, k));
+        if (index < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "CallPolicy: handle_args must be argument positions >= 0");
+            Py_DECREF(indexes);
+            return -1;
+        }
+        self->handle_args[k] = index;
+    }
+    self->n_handle_args = n;
+    self->handle_args_tuple = indexes;
+    self->pointer_result = pointer_result;
+    self->needs_after = needs_after;
+    self->after = Py_NewRef(after);
+    self->table = Py_NewRef(table);
+    self->on_conflict = Py_NewRef(on_conflict);
+    self->on_released = Py_NewRef(on_released);
+    self->initialized = 1;
+    return 0;
+}
+
+static int
+CallPolicy_traverse(CallPolicy *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->handle_args_tuple);
+    Py_VISIT(self->after);
+    Py_VISIT(self->table);
+    Py_VISIT(self->on_conflict);
+    Py_VISIT(self->on_released);
+    return 0;
+}
+
+static int
+CallPolicy_clear(CallPolicy *self)
+{
+    Py_CLEAR(self->handle_args_tuple);
+    Py_CLEAR(self->after);
+    Py_CLEAR(self->table);
+    Py_CLEAR(self->on_conflict);
+    Py_CLEAR(self->on_released);
+    return 0;
+}
+
+static void
+CallPolicy_dealloc(CallPolicy *self)
+{
+    PyObject_GC_UnTrack(self);
+    CallPolicy_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+nr_or_none(PyObject *value)
+{
+    return Py_NewRef(value ? value : Py_None);
+}
+
+static PyObject *CallPolicy_get_handle_args(CallPolicy *s, void *c) { (void)c; return nr_or_none(s->handle_args_tuple); }
+static PyObject *CallPolicy_get_pointer_result(CallPolicy *s, void *c) { (void)c; return PyBool_FromLong(s->pointer_result); }
+static PyObject *CallPolicy_get_needs_after(CallPolicy *s, void *c) { (void)c; return PyBool_FromLong(s->needs_after); }
+static PyObject *CallPolicy_get_after(CallPolicy *s, void *c) { (void)c; return nr_or_none(s->after); }
+static PyObject *CallPolicy_get_table(CallPolicy *s, void *c) { (void)c; return nr_or_none(s->table); }
+
+static PyGetSetDef CallPolicy_getset[] = {
+    {"handle_args", (getter)CallPolicy_get_handle_args, NULL, "Argument positions that carry handles.", NULL},
+    {"pointer_result", (getter)CallPolicy_get_pointer_result, NULL, "Whether the result is leased.", NULL},
+    {"needs_after", (getter)CallPolicy_get_needs_after, NULL, "Whether after() runs on every call.", NULL},
+    {"after", (getter)CallPolicy_get_after, NULL, "after(gate, args, result, unbound) -> result.", NULL},
+    {"table", (getter)CallPolicy_get_table, NULL, "The bindings: cdata address -> ImageGate.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CallPolicy_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nativereload._gate.CallPolicy",
+    .tp_doc = "CallPolicy(handle_args, pointer_result, needs_after, after, table, on_conflict, on_released)\n--\n\n"
+              "What a call of one function does with the objects it takes and returns.",
+    .tp_basicsize = sizeof(CallPolicy),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)CallPolicy_init,
+    .tp_dealloc = (destructor)CallPolicy_dealloc,
+    .tp_traverse = (traverseproc)CallPolicy_traverse,
+    .tp_clear = (inquiry)CallPolicy_clear,
+    .tp_getset = CallPolicy_getset,
+};
+
+/* ------------------------------------------------------------------------ */
 /* Func                                                                     */
 /* ------------------------------------------------------------------------ */
 
@@ -405,6 +940,7 @@ typedef struct {
     PyObject *name;             /* "module.symbol" */
     PyObject *symbol;           /* exact str */
     PyObject *on_missing;       /* on_missing(gate_or_None) -> exception to raise */
+    CallPolicy *policy;         /* NULL: a plain call; guarded by mutex on free-threaded builds */
     uint64_t cache_serial;      /* serial of the gate cache_function came from; 0 = none */
     PyObject *cache_function;   /* both cache fields guarded by mutex on free-threaded builds */
     NR_MUTEX_FIELD
@@ -412,25 +948,31 @@ typedef struct {
 
 static PyTypeObject Func_Type;
 
-/* "get", interned once at import (a lazy static would race on free-threaded builds) */
+/* "get" and "wait", interned once at import (a lazy static would race on free-threaded builds) */
 static PyObject *nr_str_get;
 
-/* Raise the exception on_missing(gate_or_None) returns.  Always returns NULL. */
+/* Raise `exc`, an exception instance or class (the same rules as Python's `raise`).
+ * Steals `exc`; always returns NULL. */
 static PyObject *
-nr_func_raise_missing(Func *self, PyObject *gate_or_none)
+nr_raise(PyObject *exc, const char *what)
 {
-    PyObject *exc = PyObject_CallOneArg(self->on_missing, gate_or_none);
     if (exc == NULL)
         return NULL;
-    /* the same rules as Python's `raise exc` */
     if (PyExceptionInstance_Check(exc))
         PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
     else if (PyExceptionClass_Check(exc))
         PyErr_SetNone(exc);
     else
-        PyErr_Format(PyExc_TypeError, "on_missing must return an exception, not %.100s", Py_TYPE(exc)->tp_name);
+        PyErr_Format(PyExc_TypeError, "%s must return an exception, not %.100s", what, Py_TYPE(exc)->tp_name);
     Py_DECREF(exc);
     return NULL;
+}
+
+/* Raise the exception on_missing(gate_or_None) returns.  Always returns NULL. */
+static PyObject *
+nr_func_raise_missing(Func *self, PyObject *gate_or_none)
+{
+    return nr_raise(PyObject_CallOneArg(self->on_missing, gate_or_none), "on_missing");
 }
 
 /* The function object for self->symbol in gate: a new reference; NULL with
@@ -491,20 +1033,20 @@ nr_func_lookup(Func *self, ImageGate *gate)
     return function;
 }
 
-/* After a call on a retired gate: try to drain it, keeping `result` or the
- * pending exception unless on_drained raises, in which case its exception
- * wins with the call's exception as __context__ (as a `finally:` would). */
+/* Run nr_gate_after_exit() at the end of a call, keeping `result` or the
+ * pending exception unless it raises, in which case its exception wins with
+ * the call's exception as __context__ (as a `finally:` would). */
 static PyObject *
-nr_func_drain_after(ImageGate *gate, PyObject *result)
+nr_after_exit_keeping(ImageGate *gate, int flags, PyObject *result)
 {
     if (result != NULL) {
-        if (nr_gate_try_drain(gate) < 0)
+        if (nr_gate_after_exit(gate, flags) < 0)
             Py_CLEAR(result);
         return result;
     }
 #if PY_VERSION_HEX >= 0x030C0000
     PyObject *exc = PyErr_GetRaisedException();
-    if (nr_gate_try_drain(gate) < 0) {
+    if (nr_gate_after_exit(gate, flags) < 0) {
         PyObject *new_exc = PyErr_GetRaisedException();
         PyException_SetContext(new_exc, exc);   /* steals exc */
         PyErr_SetRaisedException(new_exc);
@@ -518,7 +1060,7 @@ nr_func_drain_after(ImageGate *gate, PyObject *result)
     PyErr_NormalizeException(&type, &value, &tb);
     if (tb != NULL && value != NULL)
         PyException_SetTraceback(value, tb);
-    if (nr_gate_try_drain(gate) < 0) {
+    if (nr_gate_after_exit(gate, flags) < 0) {
         PyObject *type2, *value2, *tb2;
         PyErr_Fetch(&type2, &value2, &tb2);
         PyErr_NormalizeException(&type2, &value2, &tb2);
@@ -537,11 +1079,228 @@ nr_func_drain_after(ImageGate *gate, PyObject *result)
     return NULL;
 }
 
+/* Count a call out of `gate` (steals the reference to it) and return `result`. */
+static PyObject *
+nr_exit(ImageGate *gate, PyObject *result)
+{
+    NR_COUNT(gate->exits);
+    int flags = atomic_load(&gate->flags);
+    if (flags)
+        result = nr_after_exit_keeping(gate, flags, result);
+    Py_DECREF(gate);
+    return result;
+}
+
+/* Back out of a gate whose flags were set at admission: count the exit, drain
+ * or notify, and wait while it is paused.  Steals the reference to `gate`. */
+static int
+nr_back_out(ImageGate *gate, int flags, int yield)
+{
+    NR_COUNT(gate->exits);
+    int status = nr_gate_after_exit(gate, flags);
+    if (status == 0 && (flags & NR_PAUSED))
+        status = nr_gate_wait_resumed(gate);
+    else if (status == 0 && yield) {
+        /* Retired again on a re-read: slot.current has not moved on yet (a
+         * swap in progress, or a registry that retired before swapping).
+         * Let the thread that will move it run, and stay interruptible. */
+        Py_BEGIN_ALLOW_THREADS
+        sched_yield();
+        Py_END_ALLOW_THREADS
+        status = PyErr_CheckSignals();
+    }
+    Py_DECREF(gate);
+    return status;
+}
+
+/* Count a call into the module's current image: a strong reference to its
+ * gate, or NULL with an exception set (no image, or waiting failed). */
+static ImageGate *
+nr_admit_current(Func *self)
+{
+    for (int retried = 0;; retried = 1) {
+        ImageGate *gate = nr_slot_get(self->slot);
+        if (gate == NULL) {
+            nr_func_raise_missing(self, Py_None);
+            return NULL;
+        }
+        NR_COUNT(gate->enters);
+        int flags = atomic_load(&gate->flags);
+        if (!flags)
+            return gate;
+        /* lost a race with a reload, or paused: back out, close it if we were the last, and retry */
+        if (nr_back_out(gate, flags, retried) < 0)
+            return NULL;
+    }
+}
+
+/* Call the gate's function for self->symbol (the call is counted in). */
+static PyObject *
+nr_call_in(Func *self, ImageGate *gate, PyObject *const *args, size_t nargsf)
+{
+    PyObject *function = nr_func_lookup(self, gate);
+    if (function == NULL) {
+        if (!PyErr_Occurred())
+            nr_func_raise_missing(self, (PyObject *)gate);
+        return NULL;
+    }
+    /* nargsf passes PY_VECTORCALL_ARGUMENTS_OFFSET on: our caller's args[-1] is the callee's too */
+    PyObject *result = PyObject_Vectorcall(function, args, nargsf, NULL);
+    Py_DECREF(function);
+    return result;
+}
+
+/* A strong reference to the gate `value` is bound to in `table`; NULL with no
+ * error when it is not bound, NULL with an error when the lookup failed. */
+static ImageGate *
+nr_bound_gate(PyObject *table, PyObject *value)
+{
+    PyObject *bound;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (PyDict_GetItemRef(table, value, &bound) < 0)
+        return NULL;
+#else
+    bound = PyDict_GetItemWithError(table, value);
+    Py_XINCREF(bound);
+#endif
+    if (bound != NULL && !PyObject_TypeCheck(bound, &ImageGate_Type)) {
+        PyErr_Format(PyExc_TypeError, "a binding must name a nativereload._gate.ImageGate, not %.100s",
+                     Py_TYPE(bound)->tp_name);
+        Py_DECREF(bound);
+        return NULL;
+    }
+    return (ImageGate *)bound;
+}
+
+/* Where the handles among `args` are bound.  Sets *target (a strong reference,
+ * or NULL: none bound) and *unbound (bit k: handle_args[k] is a handle not
+ * bound yet).  Returns 0, or -1 with an exception (two generations in one
+ * call, or a failed lookup). */
+static int
+nr_route(CallPolicy *policy, PyObject *const *args, Py_ssize_t nargs, ImageGate **target, unsigned long *unbound)
+{
+    *target = NULL;
+    *unbound = 0;
+    for (Py_ssize_t k = 0; k < policy->n_handle_args; k++) {
+        Py_ssize_t index = policy->handle_args[k];
+        if (index >= nargs)
+            continue;
+        PyObject *value = args[index];
+        if (nr_cdata_type == NULL || !PyObject_TypeCheck(value, nr_cdata_type))
+            continue;           /* None (NULL) or not a cdata: cffi will say what is wrong */
+        int nonzero = PyObject_IsTrue(value);
+        if (nonzero < 0)
+            goto fail;
+        if (!nonzero)
+            continue;
+        ImageGate *bound = nr_bound_gate(policy->table, value);
+        if (bound == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            *unbound |= 1ul << k;
+        }
+        else if (*target == NULL) {
+            *target = bound;
+        }
+        else if (bound != *target) {
+            nr_raise(PyObject_CallFunctionObjArgs(policy->on_conflict, (PyObject *)*target, (PyObject *)bound,
+                                                  NULL), "on_conflict");
+            Py_DECREF(bound);
+            goto fail;
+        }
+        else {
+            Py_DECREF(bound);
+        }
+    }
+    return 0;
+fail:
+    Py_CLEAR(*target);
+    return -1;
+}
+
+/* A call of a function with a policy: route by its bound handles, lease a
+ * pointer result, and let after() bind what the call made. */
+static PyObject *
+nr_policy_call(Func *self, CallPolicy *policy, PyObject *const *args, size_t nargsf)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    ImageGate *gate = NULL;
+    unsigned long unbound = 0;
+
+    for (;;) {
+        ImageGate *target;
+        if (nr_route(policy, args, nargs, &target, &unbound) < 0)
+            return NULL;
+        if (target == NULL) {
+            gate = nr_admit_current(self);
+            if (gate == NULL)
+                return NULL;
+            break;
+        }
+        NR_COUNT(target->enters);
+        int flags = atomic_load(&target->flags);
+        if (!(flags & NR_PAUSED)) {
+            /* A retired gate is fine: the binding holds it open, if it is still there.  With the GIL,
+             * nothing ran between the lookup and the enter (dict lookups of cdata keys run no Python
+             * code), so it is; without it, a destructor on another thread may have ended it: look again. */
+#ifndef Py_GIL_DISABLED
+            gate = target;
+            break;
+#endif
+            ImageGate *again;
+            unsigned long ignored;
+            int status = nr_route(policy, args, nargs, &again, &ignored);
+            if (status == 0 && again == target) {
+                Py_DECREF(again);
+                gate = target;
+                break;
+            }
+            Py_XDECREF(again);
+            PyObject *exc = status == 0 ? PyObject_CallOneArg(policy->on_released, (PyObject *)target) : NULL;
+            if (status == 0 && exc == NULL)
+                status = -1;
+            NR_COUNT(target->exits);
+            if (exc != NULL) {
+                int drained = nr_gate_after_exit(target, atomic_load(&target->flags));
+                Py_DECREF(target);
+                if (drained < 0) {
+                    Py_DECREF(exc);
+                    return NULL;
+                }
+                return nr_raise(exc, "on_released");
+            }
+            nr_after_exit_keeping(target, atomic_load(&target->flags), NULL);
+            Py_DECREF(target);
+            return NULL;
+        }
+        if (nr_back_out(target, flags, 0) < 0)
+            return NULL;
+    }
+
+    PyObject *result = nr_call_in(self, gate, args, nargsf);
+    if (result != NULL && policy->pointer_result)
+        result = nr_gate_lease(gate, result);
+    if (result != NULL && policy->after != Py_None && (policy->needs_after || unbound)) {
+        PyObject *argtuple = PyTuple_New(nargs);
+        PyObject *mask = PyLong_FromUnsignedLong(unbound);
+        PyObject *replaced = NULL;
+        if (argtuple != NULL && mask != NULL) {
+            for (Py_ssize_t i = 0; i < nargs; i++)
+                PyTuple_SET_ITEM(argtuple, i, Py_NewRef(args[i]));
+            replaced = PyObject_CallFunctionObjArgs(policy->after, (PyObject *)gate, argtuple, result, mask, NULL);
+        }
+        Py_XDECREF(argtuple);
+        Py_XDECREF(mask);
+        Py_DECREF(result);
+        result = replaced;
+    }
+    return nr_exit(gate, result);
+}
+
 static PyObject *
 Func_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Func *self = (Func *)callable;
-    ImageGate *gate;
 
     if (self->slot == NULL) {
         PyErr_SetString(PyExc_TypeError, "Func.__init__() was not called");
@@ -551,48 +1310,21 @@ Func_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
         PyErr_Format(PyExc_TypeError, "%S() takes no keyword arguments", self->name);
         return NULL;
     }
-    for (int retried = 0;; retried = 1) {
-        gate = nr_slot_get(self->slot);
-        if (gate == NULL)
-            return nr_func_raise_missing(self, Py_None);
-        NR_COUNT(gate->enters);
-        if (!atomic_load(&gate->retired))
-            break;
-        /* lost a race with a reload: back out, close it if we were the last, and retry */
-        NR_COUNT(gate->exits);
-        int status = nr_gate_try_drain(gate);
-        Py_DECREF(gate);
-        if (status < 0)
-            return NULL;
-        if (retried) {
-            /* Retired again on a re-read: slot.current has not moved on yet (a
-             * swap in progress, or a registry that retired before swapping).
-             * The Python gate's loop lets other threads run here; so must we,
-             * or the thread that will move slot.current never gets the GIL.
-             * Stay interruptible too. */
-            Py_BEGIN_ALLOW_THREADS
-            sched_yield();
-            Py_END_ALLOW_THREADS
-            if (PyErr_CheckSignals() < 0)
-                return NULL;
+    if (NR_LOAD_PTR(self->policy) != NULL) {
+        NR_LOCK(self);
+        CallPolicy *policy = self->policy;
+        Py_XINCREF(policy);
+        NR_UNLOCK(self);
+        if (policy != NULL) {
+            PyObject *result = nr_policy_call(self, policy, args, nargsf);
+            Py_DECREF(policy);
+            return result;
         }
     }
-
-    PyObject *result = NULL;
-    PyObject *function = nr_func_lookup(self, gate);
-    if (function != NULL) {
-        /* nargsf passes PY_VECTORCALL_ARGUMENTS_OFFSET on: our caller's args[-1] is the callee's too */
-        result = PyObject_Vectorcall(function, args, nargsf, NULL);
-        Py_DECREF(function);
-    }
-    else if (!PyErr_Occurred()) {
-        nr_func_raise_missing(self, (PyObject *)gate);
-    }
-    NR_COUNT(gate->exits);
-    if (atomic_load(&gate->retired))
-        result = nr_func_drain_after(gate, result);
-    Py_DECREF(gate);
-    return result;
+    ImageGate *gate = nr_admit_current(self);
+    if (gate == NULL)
+        return NULL;
+    return nr_exit(gate, nr_call_in(self, gate, args, nargsf));
 }
 
 static int
@@ -647,6 +1379,7 @@ Func_traverse(Func *self, visitproc visit, void *arg)
     Py_VISIT(self->name);
     Py_VISIT(self->symbol);
     Py_VISIT(self->on_missing);
+    Py_VISIT(self->policy);
     Py_VISIT(self->cache_function);
     return 0;
 }
@@ -658,6 +1391,7 @@ Func_clear(Func *self)
     Py_CLEAR(self->name);
     Py_CLEAR(self->symbol);
     Py_CLEAR(self->on_missing);
+    Py_CLEAR(self->policy);
     self->cache_serial = 0;
     Py_CLEAR(self->cache_function);
     return 0;
@@ -682,22 +1416,57 @@ Func_repr(Func *self)
 static PyObject *
 Func_get_name(Func *self, void *Py_UNUSED(closure))
 {
-    PyObject *value = self->name ? self->name : Py_None;
-    Py_INCREF(value);
-    return value;
+    return nr_or_none(self->name);
 }
 
 static PyObject *
 Func_get_symbol(Func *self, void *Py_UNUSED(closure))
 {
-    PyObject *value = self->symbol ? self->symbol : Py_None;
-    Py_INCREF(value);
-    return value;
+    return nr_or_none(self->symbol);
+}
+
+static PyObject *
+Func_get_policy(Func *self, void *Py_UNUSED(closure))
+{
+    NR_LOCK(self);
+    PyObject *policy = nr_or_none((PyObject *)self->policy);
+    NR_UNLOCK(self);
+    return policy;
+}
+
+static int
+Func_set_policy(Func *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "Func.policy cannot be deleted; set it to None");
+        return -1;
+    }
+    CallPolicy *policy = NULL;
+    if (value != Py_None) {
+        if (!PyObject_TypeCheck(value, &CallPolicy_Type) || !((CallPolicy *)value)->initialized) {
+            PyErr_Format(PyExc_TypeError, "Func.policy must be an initialized nativereload._gate.CallPolicy "
+                         "or None, not %.100s", Py_TYPE(value)->tp_name);
+            return -1;
+        }
+        policy = (CallPolicy *)Py_NewRef(value);
+    }
+    NR_LOCK(self);
+    CallPolicy *old = self->policy;
+#ifdef Py_GIL_DISABLED
+    __atomic_store_n(&self->policy, policy, __ATOMIC_RELEASE);
+#else
+    self->policy = policy;
+#endif
+    NR_UNLOCK(self);
+    Py_XDECREF(old);
+    return 0;
 }
 
 static PyGetSetDef Func_getset[] = {
     {"name", (getter)Func_get_name, NULL, "\"module.symbol\".", NULL},
     {"symbol", (getter)Func_get_symbol, NULL, "The C symbol.", NULL},
+    {"policy", (getter)Func_get_policy, (setter)Func_set_policy,
+     "None, or the CallPolicy of a function that takes or returns objects.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -723,17 +1492,45 @@ static PyTypeObject Func_Type = {
 /* module                                                                   */
 /* ------------------------------------------------------------------------ */
 
+static PyObject *
+nr_configure(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *cdata_type, *gcp, *deferred, *recheck;
+    if (!PyArg_ParseTuple(args, "O!OOO:configure", &PyType_Type, &cdata_type, &gcp, &deferred, &recheck))
+        return NULL;
+    if (!PyCallable_Check(gcp) || !PyCallable_Check(deferred) || !PyCallable_Check(recheck)) {
+        PyErr_SetString(PyExc_TypeError, "configure: gcp, deferred_drain and recheck_later must be callable");
+        return NULL;
+    }
+    /* Set once, at import (under the import lock); later calls replace them. */
+    Py_XSETREF(nr_cdata_type, (PyTypeObject *)Py_NewRef(cdata_type));
+    Py_XSETREF(nr_gcp, Py_NewRef(gcp));
+    Py_XSETREF(nr_deferred_drain, Py_NewRef(deferred));
+    Py_XSETREF(nr_recheck_later, Py_NewRef(recheck));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef gate_functions[] = {
+    {"configure", nr_configure, METH_VARARGS,
+     "configure(cdata_type, gcp, deferred_drain, recheck_later)\n--\n\n"
+     "cffi's cdata base type and gcp (ffi.gc); the callables that drain a gate on another thread, soon or "
+     "a little later."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef gate_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "nativereload._gate",
     .m_doc = "The in-flight gate in C; see nativereload.gate for the protocol and nativereload/_gate.pyi.",
     .m_size = -1,
+    .m_methods = gate_functions,
 };
 
 PyMODINIT_FUNC
 PyInit__gate(void)
 {
-    if (PyType_Ready(&ImageGate_Type) < 0 || PyType_Ready(&Slot_Type) < 0 || PyType_Ready(&Func_Type) < 0)
+    if (PyType_Ready(&ImageGate_Type) < 0 || PyType_Ready(&Slot_Type) < 0 || PyType_Ready(&Func_Type) < 0
+        || PyType_Ready(&CallPolicy_Type) < 0)
         return NULL;
     if (nr_str_get == NULL && (nr_str_get = PyUnicode_InternFromString("get")) == NULL)
         return NULL;
@@ -746,7 +1543,8 @@ PyInit__gate(void)
 #endif
     if (PyModule_AddObjectRef(module, "ImageGate", (PyObject *)&ImageGate_Type) < 0
         || PyModule_AddObjectRef(module, "Slot", (PyObject *)&Slot_Type) < 0
-        || PyModule_AddObjectRef(module, "Func", (PyObject *)&Func_Type) < 0) {
+        || PyModule_AddObjectRef(module, "Func", (PyObject *)&Func_Type) < 0
+        || PyModule_AddObjectRef(module, "CallPolicy", (PyObject *)&CallPolicy_Type) < 0) {
         Py_DECREF(module);
         return NULL;
     }

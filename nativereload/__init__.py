@@ -8,9 +8,10 @@
 See README.md for the guarantees and their limits.
 """
 
-from .errors import (BuildError, ControlError, DemoError, InterfaceError, LoadError, ModuleConflict,
+from .affinity import Pin
+from .errors import (BuildError, ControlError, DemoError, HandleError, InterfaceError, LoadError, ModuleConflict,
                      ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleUnloaded, NativeReloadError,
-                     ProtocolError, SymbolError)
+                     PinReleased, ProtocolError, SymbolError)
 from .gate import Func
 from .registry import ImageStatus, Module, ModuleStatus, Registry
 
@@ -21,6 +22,7 @@ __all__ = [
     "ControlError",
     "DemoError",
     "Func",
+    "HandleError",
     "ImageStatus",
     "InterfaceError",
     "LoadError",
@@ -32,6 +34,8 @@ __all__ = [
     "ModuleStatus",
     "ModuleUnloaded",
     "NativeReloadError",
+    "Pin",
+    "PinReleased",
     "ProtocolError",
     "Registry",
     "SymbolError",

@@ -13,6 +13,8 @@ exception also carries its facts as attributes (``.module``, ``.path``,
      +-- SymbolError (also AttributeError)   declared symbols missing from the image
      +-- InterfaceError                      the cdef is missing or does not parse
      +-- ModuleUnloaded                      a call through a handle of an unloaded module
+     +-- HandleError (also ValueError)       handles of two images in one call, or one used after release
+     +-- PinReleased                         a pin used after release()
      +-- ControlError                        the control socket cannot be served or reached
      |    +-- ProtocolError                  a request that is not valid JSON or not a valid operation
      +-- BuildError                          CMake configure or build failed (or CMake is missing)
@@ -29,6 +31,7 @@ __all__ = [
     "BuildError",
     "ControlError",
     "DemoError",
+    "HandleError",
     "InterfaceError",
     "LoadError",
     "ModuleConflict",
@@ -37,6 +40,7 @@ __all__ = [
     "ModuleNotLoaded",
     "ModuleUnloaded",
     "NativeReloadError",
+    "PinReleased",
     "ProtocolError",
     "SymbolError",
 ]
@@ -113,6 +117,17 @@ class ModuleUnloaded(NativeReloadError):
     """A Func handle was called after its module was unloaded."""
 
 
+class HandleError(NativeReloadError, ValueError):
+    """A call was given handles bound to two different images, or a handle whose binding ended as it started.
+
+    Nothing was called.
+    """
+
+
+class PinReleased(NativeReloadError):
+    """A pin was used after ``release()``."""
+
+
 class ControlError(NativeReloadError):
     """The control socket could not be served, reached, or understood.
 
@@ -158,8 +173,8 @@ class DemoError(NativeReloadError):
 
 
 for _cls in (NativeReloadError, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleConflict,
-             LoadError, SymbolError, InterfaceError, ModuleUnloaded, ControlError, ProtocolError, BuildError,
-             DemoError):
+             LoadError, SymbolError, InterfaceError, ModuleUnloaded, HandleError, PinReleased, ControlError,
+             ProtocolError, BuildError, DemoError):
     # Tracebacks read "nativereload.LoadError", the name users import.
     _cls.__module__ = "nativereload"
 del _cls

@@ -29,7 +29,7 @@ from typing import Callable
 
 import cffi
 
-from . import elf
+from . import dynamic, elf
 from .errors import InterfaceError, LoadError, ModuleNotFound, SymbolError
 
 __all__ = ["Image", "Interface"]
@@ -55,12 +55,6 @@ except (OSError, AttributeError):   # glibc < 2.34 keeps these in libdl
 _dlopen = _dl_lib.dlopen
 _dlclose = _dl_lib.dlclose
 _dlerror = _dl_lib.dlerror
-
-_LEAK_ADVICE = ("the dynamic loader keeps a library mapped after dlclose() when it has STB_GNU_UNIQUE symbols "
-                "(C++ inline or template statics; later images then share those objects with this one: build "
-                "with -fno-gnu-unique), thread_local objects with destructors (avoid them in reloadable "
-                "code), or was opened with RTLD_NODELETE")
-
 
 def _dl_error_text() -> str:
     message = _dlerror()
@@ -142,6 +136,9 @@ class Image:
         self.interface = interface
         self.state = "active"
         self.gate = None
+        self.objects = None            # the registry's call policies for this image (registry._Objects)
+        self.held_timer = None         # the registry's "still held" warning, cancelled at close
+        self.soname = None             # what the copy's DT_SONAME was made (dynamic.py)
         self._on_closed = on_closed
         self._handle = None
         self._lib = None
@@ -186,6 +183,9 @@ class Image:
                     break          # the source shrank while we copied: the check below rejects it
                 copied += sent
             elf.check_fd(copy_fd)
+            # Not findable by its soname: a dlopen("libfoo.so.1") elsewhere in the
+            # process must get the system's library, never this copy.
+            self.soname = dynamic.make_soname_private(copy_fd)
         except elf.ELFError as exc:
             self._remove_partial(copy_fd, copy_path)
             raise self._load_error(str(exc), refused, exc) from None
@@ -320,7 +320,7 @@ class Image:
         else:
             logger.warning("module '%s' generation %d: dlclose() did not unmap %s; keeping the copy and "
                            "reporting the image as leaked. Why: %s.", self.module, self.generation,
-                           self.copy_path, _LEAK_ADVICE)
+                           self.copy_path, dynamic.why_still_mapped(self.copy_path))
         self._on_closed(self)
 
 

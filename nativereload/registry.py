@@ -24,9 +24,12 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterable, NamedTuple
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, NamedTuple
 
+from . import affinity
 from . import gate as _gate
+from .affinity import Pin
 from .errors import (ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
                      ModuleUnloaded, NativeReloadError, SymbolError)
 from .image import Image, Interface
@@ -39,17 +42,35 @@ logger = logging.getLogger(__name__.rpartition(".")[0])
 PATH_ENV = "NATIVERELOAD_PATH"
 
 
+class _Keep:
+    """The default of reload()'s handles/destructors: keep what the module has."""
+
+    def __repr__(self) -> str:
+        return "<keep>"
+
+
+_KEEP = _Keep()
+
+
 class ImageStatus(NamedTuple):
     """One image of a module, as status() saw it.
 
-    state: "active" (new calls go here), "retired" (replaced, calls still in
-    flight), or "leaked" (closed, but the dynamic loader kept it mapped).
+    state: "active" (new calls go here), "retired" (replaced; open while
+    anything below holds it), or "leaked" (closed, but the dynamic loader kept
+    it mapped). in_flight counts calls; pins, handles (bound handles by C type)
+    and pointer_results (leased pointer results still alive) are the objects
+    that hold an image open after its calls have returned. held_by says all of
+    that in words, e.g. "0 calls, 2 handles (sqlite3 *), 1 pin".
     """
 
     generation: int
     state: str
     in_flight: int
     copy_path: str
+    pins: int = 0
+    handles: Mapping[str, int] = MappingProxyType({})
+    pointer_results: int = 0
+    held_by: str = ""
 
 
 class ModuleStatus(NamedTuple):
@@ -84,6 +105,7 @@ def _check_name(name: object) -> str:
 class Module:
     """A loaded module: a live handle whose calls always go to its current image.
 
+    Made by :meth:`Registry.load`; never construct one yourself.
     ``module.SYMBOL`` is a :class:`Func` for a function the cdef declares
     (a name that collides with an attribute below needs ``module.func(name)``).
     After a reload the same object describes the new image; after unload its
@@ -100,6 +122,7 @@ class Module:
         self.path = path
         self.generation = 0
         self._interface = interface
+        self._impl = gate
         self._slot = gate.Slot()
         self._func_type = gate.Func
         self._funcs: dict[str, Any] = {}
@@ -107,6 +130,8 @@ class Module:
         self._active: Image | None = None
         self._unloaded = False
         self._lock = threading.Lock()
+        self._bindings = affinity.Bindings(name)
+        self._objects = _Objects(None, (), {}, {})
 
     @property
     def cdef(self) -> str:
@@ -131,13 +156,16 @@ class Module:
         """The reload-safe handle on ``symbol`` (the same object each time).
 
         Raises:
-            ModuleUnloaded: the module has been unloaded.
+            ModuleUnloaded: the module has been unloaded (unless ``symbol`` takes a
+                handle and handles bound to its images remain: those calls still work).
             SymbolError: the current cdef does not declare ``symbol``.
         """
         existing = self._funcs.get(symbol)
         if existing is not None and symbol in self._interface.function_types:
             return existing
-        if self._unloaded:
+        signature = self._objects.signatures.get(symbol)
+        if self._unloaded and not (signature and signature.handle_args and self._bindings.table):
+            # After unload, only a function that can be routed by a handle still bound is of any use.
             raise ModuleUnloaded(
                 f"module '{self.name}' was unloaded — load it again and take new handles from the new module",
                 module=self.name)
@@ -151,6 +179,7 @@ class Module:
             if func is None:
                 func = self._func_type(self._slot, f"{self.name}.{symbol}", symbol,
                                        functools.partial(self._missing, symbol))
+                func.policy = self._objects.policies.get(symbol)
                 self._funcs[symbol] = func
         return func
 
@@ -160,6 +189,62 @@ class Module:
         func = self.func(symbol)
         self.__dict__[symbol] = func      # later lookups skip __getattr__
         return func
+
+    def pin(self) -> Pin:
+        """Hold the current image for a session of calls: ``with mod.pin() as m: m.f(...)``.
+
+        Every function of the pin calls the image that was current when it was
+        taken, even if reloads happen meanwhile; the image stays mapped until
+        ``release()`` (see :class:`Pin`).
+
+        Raises:
+            ModuleUnloaded: the module has been unloaded.
+        """
+        while True:
+            gate = self._slot.current
+            if gate is None:
+                raise ModuleUnloaded(
+                    f"module '{self.name}' was unloaded, so it cannot be pinned — load it again first",
+                    module=self.name)
+            if gate.try_pin():
+                break
+            gate.wait_resumed()         # paused by an exclusive reload, or retired by one: try again
+            time.sleep(0)
+        image = self._image_of(gate)
+        signatures = image.objects.signatures if image is not None else {}
+        return Pin(self, gate, image.generation if image is not None else self.generation,
+                   affinity.pinned_functions(gate, signatures, self._bindings, self._generation_of))
+
+    def _objects_for(self, interface: Interface, handles: Iterable[str] | None,
+                     destructors: Iterable[str]) -> "_Objects":
+        """The call policies for ``interface`` with these handle types and destructors.
+
+        Raises:
+            InterfaceError: a handle type or destructor the interface does not declare.
+        """
+        handles = None if handles is None else tuple(handles)
+        destructors = tuple(destructors)
+        signatures = affinity.signatures(interface.ffi, interface.function_types, handles=handles,
+                                         destructors=destructors, module=self.name)
+        policies = {name: affinity.make_policy(self._impl, name, signature, self._bindings, self._generation_of)
+                    for name, signature in signatures.items()}
+        return _Objects(handles, destructors, signatures, policies)
+
+    def _apply_objects(self, objects: "_Objects") -> None:
+        """Switch every handle to the call policies of ``objects`` (before the slot switches)."""
+        self._objects = objects
+        for symbol, func in list(self._funcs.items()):
+            func.policy = objects.policies.get(symbol)
+
+    def _image_of(self, gate: Any) -> Image | None:
+        for image in list(self._images):
+            if image.gate is gate:
+                return image
+        return None
+
+    def _generation_of(self, gate: Any) -> int | None:
+        image = self._image_of(gate)
+        return None if image is None else image.generation
 
     def _forget_undeclared(self) -> None:
         """Drop attribute shortcuts to symbols the current cdef no longer declares.
@@ -176,10 +261,20 @@ class Module:
             return ModuleUnloaded(
                 f"module '{self.name}' was unloaded, so '{self.name}.{symbol}' can no longer be called — load "
                 f"it again and take a new handle (reg.func('{self.name}.{symbol}'))", module=self.name)
+        generation = self._generation_of(gate)
         return SymbolError(
-            f"module '{self.name}': generation {self.generation} has no '{symbol}' (the cdef it was reloaded "
-            f"with does not declare it) — reload with a cdef that declares it", module=self.name,
-            symbols=(symbol,))
+            f"module '{self.name}': generation {generation if generation is not None else self.generation} has "
+            f"no '{symbol}' (the cdef it was loaded with does not declare it) — reload with a cdef that "
+            "declares it", module=self.name, symbols=(symbol,))
+
+
+class _Objects(NamedTuple):
+    """How a module treats the objects its functions take and return (affinity.py), for one interface."""
+
+    handles: tuple[str, ...] | None
+    destructors: tuple[str, ...]
+    signatures: dict[str, affinity.Signature]
+    policies: dict[str, Any]
 
 
 class Registry:
@@ -191,12 +286,16 @@ class Registry:
         tmpdir: where the private copies go; default $TMPDIR, else /tmp, read at each load.
         auto_reload: watch each module's file and reload it when it is replaced
             (see :meth:`watch_files`).
+        held_warning: seconds after which a retired image still held open (by
+            calls, pins, handles or pointer results) is logged as a WARNING,
+            once per image, naming what holds it; None never warns.
 
     Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, path: Iterable[str | os.PathLike] | str | os.PathLike = (),
-                 tmpdir: str | os.PathLike | None = None, *, auto_reload: bool = False) -> None:
+                 tmpdir: str | os.PathLike | None = None, *, auto_reload: bool = False,
+                 held_warning: float | None = 60.0) -> None:
         if isinstance(path, (str, os.PathLike)):
             path = [path]
         self._path = [os.fspath(entry) for entry in path]
@@ -210,6 +309,7 @@ class Registry:
         self._workdirs: dict[str, Workdir] = {}
         self._closers: list = []
         self._closed = False
+        self._held_warning = held_warning
         remove_stale(resolve_tmpdir(tmpdir))
         if auto_reload:
             self.watch_files()
@@ -244,13 +344,21 @@ class Registry:
             f"module '{name}' not found; searched: {', '.join(searched)} — build it, add its directory to "
             f"Registry(path=...) or {PATH_ENV}, or load('{name}', file=PATH)", module=name, searched=searched)
 
-    def load(self, name: str, cdef: str | None = None, *, file: str | os.PathLike | None = None) -> Module:
+    def load(self, name: str, cdef: str | None = None, *, file: str | os.PathLike | None = None,
+             handles: Iterable[str] | None = None, destructors: Iterable[str] = ()) -> Module:
         """Load module ``name`` (or return it unchanged if it is already loaded with the same cdef and file).
 
         Args:
             cdef: the C declarations of the functions to call (required, unless
                 the module is already loaded: then it may be left out).
             file: load this file instead of searching the path.
+            handles: the handle types whose objects stay with the image that
+                made them. None (default): pointers to the structs and unions
+                the cdef declares without a body (``sqlite3 *``); a list: those
+                plus the C types named (``["z_stream *"]``); ``()``: none.
+            destructors: functions that end the life of the handle they are
+                given (``["sqlite3_close", "ZSTD_freeCCtx"]``); its binding, and
+                the hold on its image, end when the call returns.
 
         Raises:
             ModuleNameError, ModuleNotFound, LoadError, SymbolError, InterfaceError,
@@ -279,10 +387,13 @@ class Registry:
                 path = self.find(name)
             interface = self._interface(cdef, name)
             module = Module(name, path, interface, self._gate)
+            objects = module._objects_for(interface, handles, destructors)
             try:
                 image = self._load_image(module, 1, interface, "load refused")
             finally:
                 self._release_idle_workdirs()
+            image.objects = objects
+            module._apply_objects(objects)
             with self._state:
                 module._images.append(image)
                 module._active = image
@@ -292,14 +403,17 @@ class Registry:
         logger.info("loaded '%s' generation 1 from %s in %.2f ms", name, path, image.load_seconds * 1e3)
         return module
 
-    def reload(self, name: str, cdef: str | None = None) -> Module:
+    def reload(self, name: str, cdef: str | None = None, *, handles: Iterable[str] | None | _Keep = _KEEP,
+               destructors: Iterable[str] | _Keep = _KEEP) -> Module:
         """Load a fresh copy of the module's file and switch new calls to it.
 
-        Calls in flight finish on the old image, which closes when the last
-        returns. Always loads a new copy, even if the file did not change.
+        Calls in flight finish on the old image; objects it made (bound
+        handles, pins, pointer results) keep using it; it closes when the last
+        of them is gone. Always loads a new copy, even if the file did not change.
 
         Args:
             cdef: new declarations for the new image; default: the current ones.
+            handles, destructors: as for :meth:`load`; default: the current ones.
 
         Returns:
             the Module, its generation one higher.
@@ -314,6 +428,11 @@ class Registry:
             self._check_open()
             module = self._loaded(name)
             interface = self._interface(cdef, name) if cdef is not None else module._interface
+            current = module._objects
+            objects = current
+            if interface is not module._interface or handles is not _KEEP or destructors is not _KEEP:
+                objects = module._objects_for(interface, current.handles if handles is _KEEP else handles,
+                                              current.destructors if destructors is _KEEP else destructors)
             serving = module.generation
             try:
                 image = self._load_image(module, serving + 1, interface,
@@ -321,6 +440,8 @@ class Registry:
             except BaseException:
                 self._release_idle_workdirs()
                 raise
+            image.objects = objects
+            module._apply_objects(objects)
             with self._state:
                 old = module._active
                 module._images.append(image)
@@ -329,11 +450,10 @@ class Registry:
                 module._forget_undeclared()
                 module.generation = serving + 1
                 module._slot.current = image.gate     # from here on, new calls go to the new image
-            old.retire()
-            in_flight = old.gate.in_flight if old.state == "retired" else 0
+            self._retire(module, old)
             self._release_idle_workdirs()        # the old image's, if $TMPDIR changed since
         if old.state == "retired":
-            outcome = f"generation {serving} draining, {in_flight} call{'s' * (in_flight != 1)} in flight"
+            outcome = f"generation {serving} draining, {self._held_by(module, old)}"
         else:
             outcome = f"generation {serving} {old.state}"
         logger.info("reloaded '%s' generation %d in %.2f ms (%s)", name, serving + 1,
@@ -359,10 +479,10 @@ class Registry:
             module._slot.current = None
             active, module._active = module._active, None
             self._unloaded.append(module)
-        active.retire()
+        self._retire(module, active)
         logger.info("unloaded '%s' generation %d in %.2f ms (%s)", module.name, module.generation,
                     (time.perf_counter() - started) * 1e3,
-                    active.state if active.state != "retired" else f"draining, {active.gate.in_flight} in flight")
+                    active.state if active.state != "retired" else f"draining, {self._held_by(module, active)}")
 
     # -- calling ------------------------------------------------------------------------------
 
@@ -381,8 +501,36 @@ class Registry:
         return module.func(symbol)
 
     def call(self, qualname: str, *args: Any) -> Any:
-        """Call ``"module.symbol"`` with ``args`` on the module's current image."""
+        """Call ``"module.symbol"`` with ``args`` on the module's current image.
+
+        Raises:
+            ModuleNotLoaded, SymbolError, ModuleNameError; ModuleUnloaded if it
+            is unloaded meanwhile; whatever the call itself raises.
+        """
         return self.func(qualname)(*args)
+
+    def pin(self, name: str) -> Pin:
+        """``reg.pin("counter")`` is ``reg.load("counter").pin()``: hold the current image (see :meth:`Module.pin`).
+
+        Raises:
+            ModuleNotLoaded, ModuleNameError.
+        """
+        _check_name(name)
+        module = self._modules.get(name)
+        if module is None:
+            raise self._not_loaded(name)
+        return module.pin()
+
+    def release(self, handle: Any) -> bool:
+        """End the binding of a handle without calling its destructor; return False if it was not bound.
+
+        Its image closes once nothing else holds it. For a handle whose C
+        object was freed some other way, or that you hand over to code that
+        will not call through nativereload again.
+        """
+        with self._state:
+            modules = [*self._modules.values(), *self._unloaded]
+        return any(module._bindings.unbind(handle) for module in modules)
 
     # -- status and draining -----------------------------------------------------------------
 
@@ -390,12 +538,24 @@ class Registry:
         """A snapshot of every module with images not yet closed: loaded modules first, by name."""
         with self._state:
             modules = sorted(self._modules.values(), key=lambda m: m.name) + list(self._unloaded)
-            return [ModuleStatus(module.name, module.path, module.generation,
-                                 [ImageStatus(image.generation, _image_state(module, image),
-                                              image.gate.in_flight if image.state != "leaked" else 0,
-                                              image.copy_path)
-                                  for image in module._images])
-                    for module in modules]
+            images = [(module, list(module._images)) for module in modules]
+        return [ModuleStatus(module.name, module.path, module.generation,
+                             [self._image_status(module, image) for image in module_images])
+                for module, module_images in images]
+
+    def _image_status(self, module: Module, image: Image) -> ImageStatus:
+        gate = image.gate
+        if image.state == "leaked":
+            return ImageStatus(image.generation, "leaked", 0, image.copy_path, held_by="closed")
+        handles = module._bindings.counts(gate)
+        return ImageStatus(image.generation, _image_state(module, image), gate.in_flight, image.copy_path,
+                           gate.pins, MappingProxyType(handles), gate.pointer_results,
+                           _describe_holders(gate.in_flight, gate.pins, handles, gate.pointer_results))
+
+    def _held_by(self, module: Module, image: Image) -> str:
+        """What holds ``image`` open, in words ("1 call, 2 handles (sqlite3 *)")."""
+        gate = image.gate
+        return _describe_holders(gate.in_flight, gate.pins, module._bindings.counts(gate), gate.pointer_results)
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Wait until no retired image is left open; return False if ``timeout`` seconds passed first.
@@ -462,6 +622,23 @@ class Registry:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _retire(self, module: Module, image: Image) -> None:
+        """Retire ``image`` (it closes when nothing holds it); warn if it is still held after ``held_warning``."""
+        image.retire()
+        if image.state == "retired" and self._held_warning is not None:
+            timer = threading.Timer(self._held_warning, self._warn_held, (module, image))
+            timer.daemon = True
+            image.held_timer = timer
+            timer.start()
+
+    def _warn_held(self, module: Module, image: Image) -> None:
+        if image.state != "retired":
+            return
+        logger.warning("module '%s' generation %d was retired %.0f s ago and is still held open by %s — "
+                       "let calls return, release() pins, pass handles to their destructor or reg.release(), "
+                       "and drop pointer results", module.name, image.generation, self._held_warning,
+                       self._held_by(module, image))
+
     def _check_open(self) -> None:
         if self._closed:
             raise NativeReloadError("this registry is closed — create a new Registry")
@@ -503,6 +680,9 @@ class Registry:
 
     def _image_closed(self, module: Module, image: Image) -> None:
         """Called by Image.close() on the thread that drained it."""
+        timer = getattr(image, "held_timer", None)
+        if timer is not None:
+            timer.cancel()
         with self._state:
             if image.state == "closed":
                 module._images.remove(image)
@@ -529,6 +709,23 @@ class Registry:
                 if workdir.path not in busy and workdir.remove():
                     del self._workdirs[tmpdir]
                     _open_workdirs.discard(workdir)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def _describe_holders(calls: int, pins: int, handles: Mapping[str, int], pointer_results: int) -> str:
+    """e.g. "0 calls, 2 handles (sqlite3 *), 1 pin": calls always, the other holders when there are any."""
+    parts = [_plural(calls, "call")]
+    if handles:
+        total = sum(handles.values())
+        parts.append(f"{_plural(total, 'handle')} ({', '.join(sorted(handles))})")
+    if pins:
+        parts.append(_plural(pins, "pin"))
+    if pointer_results:
+        parts.append(_plural(pointer_results, "pointer result"))
+    return ", ".join(parts)
 
 
 def _image_state(module: Module, image: Image) -> str:

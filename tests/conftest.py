@@ -6,6 +6,7 @@
     nosym           v2 without scaled()
     undef           v2 calling a function no library defines (dlopen fails)
     unique          a C++ library glibc keeps mapped after dlclose
+    objects1, objects2  csrc/samples/objects.c (objects that cross reloads) with SAMPLE_VERSION 1 and 2
 """
 
 from __future__ import annotations
@@ -33,6 +34,24 @@ int wait_fd(int);
 """
 
 
+OBJECTS_CDEF = """
+typedef struct obj obj;
+struct stream { long total; long (*step)(long); const char *made_by; };
+int image_version(void);
+obj *obj_new(long);
+int obj_open(long, obj **);
+long obj_value(obj *);
+int obj_version(obj *);
+long obj_sum(obj *, obj *);
+int obj_free(obj *);
+const char *obj_name(void);
+int stream_init(struct stream *);
+long stream_push(struct stream *, long);
+int stream_end(struct stream *);
+"""
+WRONG_IMAGE = -1000
+
+
 def cmake_build(source: Path, build: Path, *defines: str) -> Path:
     """Configure (once) and build the project at ``source`` into ``build``; return ``build/modules``."""
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
@@ -51,6 +70,7 @@ def samples(tmp_path_factory) -> dict[str, Path]:
         modules = cmake_build(ROOT, base / f"v{version}", f"-DSAMPLE_VERSION={version}",
                               f"-DNATIVERELOAD_SAMPLE_VARIANTS={variants}")
         built[f"v{version}"] = modules / "sample.so"
+        built[f"objects{version}"] = modules / "objects.so"
         if version == 2:
             built["nosym"] = modules / "sample_nosym.so"
             built["undef"] = modules / "sample_undef.so"
