@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import build as build_mod
-from . import control
-from .errors import NativeReloadError
+from .control import client, discovery
+from .control.discovery import Target
+from .errors import ControlError, NativeReloadError
+from .output import arrow, print_error
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -47,15 +49,6 @@ _HINTS = {
     "LoadError": "the old version keeps serving; rebuild the module (`nativereload build`) and reload again",
     "ModuleNotFound": "the old version keeps serving; build the module first (`nativereload build`)",
 }
-
-
-def arrow(stream: Any) -> str:
-    """"\u2192" where the stream can encode it, else "->" (PYTHONIOENCODING=ascii must not crash a reload report)."""
-    try:
-        "\u2192".encode(getattr(stream, "encoding", None) or "ascii")
-    except (LookupError, UnicodeEncodeError):
-        return "->"
-    return "\u2192"
 
 
 class CLIError(Exception):
@@ -128,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- targets
 
-def resolve_targets(args: argparse.Namespace) -> list[control.Target]:
+def resolve_targets(args: argparse.Namespace) -> list[Target]:
     """The processes a command addresses; CLIError when none (or too many) are reachable."""
     if args.socket:
         path = Path(args.socket)
@@ -143,11 +136,11 @@ def resolve_targets(args: argparse.Namespace) -> list[control.Target]:
         if not stat.S_ISSOCK(mode):
             raise CLIError(f"{path} is not a socket", hint="pass the path a process's reg.serve() printed "
                            "(Server.path), or use --pid PID")
-        return [control.Target(None, path)]
-    directory = control.default_socket_dir()
+        return [Target(None, path)]
+    directory = discovery.default_socket_dir()
     try:
-        live = control.discover()
-    except control.ControlError as exc:
+        live = discovery.discover()
+    except ControlError as exc:
         raise CLIError(str(exc), hint=exc.hint) from None
     if args.pid is not None:
         for target in live:
@@ -165,36 +158,30 @@ def resolve_targets(args: argparse.Namespace) -> list[control.Target]:
                    hint="choose one with --pid PID (or --socket PATH), or address them all with --all")
 
 
-def _candidates_hint(live: list[control.Target]) -> str | None:
+def _candidates_hint(live: list[Target]) -> str | None:
     if not live:
         return None
     return "live processes: " + ", ".join(f"pid {t.pid}" for t in live)
 
 
-def _label(target: control.Target, reply: dict | None = None) -> str:
+def _label(target: Target, reply: dict | None = None) -> str:
     pid = (reply or {}).get("pid", target.pid)
     return f"pid {pid}" if pid is not None else str(target.path)
 
 
-def _ask(target: control.Target, op: str, **fields: Any) -> dict:
+def _ask(target: Target, op: str, **fields: Any) -> dict:
     """One request; a transport failure becomes an ``ok: false`` reply like the server's."""
     try:
-        return control.request(target.path, op, **fields)
-    except control.ControlError as exc:
+        return client.request(target.path, op, **fields)
+    except ControlError as exc:
         return {"ok": False, "pid": target.pid, "error": {"type": "ControlError", "message": str(exc),
                                                           "hint": exc.hint}}
 
 
-def _print_error(message: str, hint: str | None = None) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    if hint:
-        print(f"hint: {hint}", file=sys.stderr)
-
-
-def _report_failure(target: control.Target, reply: dict, what: str) -> None:
+def _report_failure(target: Target, reply: dict, what: str) -> None:
     err = reply.get("error") or {}
     kind = err.get("type", "Error")
-    _print_error(f"{_label(target, reply)}: {what} failed: {kind}: {err.get('message', '')}",
+    print_error(f"{_label(target, reply)}: {what} failed: {kind}: {err.get('message', '')}",
                  err.get("hint") or _HINTS.get(kind))
 
 
@@ -349,13 +336,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _watch_targets(args: argparse.Namespace) -> list[control.Target]:
+def _watch_targets(args: argparse.Namespace) -> list[Target]:
     """Targets for one round of ``watch``: re-discovered each time (processes come and go)."""
     if args.socket or args.pid is not None:
         return resolve_targets(args)
     try:
-        return control.discover()
-    except control.ControlError as exc:
+        return discovery.discover()
+    except ControlError as exc:
         raise CLIError(str(exc), hint=exc.hint) from None
 
 
@@ -388,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except CLIError as exc:
-        _print_error(str(exc), exc.hint)
+        print_error(str(exc), exc.hint)
         return exc.code
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
@@ -396,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         print(build_mod.cmake_dir())
         return EXIT_OK
     if not args.command:
-        _print_error("no command given", "`nativereload --help` lists the commands")
+        print_error("no command given", "`nativereload --help` lists the commands")
         return EXIT_USAGE
     own_handler = not logging.getLogger("nativereload").handlers
     if own_handler:
@@ -404,10 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except CLIError as exc:
-        _print_error(str(exc), exc.hint)
+        print_error(str(exc), exc.hint)
         return exc.code
     except NativeReloadError as exc:
-        _print_error(str(exc), getattr(exc, "hint", None))
+        print_error(str(exc), getattr(exc, "hint", None))
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
@@ -417,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         # The environment refused something (a directory we cannot read or
         # create, a full disk): an expected failure, reported without a traceback.
         where = f" ({exc.filename})" if exc.filename else ""
-        _print_error(f"{exc.strerror or exc}{where}", "check the paths and permissions involved; -v logs more")
+        print_error(f"{exc.strerror or exc}{where}", "check the paths and permissions involved; -v logs more")
         return EXIT_FAILED
     finally:
         if own_handler:

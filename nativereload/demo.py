@@ -87,7 +87,7 @@ def run(threads: int = 4, seconds: float = 1.0, out: IO[str] | None = None) -> d
         DemoError: the module could not be compiled.
     """
     from . import Registry
-    from .cli import arrow
+    from .output import arrow
 
     out = out or sys.stdout
 

@@ -445,7 +445,7 @@ class Registry:
         self.close()
 
     def serve(self, socket_path: str | os.PathLike | None = None) -> Any:
-        """Answer the ``nativereload`` command line on a Unix socket (see control.py); returns the Server."""
+        """Answer the ``nativereload`` command line on a Unix socket; returns the Server."""
         from . import control
 
         return control.serve(self, socket_path)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 from . import elf
 from .build import file_signature
-from .errors import NativeReloadError
+from .errors import ControlError, NativeReloadError
 
 __all__ = ["ModuleFileWatcher", "watch_module_files", "watch_sources"]
 
@@ -282,8 +282,9 @@ def watch_sources(source_dir: str | os.PathLike, build_dir: str | os.PathLike, *
     the polling fallback even when watchfiles is installed (file systems
     without inotify, e.g. some network and container mounts).
     """
-    from . import build, control
-    from .cli import arrow
+    from . import build
+    from .control import client
+    from .output import arrow
 
     source_dir = Path(source_dir).resolve()
     build_dir = Path(build_dir).resolve()
@@ -319,8 +320,8 @@ def watch_sources(source_dir: str | os.PathLike, build_dir: str | os.PathLike, *
         for target in reachable:
             label = f"pid {target.pid}" if target.pid is not None else str(target.path)
             try:
-                status = control.request(target.path, "status")
-            except control.ControlError as exc:
+                status = client.request(target.path, "status")
+            except ControlError as exc:
                 say(err, f"error: {label}: {exc}")
                 continue
             loaded = [mod for mod in status.get("modules", [])
@@ -330,8 +331,8 @@ def watch_sources(source_dir: str | os.PathLike, build_dir: str | os.PathLike, *
                     if not _same_file(mod["path"], m.path):
                         continue
                     try:
-                        reply = control.request(target.path, "reload", module=mod["name"])
-                    except control.ControlError as exc:
+                        reply = client.request(target.path, "reload", module=mod["name"])
+                    except ControlError as exc:
                         reply = {"ok": False, "error": {"type": "ControlError", "message": str(exc)}}
                     reloads += 1
                     if reply.get("ok"):

@@ -477,7 +477,7 @@ def test_serves_in_a_process_with_descriptors_above_1024(moddir, samples, short_
 
 @pytest.mark.timeout(60)
 def test_idle_connection_is_dropped(runtime_dir, monkeypatch):
-    monkeypatch.setattr(control, "DEFAULT_IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(control.server, "DEFAULT_IDLE_TIMEOUT", 0.5)
     with Registry() as reg:
         server = reg.serve()
         with socket.socket(socket.AF_UNIX) as s:

@@ -1,54 +1,26 @@
-"""The control socket: a running process's registry, reachable from a shell.
+"""The server side of the control socket: a running process's registry, reachable from a shell.
 
-Server side: ``serve(registry, socket_path=None) -> Server`` answers on a Unix
-domain socket from a daemon thread (``Registry.serve()`` calls it). Client
-side: ``discover()`` finds the sockets of this user's live processes and
-``request()`` sends one operation. The CLI uses only the client side.
+``serve(registry, socket_path=None) -> Server`` answers on a Unix domain
+socket from a daemon thread (``Registry.serve()`` calls it). Requests are
+decoded by ``protocol`` and carried out by ``handle()`` against the registry.
 
-Where the socket lives (found from the environment alone, so the CLI finds it
-without being told):
-    $XDG_RUNTIME_DIR/nativereload/<pid>.sock                 if XDG_RUNTIME_DIR is set
-    ${TMPDIR:-/tmp}/nativereload-sockets-<uid>/<pid>.sock    otherwise
-The directory is created 0700 and must be owned by us, else serve() refuses.
 The socket is bound inside a fresh 0700 directory, chmod 0600, and only then
 renamed into place: it is never reachable with wider permissions, and there is
 no moment at which the final path exists without a listener (so a client that
 gets ECONNREFUSED knows the socket is stale). Each connection's peer uid
 (SO_PEERCRED) must be ours or root's. The socket is removed by Server.close(),
-by Registry.close(), and at interpreter exit; sockets of dead pids are removed
-by the next serve() in the same directory and by the CLI. A child forked after
-serve() (a pre-fork server's worker) inherits no server: it never removes the
-parent's socket, and calls serve() itself to get its own.
+by Registry.close(), and at interpreter exit. A child forked after serve() (a
+pre-fork server's worker) inherits no server: it never removes the parent's
+socket, and calls serve() itself to get its own.
 
-Protocol: one JSON object per line (UTF-8), one JSON object per line back.
-
-    {"op": "ping"}                    -> {"ok": true, "pid": 123}
-    {"op": "status"}                  -> {"ok": true, "pid": 123, "modules": [{"name", "path",
-                                          "generation", "images": [{"generation", "state",
-                                          "in_flight"}]}]}
-    {"op": "reload", "module": NAME}  -> {"ok": true, "pid": 123, "module": NAME,
-                                          "generation_before": 1, "generation": 2, "seconds": 0.0004}
-    {"op": "unload", "module": NAME}  -> {"ok": true, "pid": 123, "module": NAME, "generation": 2}
-    failure                           -> {"ok": false, "error": {"type": "SymbolError", "message": "..."}}
-
-CLI forms: ``nativereload status``, ``nativereload reload NAME``,
-``nativereload unload NAME``; ping is what discovery uses.
-
-Only modules already loaded can be reloaded or unloaded, and reload re-reads
-the path the module was loaded from: nothing a client sends is ever used as a
-path, and nothing is evaluated. Invalid JSON, an unknown op, a wrong type or an
-unknown field gets an error reply on the same connection; a request line over
-64 KiB gets an error reply and the connection is closed. Each connection is
-served by its own thread, so a client that connects and never writes delays
-nobody; it is dropped after ``idle_timeout`` seconds.
+Each connection is served by its own thread, so a client that connects and
+never writes delays nobody; it is dropped after ``idle_timeout`` seconds.
 """
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import errno
-import json
 import logging
 import os
 import select
@@ -61,27 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ControlError, ModuleNotLoaded, NativeReloadError, ProtocolError
-from .workdir import pid_alive
+from ..errors import ControlError, ModuleNotLoaded, NativeReloadError
+from . import protocol
+from .discovery import check_private_dir, default_socket_dir, remove_if_stale, sweep
+from .protocol import MAX_REQUEST
 
-__all__ = [
-    "MAX_REQUEST",
-    "ControlError",
-    "ProtocolError",
-    "Server",
-    "Target",
-    "default_socket_dir",
-    "default_socket_path",
-    "discover",
-    "handle",
-    "request",
-    "serve",
-]
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "MAX_CONNECTIONS", "Server", "handle", "serve"]
 
 logger = logging.getLogger(__name__)
-
-MAX_REQUEST = 64 * 1024
-"""Longest request line accepted, in bytes (without its newline)."""
 
 DEFAULT_IDLE_TIMEOUT = 10.0
 """Seconds a connection may stay silent before it is dropped (read when serve() is called)."""
@@ -100,53 +59,6 @@ _MAX_SOCKET_PATH = 107
 
 
 
-# --------------------------------------------------------------------------- paths
-
-def default_socket_dir() -> Path:
-    """The directory this user's sockets live in, from the environment alone."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "nativereload"
-    return Path(os.environ.get("TMPDIR") or "/tmp") / f"nativereload-sockets-{os.getuid()}"
-
-
-def default_socket_path(pid: int | None = None) -> Path:
-    """``default_socket_dir() / "<pid>.sock"`` (this process's pid by default)."""
-    return default_socket_dir() / f"{os.getpid() if pid is None else int(pid)}.sock"
-
-
-def _check_private_dir(path: Path, *, create: bool) -> None:
-    """Make sure ``path`` is a real directory, owned by us, mode 0700.
-
-    Created 0700 if missing (and ``create``). An existing one owned by someone
-    else, or a symlink, is refused: whoever owns it could swap our socket.
-    One of ours with wider permissions is tightened.
-    """
-    if create:
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise ControlError(f"cannot create the socket directory {path}: {exc.strerror}", path=path,
-                               hint="set XDG_RUNTIME_DIR or TMPDIR to a directory you can write") from None
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise ControlError(f"socket directory {path} does not exist", path=path) from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ControlError(f"socket directory {path} is not a directory (a symlink or a file); refusing it",
-                           path=path, hint=f"remove {path}, or set XDG_RUNTIME_DIR to a private directory")
-    if st.st_uid != os.geteuid():
-        raise ControlError(f"socket directory {path} is owned by uid {st.st_uid}, not by us (uid "
-                           f"{os.geteuid()}); refusing to use it", path=path,
-                           hint="another user may be trying to intercept the socket: remove the directory "
-                                "or set XDG_RUNTIME_DIR to a private directory")
-    if create and stat.S_IMODE(st.st_mode) & 0o077:
-        logger.warning("socket directory %s had mode %o; setting 0700", path, stat.S_IMODE(st.st_mode))
-        os.chmod(path, 0o700)
-
-
 def _check_explicit_parent(parent: Path) -> None:
     """An explicit socket path's parent must be ours and writable by nobody else.
 
@@ -157,7 +69,7 @@ def _check_explicit_parent(parent: Path) -> None:
     try:
         st = os.stat(parent)
     except FileNotFoundError:
-        _check_private_dir(parent, create=True)
+        check_private_dir(parent, create=True)
         return
     if not stat.S_ISDIR(st.st_mode):
         raise ControlError(f"{parent} is not a directory", path=parent)
@@ -166,61 +78,6 @@ def _check_explicit_parent(parent: Path) -> None:
                            f"{stat.S_IMODE(st.st_mode):o}, and must be owned by uid {os.geteuid()} and writable "
                            "by nobody else", path=parent,
                            hint="use a private directory for socket_path, or the default (serve() with no path)")
-
-
-def _listening(path: Path) -> bool:
-    """Does anything accept connections on the socket at ``path``?
-
-    ECONNREFUSED on a Unix socket means nobody listens on that inode; our
-    sockets only appear at their final path once listening, so it is stale.
-    """
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(2.0)
-    try:
-        s.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        # Busy, permission denied, timed out: something is there; leave it.
-        return True
-    finally:
-        s.close()
-    return True
-
-
-def _remove_if_stale(path: Path) -> bool:
-    """Remove the socket ``path`` if its pid is dead or nobody listens; True if removed."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return True
-    if not stat.S_ISSOCK(st.st_mode):
-        return False
-    stem = path.name[: -len(".sock")] if path.name.endswith(".sock") else ""
-    dead = stem.isdigit() and not pid_alive(int(stem))
-    if dead or not _listening(path):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        logger.info("removed stale socket %s", path)
-        return True
-    return False
-
-
-def _sweep(directory: Path) -> None:
-    """Remove the sockets of dead processes in ``directory`` (SIGKILLed servers leave them)."""
-    try:
-        entries = list(directory.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        if entry.name.endswith(".sock") and entry.name[:-5].isdigit():
-            try:
-                if not pid_alive(int(entry.name[:-5])):
-                    _remove_if_stale(entry)
-            except OSError as exc:
-                logger.debug("cannot check %s: %s", entry, exc)
 
 
 # --------------------------------------------------------------------------- server
@@ -426,7 +283,7 @@ class Server:
             uid = _peer_uid(conn)
             if uid is None or (uid != os.geteuid() and uid != 0):
                 logger.warning("control socket %s: refused a connection from uid %s", self.path, uid)
-                self._refuse(conn, _error_reply("PermissionError", f"uid {uid} may not use this socket; only "
+                self._refuse(conn, protocol.error_reply("PermissionError", f"uid {uid} may not use this socket; only "
                                                 f"uid {os.geteuid()} and root may"))
                 return
             conn.settimeout(self._idle_timeout)
@@ -492,19 +349,15 @@ class Server:
             pass
 
     def _handle_line(self, line: bytes) -> dict:
+        req = None
         try:
-            req = json.loads(line)
-        except (UnicodeDecodeError, ValueError) as exc:
-            return _error_reply("ProtocolError", f"invalid JSON: {exc}")
-        except RecursionError:
-            return _error_reply("ProtocolError", "invalid JSON: nested too deeply")
-        try:
+            req = protocol.decode_request(line)
             return handle(self._registry, req)
         except NativeReloadError as exc:
-            return _error_reply(type(exc).__name__, str(exc))
+            return protocol.error_reply(type(exc).__name__, str(exc))
         except Exception as exc:
             logger.exception("control socket %s: request %r failed", self.path, req)
-            return _error_reply(type(exc).__name__, str(exc) or repr(exc))
+            return protocol.error_reply(type(exc).__name__, str(exc) or repr(exc))
 
 
 def _peer_uid(conn: socket.socket) -> int | None:
@@ -516,22 +369,15 @@ def _peer_uid(conn: socket.socket) -> int | None:
     return uid
 
 
-def _error_reply(kind: str, message: str) -> dict:
-    return {"ok": False, "error": {"type": kind, "message": message}}
-
-
-_TOO_LONG = _error_reply("ProtocolError", f"request longer than {MAX_REQUEST} bytes; closing the connection")
+_TOO_LONG = protocol.error_reply("ProtocolError", f"request longer than {MAX_REQUEST} bytes; closing the connection")
 
 
 def _send(conn: socket.socket, reply: dict) -> bool:
     try:
-        conn.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        conn.sendall(protocol.encode(reply))
         return True
     except OSError:
         return False
-
-
-_FIELDS = {"ping": set(), "status": set(), "reload": {"module"}, "unload": {"module"}}
 
 
 def _module_status(registry: Any) -> list[dict]:
@@ -554,22 +400,14 @@ def handle(registry: Any, req: Any) -> dict:
         ProtocolError: not an object, unknown op, wrong type, unknown field.
         NativeReloadError: whatever the registry raised (the old image still serves).
     """
-    if not isinstance(req, dict):
-        raise ProtocolError("a request must be a JSON object, e.g. {\"op\": \"status\"}")
-    op = req.get("op")
-    if not isinstance(op, str) or op not in _FIELDS:
-        raise ProtocolError(f"unknown op {op!r}; valid ops: {', '.join(sorted(_FIELDS))}")
-    extra = set(req) - {"op"} - _FIELDS[op]
-    if extra:
-        raise ProtocolError(f"op {op!r} takes no field(s) {', '.join(sorted(map(str, extra)))}")
+    req = protocol.check_request(req)
+    op = req["op"]
     pid = os.getpid()
     if op == "ping":
         return {"ok": True, "pid": pid}
     if op == "status":
         return {"ok": True, "pid": pid, "modules": _module_status(registry)}
-    name = req.get("module")
-    if not isinstance(name, str) or not name:
-        raise ProtocolError(f"op {op!r} needs \"module\": a module name (string)")
+    name = req["module"]
     # Only modules this process already loaded: the registry re-reads the path
     # it resolved at load, so nothing from the socket ever names a file.
     # status() also lists unloaded modules still draining: only an active image counts.
@@ -633,16 +471,16 @@ def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
     """
     if socket_path is None:
         directory = default_socket_dir()
-        _check_private_dir(directory, create=True)
+        check_private_dir(directory, create=True)
         path = directory / f"{os.getpid()}.sock"
-        _sweep(directory)
+        sweep(directory)
     else:
         path = Path(socket_path).absolute()
         _check_explicit_parent(path.parent)
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH - 8:  # room for the staging name
         raise ControlError(f"socket path {path} is too long for a Unix socket (at most ~{_MAX_SOCKET_PATH - 8} "
                            "bytes)", path=path, hint="pass a shorter socket_path, or set XDG_RUNTIME_DIR")
-    if os.path.lexists(path) and not _remove_if_stale(path):
+    if os.path.lexists(path) and not remove_if_stale(path):
         raise ControlError(f"{path} is in use (a live server answers there, or it is not a socket)", path=path,
                            hint="close the other server first, or pass another socket_path")
     listener = _bind_private(path)
@@ -652,106 +490,3 @@ def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
     registry._add_closer(server.close)     # registry.close() stops it first
     logger.info("control socket serving at %s", path)
     return server
-
-
-# --------------------------------------------------------------------------- client
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A process reachable through its control socket."""
-
-    pid: int | None
-    path: Path
-
-
-def _connect(sock: socket.socket, path: str | os.PathLike, timeout: float) -> None:
-    """connect(), retried while the server's listen backlog is full.
-
-    A Unix socket with a timeout fails at once with EAGAIN when the backlog
-    is full (it does not wait like a TCP connect): the server is busy
-    accepting, not gone.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            sock.connect(str(path))
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise socket.timeout(f"connect to {path} timed out (listen backlog full)") from None
-            time.sleep(0.01)
-
-
-def request(path: str | os.PathLike, op: str, *, timeout: float = 30.0, **fields: Any) -> dict:
-    """Send one operation to the socket at ``path``; return the decoded reply.
-
-    A reply with ``"ok": false`` is returned, not raised: it is the remote
-    registry's answer. Raises ControlError when the socket cannot be reached
-    or the reply is not a JSON object.
-    """
-    req = {"op": op, **fields}
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        try:
-            _connect(sock, path, timeout)
-        except FileNotFoundError:
-            raise ControlError(f"no control socket at {path}", path=path,
-                               hint="is the process running and did it call reg.serve()?") from None
-        except ConnectionRefusedError:
-            raise ControlError(f"nobody is listening on {path} (the process is gone)", path=path) from None
-        except PermissionError:
-            raise ControlError(f"permission denied connecting to {path}", path=path,
-                               hint="the process belongs to another user; run as that user") from None
-        sock.sendall(json.dumps(req).encode() + b"\n")
-        buffer = b""
-        while b"\n" not in buffer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            buffer += chunk
-    except socket.timeout:
-        raise ControlError(f"no reply from {path} within {timeout:g} s", path=path) from None
-    except OSError as exc:
-        if isinstance(exc, ControlError):
-            raise
-        raise ControlError(f"cannot talk to {path}: {exc}", path=path) from None
-    finally:
-        sock.close()
-    line = buffer.split(b"\n", 1)[0]
-    try:
-        reply = json.loads(line)
-    except ValueError:
-        reply = None
-    if not isinstance(reply, dict) or "ok" not in reply:
-        raise ControlError(f"unexpected reply from {path}: {line[:200]!r}", path=path)
-    return reply
-
-
-def discover(*, cleanup: bool = True) -> list[Target]:
-    """The sockets of this user's live processes in ``default_socket_dir()``, by pid.
-
-    Sockets of dead processes are removed on the way (``cleanup``). An absent
-    directory means no process serves. A directory owned by someone else is
-    refused (ControlError) rather than trusted.
-    """
-    directory = default_socket_dir()
-    if not os.path.lexists(directory):
-        return []
-    _check_private_dir(directory, create=False)
-    found = []
-    for entry in sorted(directory.iterdir()):
-        stem = entry.name[:-5] if entry.name.endswith(".sock") else ""
-        if not stem.isdigit():
-            continue
-        try:
-            is_sock = stat.S_ISSOCK(os.lstat(entry).st_mode)
-        except FileNotFoundError:
-            continue
-        if not is_sock:
-            continue
-        if cleanup and _remove_if_stale(entry):
-            continue
-        found.append(Target(int(stem), entry))
-    found.sort(key=lambda t: t.pid or 0)
-    return found
