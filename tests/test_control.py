@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -476,15 +477,61 @@ def test_serves_in_a_process_with_descriptors_above_1024(moddir, samples, short_
 
 
 @pytest.mark.timeout(60)
-def test_idle_connection_is_dropped(runtime_dir, monkeypatch):
-    monkeypatch.setattr(control.server, "DEFAULT_IDLE_TIMEOUT", 0.5)
+def test_idle_connection_is_dropped(runtime_dir):
     with Registry() as reg:
-        server = reg.serve()
+        server = control.serve(reg, request_timeout=0.5)
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(30)
             s.connect(str(server.path))
-            assert s.recv(100) == b""  # the server hung up
+            assert s.recv(100) == b""  # the server hung up, with nothing to say to a silent client
         assert control.request(server.path, "ping")["ok"]
+
+
+@pytest.mark.timeout(60)
+def test_a_request_must_complete_within_the_deadline_not_just_an_idle_gap(runtime_dir):
+    """One byte every 0.2 s never leaves the connection idle for 1 s, but the whole request takes longer."""
+    with Registry() as reg:
+        server = control.serve(reg, request_timeout=1.0)
+        request = b'{"op": "ping", "pad": "' + b"x" * 40 + b'"}\n'
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(str(server.path))
+            started = time.monotonic()
+            received = b""
+            for byte in request:
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:      # the server closed: expected
+                    break
+                readable, _, _ = select.select([s], [], [], 0.2)
+                if readable:
+                    received = s.recv(4096)
+                    break
+            elapsed = time.monotonic() - started
+        (reply,) = [json.loads(line) for line in received.splitlines()]
+        assert reply["ok"] is False and "not complete within 1 s" in reply["error"]["message"]
+        assert 0.9 < elapsed < 3.0, elapsed
+        # A client that sends its requests promptly is served, one request after another.
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(server.path))
+            for _ in range(3):
+                time.sleep(0.6)       # 1.8 s on one connection: the deadline is per request
+                s.sendall(b'{"op": "ping"}\n')
+                assert json.loads(s.recv(4096))["ok"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-32-be"])
+def test_requests_are_utf8_only(runtime_dir, encoding):
+    with Registry() as reg:
+        server = reg.serve()
+        replies = raw(server.path, '{"op": "ping"}'.encode(encoding) + b"\n" + b'{"op": "ping"}\n')
+        assert replies[0]["ok"] is False and replies[0]["error"]["type"] == "ProtocolError"
+        assert "UTF-8" in replies[0]["error"]["message"]
+        assert replies[-1] == {"ok": True, "pid": os.getpid()}
+        # UTF-8 itself, non-ASCII included, is fine (an unknown module, named in the error).
+        (reply,) = raw(server.path, '{"op": "reload", "module": "m\u00f6d"}\n'.encode())
+        assert reply["error"]["type"] == "ModuleNotLoaded" and "m\u00f6d" in reply["error"]["message"]
 
 
 # ----------------------------------------------------------------------------- another user

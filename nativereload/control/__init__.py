@@ -13,10 +13,10 @@ from ..errors import ControlError, ProtocolError
 from .client import request
 from .discovery import Target, default_socket_dir, default_socket_path, discover
 from .protocol import MAX_REQUEST
-from .server import DEFAULT_IDLE_TIMEOUT, MAX_CONNECTIONS, Server, handle, serve
+from .server import DEFAULT_REQUEST_TIMEOUT, MAX_CONNECTIONS, Server, handle, serve
 
 __all__ = [
-    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_REQUEST_TIMEOUT",
     "MAX_CONNECTIONS",
     "MAX_REQUEST",
     "ControlError",

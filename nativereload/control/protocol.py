@@ -18,7 +18,8 @@ form:
     any failure
             -> {"ok": false, "error": {"type": "SymbolError", "message": "..."}}
 
-Invalid JSON, an unknown op, a field of the wrong type or an unknown field
+Requests are UTF-8 (a request in another encoding is an error). Invalid
+JSON, an unknown op, a field of the wrong type or an unknown field
 gets an error reply of type ``ProtocolError`` on the same connection. A
 request line longer than ``MAX_REQUEST`` bytes gets one and the connection is
 closed. Nothing a client sends is ever used as a path or evaluated: ``reload``
@@ -63,9 +64,20 @@ def decode_request(line: bytes) -> dict:
         ProtocolError: not JSON, not an object, unknown op, unknown field, or
             a ``module`` that is not a non-empty string.
     """
+    # UTF-8 only. json.loads(bytes) would also accept UTF-16 and UTF-32 (it
+    # guesses the encoding from the first bytes), so decode first, strictly.
     try:
-        req = json.loads(line)
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"a request must be UTF-8 text; byte {exc.start} is 0x{line[exc.start]:02x} "
+                            "(UTF-16 and UTF-32 are not accepted)") from None
+    if "\0" in text:
+        # Valid UTF-8, but JSON never holds a raw NUL: this is UTF-16 or UTF-32 text.
+        raise ProtocolError("a request must be UTF-8 text; it holds NUL bytes (UTF-16 and UTF-32 are not "
+                            "accepted)")
+    try:
+        req = json.loads(text)
+    except ValueError as exc:
         raise ProtocolError(f"invalid JSON: {exc}") from None
     except RecursionError:
         raise ProtocolError("invalid JSON: nested too deeply") from None

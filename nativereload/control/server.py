@@ -14,7 +14,10 @@ pre-fork server's worker) inherits no server: it never removes the parent's
 socket, and calls serve() itself to get its own.
 
 Each connection is served by its own thread, so a client that connects and
-never writes delays nobody; it is dropped after ``idle_timeout`` seconds.
+never writes delays nobody. Each request must arrive complete within
+``request_timeout`` seconds of the connection being ready for it (accepted, or
+its previous reply sent): a silent connection is dropped, and a slow or
+trickling request gets an error reply before the connection is closed.
 """
 
 from __future__ import annotations
@@ -38,12 +41,12 @@ from . import protocol
 from .discovery import check_private_dir, default_socket_dir, remove_if_stale, sweep
 from .protocol import MAX_REQUEST
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT", "MAX_CONNECTIONS", "Server", "handle", "serve"]
+__all__ = ["DEFAULT_REQUEST_TIMEOUT", "MAX_CONNECTIONS", "Server", "handle", "serve"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_IDLE_TIMEOUT = 10.0
-"""Seconds a connection may stay silent before it is dropped (read when serve() is called)."""
+DEFAULT_REQUEST_TIMEOUT = 10.0
+"""Seconds a connection has to deliver each complete request line (read when serve() is called)."""
 MAX_CONNECTIONS = 64
 """Connections served at once; at the limit, the one silent the longest is dropped to admit a new one."""
 # After refusing an oversized request: how long, and how much, to keep reading
@@ -127,12 +130,12 @@ class Server:
     """
 
     def __init__(self, registry: Any, path: Path, listener: socket.socket, *,
-                 idle_timeout: float) -> None:
+                 request_timeout: float) -> None:
         self.path = path
         self._owner_pid = os.getpid()
         self._registry = registry
         self._listener = listener
-        self._idle_timeout = idle_timeout
+        self._request_timeout = request_timeout
         self._inode = os.stat(path).st_ino
         self._closed = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -286,18 +289,36 @@ class Server:
                 self._refuse(conn, protocol.error_reply("PermissionError", f"uid {uid} may not use this socket; only "
                                                 f"uid {os.geteuid()} and root may"))
                 return
-            conn.settimeout(self._idle_timeout)
             buffer = b""
+            # Each request must be complete within request_timeout of the
+            # moment the connection was ready for it (accepted, or its previous
+            # reply sent): a per-recv() timeout alone would let a client that
+            # sends one byte every few seconds hold a thread for ever.
+            deadline = time.monotonic() + self._request_timeout
             while not self._closed.is_set():
                 newline = buffer.find(b"\n")
                 if newline < 0:
                     if len(buffer) > MAX_REQUEST:
                         self._refuse(conn, _TOO_LONG)
                         return
-                    try:
-                        chunk = conn.recv(65536)
-                    except socket.timeout:
-                        logger.debug("control socket %s: dropping an idle connection", self.path)
+                    left = deadline - time.monotonic()
+                    if left > 0:
+                        conn.settimeout(left)
+                        try:
+                            chunk = conn.recv(65536)
+                        except socket.timeout:
+                            chunk = None
+                    else:
+                        chunk = None
+                    if chunk is None:
+                        if buffer.strip():
+                            logger.debug("control socket %s: a request took over %g s; dropping it", self.path,
+                                         self._request_timeout)
+                            self._refuse(conn, protocol.error_reply(
+                                "ProtocolError", f"request not complete within {self._request_timeout:g} s; "
+                                "closing the connection"))
+                        else:
+                            logger.debug("control socket %s: dropping an idle connection", self.path)
                         return
                     if not chunk:
                         return
@@ -314,6 +335,7 @@ class Server:
                         self._connections[conn] = time.monotonic()
                 if not _send(conn, self._handle_line(line)):
                     return
+                deadline = time.monotonic() + self._request_timeout
         except OSError as exc:
             logger.debug("control socket %s: connection ended: %s", self.path, exc)
         finally:
@@ -455,15 +477,16 @@ def _bind_private(path: Path) -> socket.socket:
 
 
 def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
-          idle_timeout: float | None = None) -> Server:
+          request_timeout: float | None = None) -> Server:
     """Serve ``registry`` on a Unix socket from a daemon thread; return the Server.
 
     Args:
         socket_path: default ``default_socket_path()``. Its directory is checked
             (see the module docstring); an existing socket there is replaced
             only if stale (dead pid, or nobody listening).
-        idle_timeout: seconds a connection may stay silent before it is dropped
-            (default ``DEFAULT_IDLE_TIMEOUT``).
+        request_timeout: seconds a connection has to deliver each complete
+            request, from when it was accepted or got its previous reply
+            (default ``DEFAULT_REQUEST_TIMEOUT``).
 
     Raises:
         ControlError: unsafe or unusable directory, path too long, or a live
@@ -485,7 +508,7 @@ def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
                            hint="close the other server first, or pass another socket_path")
     listener = _bind_private(path)
     server = Server(registry, path, listener,
-                    idle_timeout=DEFAULT_IDLE_TIMEOUT if idle_timeout is None else idle_timeout)
+                    request_timeout=DEFAULT_REQUEST_TIMEOUT if request_timeout is None else request_timeout)
     server._start()
     registry._add_closer(server.close)     # registry.close() stops it first
     logger.info("control socket serving at %s", path)
