@@ -8,6 +8,7 @@ keeps a thread calling it, and answers "calls" / "quit" on stdin with JSON.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pwd
 import select
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -532,6 +534,52 @@ def test_requests_are_utf8_only(runtime_dir, encoding):
         # UTF-8 itself, non-ASCII included, is fine (an unknown module, named in the error).
         (reply,) = raw(server.path, '{"op": "reload", "module": "m\u00f6d"}\n'.encode())
         assert reply["error"]["type"] == "ModuleNotLoaded" and "m\u00f6d" in reply["error"]["message"]
+
+
+@pytest.mark.timeout(60)
+def test_a_reload_whose_client_is_gone_before_it_starts_is_not_run(runtime_dir, moddir, samples, monkeypatch,
+                                                                    caplog):
+    caplog.set_level(logging.INFO, logger="nativereload")
+    install(samples["v1"], moddir / "sample.so")
+    with Registry(path=[moddir]) as reg:
+        reg.load("sample", cdef=SAMPLE_CDEF)
+        server = reg.serve()
+        release, started, reloads = threading.Event(), threading.Event(), []
+        real_reload = reg.reload
+
+        def slow_reload(name, cdef=None):
+            reloads.append(name)
+            if len(reloads) == 1:
+                started.set()
+                release.wait(30)        # a slow reload: the next one queues behind it
+            return real_reload(name, cdef)
+
+        monkeypatch.setattr(reg, "reload", slow_reload)
+        first: list[dict] = []
+        waiter = threading.Thread(target=lambda: first.append(control.request(server.path, "reload",
+                                                                              module="sample")))
+        waiter.start()
+        assert started.wait(10)
+        # A second client asks for a reload, gives up (as the CLI does at its timeout) and hangs up.
+        with pytest.raises(control.ControlError, match="no reply"):
+            control.request(server.path, "reload", module="sample", timeout=0.5)
+        # A third client that hung up only its sending side still waits for its reply: it is served.
+        third = socket.socket(socket.AF_UNIX)
+        third.connect(str(server.path))
+        third.sendall(b'{"op": "unload", "module": "sample"}\n')
+        third.shutdown(socket.SHUT_WR)
+        release.set()
+        waiter.join(10)
+        assert first[0]["ok"] and first[0]["generation"] == 2
+        third.settimeout(10)
+        assert json.loads(third.recv(4096)) == {"ok": True, "pid": os.getpid(), "module": "sample",
+                                                "generation": 2}
+        third.close()
+        deadline = time.monotonic() + 10      # the lock does not say which waiter goes first
+        while not any("reload of 'sample' not run: its client hung up" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+        assert reloads == ["sample"]
 
 
 # ----------------------------------------------------------------------------- another user

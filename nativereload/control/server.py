@@ -33,8 +33,9 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ControlError, ModuleNotLoaded, NativeReloadError
 from . import protocol
@@ -106,9 +107,11 @@ def _forget_servers_in_child() -> None:
     It only drops its copies of the descriptors; a worker that wants its own
     socket calls serve() again, which binds <its pid>.sock.
     """
-    global _live_lock
-    # Another thread may have held the lock at fork time; it does not exist here.
+    global _live_lock, _op_locks_guard
+    # Another thread may have held these locks at fork time; it does not exist here.
     _live_lock = threading.Lock()
+    _op_locks_guard = threading.Lock()
+    _op_locks.clear()
     servers = list(_live_servers)
     _live_servers.clear()
     for server in servers:
@@ -333,7 +336,8 @@ class Server:
                 with self._lock:
                     if conn in self._connections:
                         self._connections[conn] = time.monotonic()
-                if not _send(conn, self._handle_line(line)):
+                reply = self._handle_line(conn, line)
+                if reply is None or not _send(conn, reply):
                     return
                 deadline = time.monotonic() + self._request_timeout
         except OSError as exc:
@@ -370,16 +374,34 @@ class Server:
         except OSError:
             pass
 
-    def _handle_line(self, line: bytes) -> dict:
+    def _handle_line(self, conn: socket.socket, line: bytes) -> dict | None:
+        """The reply to one request line; None if its client hung up before it could start."""
         req = None
         try:
             req = protocol.decode_request(line)
-            return handle(self._registry, req)
+            return handle(self._registry, req, still_wanted=lambda: not _peer_gone(conn))
+        except _ClientGone:
+            logger.info("control socket %s: %s of '%s' not run: its client hung up before it could start",
+                        self.path, req["op"], req["module"])
+            return None
         except NativeReloadError as exc:
             return protocol.error_reply(type(exc).__name__, str(exc))
         except Exception as exc:
             logger.exception("control socket %s: request %r failed", self.path, req)
             return protocol.error_reply(type(exc).__name__, str(exc) or repr(exc))
+
+
+def _peer_gone(conn: socket.socket) -> bool:
+    """Has the client closed its end? (It may have given up waiting, e.g. the CLI's timeout.)
+
+    Linux reports POLLHUP on a Unix stream socket once the peer has closed
+    (net/unix/af_unix.c sets the survivor's sk_shutdown to SHUTDOWN_MASK); a
+    peer that only shut down its writing side still waits for the reply, and
+    gives POLLIN/POLLRDHUP, not POLLHUP.
+    """
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    return any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, events in poller.poll(0))
 
 
 def _peer_uid(conn: socket.socket) -> int | None:
@@ -415,8 +437,33 @@ def _module_status(registry: Any) -> list[dict]:
     return modules
 
 
-def handle(registry: Any, req: Any) -> dict:
+class _ClientGone(Exception):
+    """A reload or unload whose client is gone: it is not run."""
+
+
+# Reloads and unloads that arrive over sockets run one at a time per registry,
+# each after checking that its client still waits for it: a reload queued
+# behind a slow one must not run later for a client that has given up (and
+# perhaps retried). Weak keys: a closed registry takes its lock along.
+_op_locks: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_op_locks_guard = threading.Lock()
+
+
+def _op_lock(registry: Any) -> threading.Lock:
+    with _op_locks_guard:
+        lock = _op_locks.get(registry)
+        if lock is None:
+            lock = _op_locks[registry] = threading.Lock()
+        return lock
+
+
+def handle(registry: Any, req: Any, *, still_wanted: Callable[[], bool] | None = None) -> dict:
     """Carry out one decoded request against ``registry``; return the reply.
+
+    Args:
+        still_wanted: called when a reload or unload is about to start (it may
+            have waited for another to finish); if it returns False, the
+            operation is not run.
 
     Raises:
         ProtocolError: not an object, unknown op, wrong type, unknown field.
@@ -430,20 +477,23 @@ def handle(registry: Any, req: Any) -> dict:
     if op == "status":
         return {"ok": True, "pid": pid, "modules": _module_status(registry)}
     name = req["module"]
-    # Only modules this process already loaded: the registry re-reads the path
-    # it resolved at load, so nothing from the socket ever names a file.
-    # status() also lists unloaded modules still draining: only an active image counts.
-    loaded = {m.name: m for m in registry.status() if any(i.state == "active" for i in m.images)}
-    if name not in loaded:
-        raise ModuleNotLoaded(f"module {name!r} is not loaded in process {pid} (loaded: "
-                              f"{', '.join(sorted(loaded)) or 'none'})", module=name)
-    before = loaded[name].generation
-    if op == "unload":
-        registry.unload(name)
-        return {"ok": True, "pid": pid, "module": name, "generation": before}
-    started = time.perf_counter()
-    module = registry.reload(name)
-    seconds = time.perf_counter() - started
+    with _op_lock(registry):
+        if still_wanted is not None and not still_wanted():
+            raise _ClientGone(name)
+        # Only modules this process already loaded: the registry re-reads the path
+        # it resolved at load, so nothing from the socket ever names a file.
+        # status() also lists unloaded modules still draining: only an active image counts.
+        loaded = {m.name: m for m in registry.status() if any(i.state == "active" for i in m.images)}
+        if name not in loaded:
+            raise ModuleNotLoaded(f"module {name!r} is not loaded in process {pid} (loaded: "
+                                  f"{', '.join(sorted(loaded)) or 'none'})", module=name)
+        before = loaded[name].generation
+        if op == "unload":
+            registry.unload(name)
+            return {"ok": True, "pid": pid, "module": name, "generation": before}
+        started = time.perf_counter()
+        module = registry.reload(name)
+        seconds = time.perf_counter() - started
     return {"ok": True, "pid": pid, "module": name, "generation_before": before,
             "generation": module.generation, "seconds": seconds}
 
