@@ -27,7 +27,7 @@ import pytest
 
 from conftest import ROOT, SAMPLE_CDEF, install
 
-from nativereload import Registry, control
+from nativereload import Registry, cli, control
 
 CHILD = textwrap.dedent("""
     import json, sys, threading
@@ -306,22 +306,69 @@ def test_live_socket_is_not_replaced(runtime_dir, short_tmp_path):
         assert (short_tmp_path / "file").read_text() == "not a socket"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory owned by another user")
-def test_refuses_directory_owned_by_someone_else(runtime_dir, short_tmp_path):
-    directory = runtime_dir / "nativereload"
-    directory.mkdir(mode=0o700)
-    os.chown(directory, 65534, 65534)
+@pytest.fixture
+def shared_tmp(short_tmp_path, monkeypatch) -> Path:
+    """A shared, sticky TMPDIR (like /tmp) and no XDG_RUNTIME_DIR: the place where names can be squatted."""
+    path = short_tmp_path / "tmp"
+    path.mkdir()
+    os.chmod(path, 0o1777)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(path))
+    return path
+
+
+def _check_serves_beside_a_squatted_dir(squatted: Path, caplog, others: tuple[str, ...] = ()) -> None:
+    caplog.set_level(logging.WARNING, logger="nativereload")
     with Registry() as reg:
-        with pytest.raises(control.ControlError, match="owned by uid 65534"):
-            reg.serve()
-        # An explicit path in a shared, world-writable directory owned by someone else.
+        server = reg.serve()
+        fallback = server.path.parent
+        assert fallback.parent == squatted.parent and fallback.name.startswith(squatted.name + ".")
+        st = os.lstat(fallback)
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700
+        assert control.request(server.path, "ping")["ok"]
+        assert control.discover() == [control.Target(os.getpid(), server.path)]
+        warning = "\n".join(r.getMessage() for r in caplog.records)
+        assert f"serving from {fallback} instead" in warning and f"have {squatted} removed" in warning
+        # The command line finds it too.
+        assert cli.main(["status", "--json"]) == 0
+        server.close()
+        # The next server reuses the fallback rather than making another.
+        again = reg.serve()
+        assert again.path.parent == fallback
+    assert sorted(p.name for p in squatted.parent.iterdir()) == sorted([squatted.name, fallback.name, *others])
+
+
+def test_a_squatted_socket_name_does_not_stop_serve(shared_tmp, caplog, capsys):
+    """Anyone can create the usual name first in a sticky /tmp; here, a file (no second user needed)."""
+    squatted = shared_tmp / f"nativereload-sockets-{os.getuid()}"
+    squatted.write_text("mine now")
+    _check_serves_beside_a_squatted_dir(squatted, caplog)
+    assert squatted.read_text() == "mine now"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory owned by another user")
+def test_a_socket_directory_owned_by_someone_else_is_never_used(shared_tmp, caplog, capsys):
+    squatted = shared_tmp / f"nativereload-sockets-{os.getuid()}"
+    squatted.mkdir(mode=0o777)
+    os.chown(squatted, 65534, 65534)
+    # A fallback-looking directory of the other user is not trusted either.
+    theirs = shared_tmp / f"nativereload-sockets-{os.getuid()}.aaaa"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    _check_serves_beside_a_squatted_dir(squatted, caplog, others=(theirs.name,))
+    assert list(squatted.iterdir()) == [] and list(theirs.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory owned by another user")
+def test_an_explicit_path_in_a_directory_of_someone_else_is_refused(runtime_dir, short_tmp_path):
+    with Registry() as reg:
         shared = short_tmp_path / "shared"
         shared.mkdir()
         os.chmod(shared, 0o1777)
         os.chown(shared, 65534, 65534)
         with pytest.raises(control.ControlError):
             reg.serve(shared / "x.sock")
-    assert list(directory.iterdir()) == []
+        assert list(shared.iterdir()) == []
 
 
 def test_explicit_path_parent_must_be_private(runtime_dir, short_tmp_path):
@@ -340,12 +387,14 @@ def test_explicit_path_parent_must_be_private(runtime_dir, short_tmp_path):
     assert list(shared.iterdir()) == []
 
 
-def test_refuses_symlinked_directory(runtime_dir, short_tmp_path):
+def test_a_symlinked_socket_directory_is_never_followed(runtime_dir, short_tmp_path):
     target = short_tmp_path / "elsewhere"
     target.mkdir(mode=0o700)
     (runtime_dir / "nativereload").symlink_to(target)
-    with Registry() as reg, pytest.raises(control.ControlError, match="not a directory"):
-        reg.serve()
+    with Registry() as reg:
+        server = reg.serve()
+        assert server.path.parent.name.startswith("nativereload.") and not server.path.parent.is_symlink()
+    assert list(target.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- protocol

@@ -7,7 +7,12 @@ process's socket without being told:
     ${TMPDIR:-/tmp}/nativereload-sockets-<uid>/<pid>.sock    otherwise
 
 The directory is created 0700 and must be a real directory owned by us: one
-owned by someone else, or a symlink, is refused rather than trusted. A socket
+owned by someone else, a symlink or a file is refused rather than trusted.
+Since anyone can create that name first in a shared ``/tmp``, a refused
+directory does not stop ``serve()``: it serves from a fallback beside it,
+``<that name>.<random>`` (made by mkdtemp: 0700, ours, a name nobody can
+take first), reused by later servers, and ``discover()`` looks in every
+fallback that is ours and private as well. A socket
 whose pid is dead, or on which nobody listens, is stale: ``discover()`` and
 the next ``serve()`` remove it (SIGKILLed servers leave theirs behind).
 """
@@ -19,13 +24,14 @@ import logging
 import os
 import socket
 import stat
+import tempfile
 from pathlib import Path
 
 from ..errors import ControlError
 from ..workdir import pid_alive
 
 __all__ = ["Target", "check_private_dir", "default_socket_dir", "default_socket_path", "discover",
-           "remove_if_stale", "sweep"]
+           "remove_if_stale", "serving_dir", "socket_dirs", "sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +92,76 @@ def check_private_dir(path: Path, *, create: bool) -> None:
         os.chmod(path, 0o700)
 
 
+def _fallbacks(primary: Path) -> list[Path]:
+    """The fallback directories beside ``primary`` that are ours: real directories, our uid, mode 0700."""
+    prefix = primary.name + "."
+    found = []
+    try:
+        entries = list(os.scandir(primary.parent))
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not stat.S_IMODE(st.st_mode) & 0o077:
+            found.append(Path(entry.path))
+    return sorted(found)
+
+
+def serving_dir() -> Path:
+    """The directory ``serve()`` binds in: ``default_socket_dir()``, or a private fallback if it is refused.
+
+    Someone else may have taken the usual name first (in a shared, sticky
+    ``/tmp`` anyone can make ``nativereload-sockets-<uid>``): that must not
+    stop this process from serving. The fallback is reused if one of ours
+    exists, else made by mkdtemp. A warning says what happened and how to
+    get the usual place back.
+
+    Raises:
+        ControlError: the directory's parent cannot be written (no fallback
+            can be made there either).
+    """
+    primary = default_socket_dir()
+    try:
+        check_private_dir(primary, create=True)
+        return primary
+    except ControlError as exc:
+        if not os.path.lexists(primary):
+            raise      # it could not be created: a fallback beside it could not either
+        refused = exc
+    existing = _fallbacks(primary)
+    if existing:
+        chosen = existing[0]
+    else:
+        try:
+            chosen = Path(tempfile.mkdtemp(prefix=primary.name + ".", dir=primary.parent))
+        except OSError as exc:
+            raise ControlError(f"{refused}; and no fallback directory could be made in {primary.parent}: "
+                               f"{exc.strerror or exc}", path=primary,
+                               hint="set XDG_RUNTIME_DIR (or TMPDIR) to a private directory") from None
+    logger.warning("%s; serving from %s instead (the command line looks there too). To use the usual place "
+                   "again, have %s removed by its owner or root, or set XDG_RUNTIME_DIR to a private directory",
+                   refused, chosen, primary)
+    return chosen
+
+
+def socket_dirs() -> list[Path]:
+    """Every directory this user's sockets may be in: the usual one, if it is ours, then its fallbacks."""
+    primary = default_socket_dir()
+    found = []
+    if os.path.lexists(primary):
+        try:
+            check_private_dir(primary, create=False)
+            found.append(primary)
+        except ControlError as exc:
+            logger.warning("%s; looking only in the fallback directories beside it", exc)
+    return found + _fallbacks(primary)
+
+
 def _listening(path: Path) -> bool:
     """Does anything accept connections on the socket at ``path``?
 
@@ -142,31 +218,31 @@ def sweep(directory: Path) -> None:
 
 
 def discover(*, cleanup: bool = True) -> list[Target]:
-    """The sockets of this user's live processes in ``default_socket_dir()``, by pid.
+    """The sockets of this user's live processes (in ``socket_dirs()``), by pid.
 
-    Sockets of dead processes are removed on the way (``cleanup``). An absent
-    directory means no process serves.
-
-    Raises:
-        ControlError: the directory is owned by someone else, or not a directory.
+    Sockets of dead processes are removed on the way (``cleanup``). No
+    directory means no process serves. A directory that is not ours is
+    never trusted: it is skipped with a warning.
     """
-    directory = default_socket_dir()
-    if not os.path.lexists(directory):
-        return []
-    check_private_dir(directory, create=False)
     found = []
-    for entry in sorted(directory.iterdir()):
-        stem = entry.name[:-5] if entry.name.endswith(".sock") else ""
-        if not stem.isdigit():
-            continue
+    for directory in socket_dirs():
         try:
-            is_sock = stat.S_ISSOCK(os.lstat(entry).st_mode)
-        except FileNotFoundError:
+            entries = sorted(directory.iterdir())
+        except OSError as exc:
+            logger.warning("cannot list the socket directory %s: %s", directory, exc.strerror or exc)
             continue
-        if not is_sock:
-            continue
-        if cleanup and remove_if_stale(entry):
-            continue
-        found.append(Target(int(stem), entry))
+        for entry in entries:
+            stem = entry.name[:-5] if entry.name.endswith(".sock") else ""
+            if not stem.isdigit():
+                continue
+            try:
+                is_sock = stat.S_ISSOCK(os.lstat(entry).st_mode)
+            except FileNotFoundError:
+                continue
+            if not is_sock:
+                continue
+            if cleanup and remove_if_stale(entry):
+                continue
+            found.append(Target(int(stem), entry))
     found.sort(key=lambda t: t.pid or 0)
     return found

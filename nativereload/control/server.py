@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from ..errors import ControlError, ModuleNotLoaded, NativeReloadError
 from . import protocol
-from .discovery import check_private_dir, default_socket_dir, remove_if_stale, sweep
+from .discovery import check_private_dir, remove_if_stale, serving_dir, sweep
 from .protocol import MAX_REQUEST
 
 __all__ = ["DEFAULT_REQUEST_TIMEOUT", "MAX_CONNECTIONS", "Server", "handle", "serve"]
@@ -531,9 +531,11 @@ def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
     """Serve ``registry`` on a Unix socket from a daemon thread; return the Server.
 
     Args:
-        socket_path: default ``default_socket_path()``. Its directory is checked
-            (see the module docstring); an existing socket there is replaced
-            only if stale (dead pid, or nobody listening).
+        socket_path: default ``<pid>.sock`` in ``discovery.serving_dir()`` (the
+            usual directory, or a private fallback if someone else took its
+            name). An explicit path's directory must be ours and writable by
+            nobody else. An existing socket there is replaced only if stale
+            (dead pid, or nobody listening).
         request_timeout: seconds a connection has to deliver each complete
             request, from when it was accepted or got its previous reply
             (default ``DEFAULT_REQUEST_TIMEOUT``).
@@ -543,8 +545,7 @@ def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
             server already answers at ``socket_path``.
     """
     if socket_path is None:
-        directory = default_socket_dir()
-        check_private_dir(directory, create=True)
+        directory = serving_dir()
         path = directory / f"{os.getpid()}.sock"
         sweep(directory)
     else:
