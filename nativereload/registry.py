@@ -444,11 +444,15 @@ class Registry:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def serve(self, socket_path: str | os.PathLike | None = None) -> Any:
-        """Answer the ``nativereload`` command line on a Unix socket; returns the Server."""
+    def serve(self, socket_path: str | os.PathLike | None = None, *, name: str | None = None) -> Any:
+        """Answer the ``nativereload`` command line on a Unix socket; returns the Server.
+
+        ``name`` is what ``nativereload ... --name NAME`` and ``nativereload ps``
+        call this process (default: the program's name).
+        """
         from . import control
 
-        return control.serve(self, socket_path)
+        return control.serve(self, socket_path, name=name)
 
     def watch_files(self) -> Any:
         """Reload each module when its file is replaced by a complete new build (see watch.py)."""

@@ -34,9 +34,10 @@ CHILD = textwrap.dedent("""
     import nativereload
 
     moddir, socket_path, name, cdef = sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4]
+    process_name = sys.argv[5] if len(sys.argv) > 5 else None
     reg = nativereload.Registry(path=[moddir])
     mod = reg.load(name, cdef=cdef)
-    server = reg.serve(socket_path)
+    server = reg.serve(socket_path, name=process_name)
     served, failed, last = [0], [], [None]
     stop = threading.Event()
 
@@ -87,9 +88,10 @@ class ServingChild:
     """A child Python process hosting a Registry with ``serve()``; always reaped by ``stop()``."""
 
     def __init__(self, moddir: Path, runtime_dir: Path, *, socket_path: Path | None = None, name: str = "sample",
-                 cdef: str = SAMPLE_CDEF) -> None:
+                 cdef: str = SAMPLE_CDEF, process_name: str | None = None) -> None:
+        self.argv = [str(moddir), str(socket_path or ""), name, cdef, *([process_name] if process_name else [])]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(moddir), str(socket_path or ""), name, cdef],
+            [sys.executable, "-c", CHILD, *self.argv],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=child_env(runtime_dir))
         ready = self._line(timeout=30)
@@ -290,7 +292,7 @@ def test_stale_sockets_replaced_and_swept(runtime_dir):
     other.close()
     with Registry() as reg:
         server = reg.serve()
-        assert control.request(server.path, "ping") == {"ok": True, "pid": os.getpid()}
+        assert control.request(server.path, "ping")["pid"] == os.getpid()
         assert not (directory / f"{dead_pid}.sock").exists()
 
 
@@ -402,7 +404,8 @@ def test_a_symlinked_socket_directory_is_never_followed(runtime_dir, short_tmp_p
 @pytest.mark.timeout(60)
 def test_protocol_against_a_serving_child(spawn, samples, moddir):
     child = spawn()
-    assert control.request(child.socket, "ping") == {"ok": True, "pid": child.pid}
+    assert control.request(child.socket, "ping") == {"ok": True, "pid": child.pid, "name": "python",
+                                                     "argv": [sys.executable, "-c", CHILD, *child.argv]}
     status = control.request(child.socket, "status")
     assert status["ok"] and status["pid"] == child.pid
     (module,) = status["modules"]
@@ -579,7 +582,7 @@ def test_requests_are_utf8_only(runtime_dir, encoding):
         replies = raw(server.path, '{"op": "ping"}'.encode(encoding) + b"\n" + b'{"op": "ping"}\n')
         assert replies[0]["ok"] is False and replies[0]["error"]["type"] == "ProtocolError"
         assert "UTF-8" in replies[0]["error"]["message"]
-        assert replies[-1] == {"ok": True, "pid": os.getpid()}
+        assert replies[-1]["ok"] and replies[-1]["pid"] == os.getpid()
         # UTF-8 itself, non-ASCII included, is fine (an unknown module, named in the error).
         (reply,) = raw(server.path, '{"op": "reload", "module": "m\u00f6d"}\n'.encode())
         assert reply["error"]["type"] == "ModuleNotLoaded" and "m\u00f6d" in reply["error"]["message"]

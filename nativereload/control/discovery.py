@@ -29,19 +29,46 @@ from pathlib import Path
 
 from ..errors import ControlError
 from ..workdir import pid_alive
+from .client import request
 
-__all__ = ["Target", "check_private_dir", "default_socket_dir", "default_socket_path", "discover",
-           "remove_if_stale", "serving_dir", "socket_dirs", "sweep"]
+__all__ = ["Target", "check_private_dir", "default_socket_dir", "default_socket_path", "describe", "discover",
+           "find_targets", "remove_if_stale", "serving_dir", "socket_dirs", "sweep"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A process reachable through its control socket (``pid`` is None for a socket given by path)."""
+    """A process reachable through its control socket.
+
+    ``pid`` is None for a socket given by path and not asked yet; ``name``
+    and ``argv`` (what it calls itself, its command line) are filled in by
+    ``describe()``.
+    """
 
     pid: int | None
     path: Path
+    name: str | None = None
+    argv: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """How a result line names the process: ``pid 4242 [api]``."""
+        label = f"pid {self.pid}" if self.pid is not None else str(self.path)
+        return f"{label} [{self.name}]" if self.name else label
+
+    @property
+    def description(self) -> str:
+        """How a list of processes names each: ``pid 4242 [api] python serve.py --port 8000``."""
+        if not self.argv:
+            return self.label
+        command = self.command
+        return f"{self.label} {command if len(command) <= 60 else command[:57] + '...'}"
+
+    @property
+    def command(self) -> str:
+        """The command line on one line (``python -c`` code has newlines)."""
+        return " ".join(" ".join(self.argv).split())
 
 
 def default_socket_dir() -> Path:
@@ -217,12 +244,30 @@ def sweep(directory: Path) -> None:
                 logger.debug("cannot check %s: %s", entry, exc)
 
 
-def discover(*, cleanup: bool = True) -> list[Target]:
+def describe(target: Target, timeout: float = 2.0) -> Target:
+    """``target`` with its pid, name and command line, as the process answers a ping (unchanged if it does not)."""
+    try:
+        reply = request(target.path, "ping", timeout=timeout)
+    except ControlError as exc:
+        logger.debug("cannot describe %s: %s", target.path, exc)
+        return target
+    if not reply.get("ok"):
+        return target
+    pid = reply.get("pid")
+    name = reply.get("name")
+    argv = reply.get("argv")
+    return dataclasses.replace(
+        target, pid=pid if isinstance(pid, int) else target.pid, name=name if isinstance(name, str) else None,
+        argv=tuple(str(a) for a in argv) if isinstance(argv, list) else ())
+
+
+def discover(*, cleanup: bool = True, describe_each: bool = False) -> list[Target]:
     """The sockets of this user's live processes (in ``socket_dirs()``), by pid.
 
     Sockets of dead processes are removed on the way (``cleanup``). No
     directory means no process serves. A directory that is not ours is
-    never trusted: it is skipped with a warning.
+    never trusted: it is skipped with a warning. ``describe_each`` asks each
+    process its name and command line (one ping each).
     """
     found = []
     for directory in socket_dirs():
@@ -245,4 +290,66 @@ def discover(*, cleanup: bool = True) -> list[Target]:
                 continue
             found.append(Target(int(stem), entry))
     found.sort(key=lambda t: t.pid or 0)
+    if describe_each:
+        found = [describe(target) for target in found]
     return found
+
+
+def _listing(targets: list[Target]) -> str:
+    return "; ".join(t.description for t in targets)
+
+
+def find_targets(*, socket: str | os.PathLike | None = None, pid: int | None = None, name: str | None = None,
+                 every: bool = False) -> list[Target]:
+    """The processes a command addresses, by the command line's rules.
+
+    ``socket``: that socket. ``pid``: that process. ``name``: the processes
+    serving under that name (several only with ``every``). ``every`` alone:
+    every live process of this user. None of them: the only live process
+    of this user.
+
+    Raises:
+        ControlError: nothing matches, or several do and ``every`` is not set;
+            the message lists the live processes (pid, name, command line).
+    """
+    if socket is not None:
+        path = Path(socket)
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise ControlError(f"no control socket at {path}", path=path,
+                               hint="is the process running, and did it call reg.serve()?") from None
+        except OSError as exc:
+            raise ControlError(f"cannot reach {path}: {exc.strerror or exc}", path=path,
+                               hint="the socket may belong to another user; run as that user") from None
+        if not stat.S_ISSOCK(mode):
+            raise ControlError(f"{path} is not a socket", path=path,
+                               hint="pass the path a process's reg.serve() printed (Server.path), or use --pid PID")
+        return [describe(Target(None, path))]
+    where = " or ".join(str(d) for d in socket_dirs()) or str(default_socket_dir())
+    live = discover(describe_each=True)
+    if pid is not None:
+        chosen = [t for t in live if t.pid == pid]
+        if not chosen:
+            raise ControlError(f"process {pid} has no live control socket in {where}",
+                               hint=f"live processes: {_listing(live)}" if live
+                               else "is it running, and did it call reg.serve()?")
+        return chosen
+    if not live:
+        raise ControlError(f"no nativereload process of this user is serving (looked in {where})",
+                           hint="call reg.serve() in your program; the socket directory comes from XDG_RUNTIME_DIR, "
+                                "else TMPDIR (it must match between your program and this shell)")
+    if name is not None:
+        chosen = [t for t in live if t.name == name]
+        if not chosen:
+            raise ControlError(f"no live process is named {name!r}",
+                               hint=f"live processes: {_listing(live)} (a process names itself with "
+                                    "reg.serve(name=...); the default is its program's name)")
+        if len(chosen) > 1 and not every:
+            raise ControlError(f"{len(chosen)} processes are named {name!r}: {_listing(chosen)}",
+                               hint="choose one with --pid PID, or address them all with --name NAME --all")
+        return chosen
+    if every or len(live) == 1:
+        return live
+    raise ControlError(f"{len(live)} processes are serving: {_listing(live)}",
+                       hint="choose one with --name NAME, --pid PID or --socket PATH, or address them all with --all")

@@ -4,12 +4,11 @@ A client connects, writes requests (one JSON object and a newline each) and
 reads one reply line per request. Each operation, its wire form and its CLI
 form:
 
-    ping    {"op": "ping"}
-            -> {"ok": true, "pid": 123}
-            (what discovery uses to tell a live process from a stale socket)
-    status  {"op": "status"}                          nativereload status
-            -> {"ok": true, "pid": 123, "modules": [{"name", "path", "generation",
-                "images": [{"generation", "state", "in_flight"}]}]}
+    ping    {"op": "ping"}                            (discovery: who serves here)
+            -> {"ok": true, "pid": 123, "name": "api", "argv": ["python", "serve.py"]}
+    status  {"op": "status"}                          nativereload status, nativereload ps
+            -> {"ok": true, "pid": 123, "name": "api", "argv": [...], "modules": [{"name",
+                "path", "generation", "images": [{"generation", "state", "in_flight"}]}]}
     reload  {"op": "reload", "module": NAME}          nativereload reload NAME
             -> {"ok": true, "pid": 123, "module": NAME, "generation_before": 1,
                 "generation": 2, "seconds": 0.0004}

@@ -26,10 +26,12 @@ import atexit
 import errno
 import logging
 import os
+import re
 import select
 import socket
 import stat
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -42,7 +44,8 @@ from . import protocol
 from .discovery import check_private_dir, remove_if_stale, serving_dir, sweep
 from .protocol import MAX_REQUEST
 
-__all__ = ["DEFAULT_REQUEST_TIMEOUT", "MAX_CONNECTIONS", "Server", "handle", "serve"]
+__all__ = ["DEFAULT_REQUEST_TIMEOUT", "MAX_CONNECTIONS", "Server", "check_name", "handle", "program_name",
+           "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,15 +129,17 @@ class Server:
 
     Attributes:
         path: the socket's path.
+        name: the name the command line can address this process by (``--name``).
 
     ``close()`` is idempotent and thread-safe: it stops accepting, removes the
     socket (if it is still ours), and lets open connections finish their
     current request.
     """
 
-    def __init__(self, registry: Any, path: Path, listener: socket.socket, *,
+    def __init__(self, registry: Any, path: Path, listener: socket.socket, *, name: str,
                  request_timeout: float) -> None:
         self.path = path
+        self.name = name
         self._owner_pid = os.getpid()
         self._registry = registry
         self._listener = listener
@@ -155,7 +160,7 @@ class Server:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed.is_set() else "serving"
-        return f"<nativereload.control.Server {str(self.path)!r} {state}>"
+        return f"<nativereload.control.Server {self.name!r} at {str(self.path)!r} {state}>"
 
     @property
     def closed(self) -> bool:
@@ -379,7 +384,7 @@ class Server:
         req = None
         try:
             req = protocol.decode_request(line)
-            return handle(self._registry, req, still_wanted=lambda: not _peer_gone(conn))
+            return handle(self._registry, req, name=self.name, still_wanted=lambda: not _peer_gone(conn))
         except _ClientGone:
             logger.info("control socket %s: %s of '%s' not run: its client hung up before it could start",
                         self.path, req["op"], req["module"])
@@ -457,10 +462,13 @@ def _op_lock(registry: Any) -> threading.Lock:
         return lock
 
 
-def handle(registry: Any, req: Any, *, still_wanted: Callable[[], bool] | None = None) -> dict:
+def handle(registry: Any, req: Any, *, name: str | None = None,
+           still_wanted: Callable[[], bool] | None = None) -> dict:
     """Carry out one decoded request against ``registry``; return the reply.
 
     Args:
+        name: the serving process's name, for ping and status replies
+            (default: the program's name).
         still_wanted: called when a reload or unload is about to start (it may
             have waited for another to finish); if it returns False, the
             operation is not run.
@@ -473,9 +481,10 @@ def handle(registry: Any, req: Any, *, still_wanted: Callable[[], bool] | None =
     op = req["op"]
     pid = os.getpid()
     if op == "ping":
-        return {"ok": True, "pid": pid}
+        return {"ok": True, "pid": pid, "name": name or program_name(), "argv": _command_line()}
     if op == "status":
-        return {"ok": True, "pid": pid, "modules": _module_status(registry)}
+        return {"ok": True, "pid": pid, "name": name or program_name(), "argv": _command_line(),
+                "modules": _module_status(registry)}
     name = req["module"]
     with _op_lock(registry):
         if still_wanted is not None and not still_wanted():
@@ -496,6 +505,34 @@ def handle(registry: Any, req: Any, *, still_wanted: Callable[[], bool] | None =
         seconds = time.perf_counter() - started
     return {"ok": True, "pid": pid, "module": name, "generation_before": before,
             "generation": module.generation, "seconds": seconds}
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.@:+-]{1,64}")
+
+
+def program_name() -> str:
+    """This process's default name: its script's or module's name (``serve.py`` -> ``serve``), else "python"."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if argv0 in ("", "-c", "-"):
+        return "python"
+    base = os.path.basename(argv0)
+    if base == "__main__.py":        # python -m package: the package's name
+        base = os.path.basename(os.path.dirname(os.path.abspath(argv0)))
+    base = base.removesuffix(".py")
+    return re.sub(r"[^A-Za-z0-9_.@:+-]", "_", base)[:64] or "python"
+
+
+def _command_line() -> list[str]:
+    # orig_argv: the interpreter and its options too, as ps shows it.
+    return list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name a serving process (1-64 of ``A-Z a-z 0-9 _ . @ : + -``), else ValueError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"invalid process name {name!r}: use 1 to 64 letters, digits and _.@:+- "
+                         "(e.g. serve(name=\"api\"))")
+    return name
 
 
 def _bind_private(path: Path) -> socket.socket:
@@ -526,7 +563,7 @@ def _bind_private(path: Path) -> socket.socket:
     return sock
 
 
-def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
+def serve(registry: Any, socket_path: str | os.PathLike | None = None, *, name: str | None = None,
           request_timeout: float | None = None) -> Server:
     """Serve ``registry`` on a Unix socket from a daemon thread; return the Server.
 
@@ -536,6 +573,9 @@ def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
             name). An explicit path's directory must be ours and writable by
             nobody else. An existing socket there is replaced only if stale
             (dead pid, or nobody listening).
+        name: what the command line calls this process (``--name NAME``,
+            ``nativereload ps``); default: the program's name. Several
+            processes may share a name (the workers of one server).
         request_timeout: seconds a connection has to deliver each complete
             request, from when it was accepted or got its previous reply
             (default ``DEFAULT_REQUEST_TIMEOUT``).
@@ -543,7 +583,9 @@ def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
     Raises:
         ControlError: unsafe or unusable directory, path too long, or a live
             server already answers at ``socket_path``.
+        ValueError: ``name`` is not a valid name.
     """
+    name = program_name() if name is None else check_name(name)
     if socket_path is None:
         directory = serving_dir()
         path = directory / f"{os.getpid()}.sock"
@@ -558,9 +600,9 @@ def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
         raise ControlError(f"{path} is in use (a live server answers there, or it is not a socket)", path=path,
                            hint="close the other server first, or pass another socket_path")
     listener = _bind_private(path)
-    server = Server(registry, path, listener,
+    server = Server(registry, path, listener, name=name,
                     request_timeout=DEFAULT_REQUEST_TIMEOUT if request_timeout is None else request_timeout)
     server._start()
     registry._add_closer(server.close)     # registry.close() stops it first
-    logger.info("control socket serving at %s", path)
+    logger.info("control socket serving %r at %s", name, path)
     return server
