@@ -54,8 +54,9 @@ setup(
     package_data={"nativereload": ["cmake/*.cmake", "py.typed", "*.pyi", "data/*"]},
     install_requires=["cffi>=1.17"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "watchfiles>=0.21"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "watchfiles>=0.21", "ipython>=8"],
         "watch": ["watchfiles>=0.21"],
+        "ipython": ["ipython>=8"],
     },
     entry_points={"console_scripts": ["nativereload = nativereload.cli:main"]},
     ext_modules=ext_modules,

@@ -16,6 +16,17 @@ from .registry import ImageStatus, Module, ModuleStatus, Registry
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # ``%load_ext nativereload`` looks these up on the package: they come from
+    # nativereload.ipython, imported only then (importing nativereload must not import IPython).
+    if name in ("load_ipython_extension", "unload_ipython_extension"):
+        from . import ipython
+
+        return getattr(ipython, name)
+    raise AttributeError(f"module 'nativereload' has no attribute {name!r}")
+
+
 __all__ = [
     "BuildError",
     "ControlError",

@@ -139,7 +139,7 @@ def _prepare_build_dir(source_dir: Path, build_dir: Path) -> None:
                          hint="pass --build-dir for a directory of its own, or remove that one")
 
 
-def _run(cmd: list[str], output: IO[str] | None, what: str) -> None:
+def _run(cmd: list[str], output: IO[str] | None, what: str, cwd: Path | None = None) -> None:
     logger.debug("running %s", " ".join(cmd))
     output = output if output is not None else sys.stderr
     try:
@@ -150,13 +150,13 @@ def _run(cmd: list[str], output: IO[str] | None, what: str) -> None:
         # Inherit the stream's descriptor so the compiler writes straight to it
         # (colours and line buffering as the user expects from a terminal).
         fileno = output.fileno()
-        proc = subprocess.run(cmd, stdout=fileno, stderr=fileno, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, stdout=fileno, stderr=fileno, stdin=subprocess.DEVNULL, cwd=cwd)
     except (AttributeError, OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise BuildError(f"cannot run {cmd[0]!r}: not found", hint="install CMake (apt-get install cmake, "
                              "or pip install cmake) and make sure it is on PATH") from None
         # A stream without a descriptor (StringIO in a test): capture, then copy.
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
                               text=True, errors="replace")
         output.write(proc.stdout)
     if proc.returncode != 0:
@@ -300,7 +300,8 @@ def compile_sources(sources: Iterable[str | os.PathLike], output_dir: str | os.P
                     name: str | None = None, include_dirs: Iterable[str | os.PathLike] = (),
                     defines: Mapping[str, object] | Iterable[str] = (), libraries: Iterable[str] = (),
                     library_dirs: Iterable[str | os.PathLike] = (), cflags: Iterable[str] = (),
-                    ldflags: Iterable[str] = (), output: IO[str] | None = None, force: bool = False) -> BuildResult:
+                    ldflags: Iterable[str] = (), output: IO[str] | None = None, force: bool = False,
+                    cwd: str | os.PathLike | None = None) -> BuildResult:
     """Compile C (or C++) files into ``output_dir/NAME.so``, with no build system; skip it if nothing changed.
 
     The flags are those of the CMake helper: ``-fPIC -O2 -g``, linked
@@ -316,6 +317,9 @@ def compile_sources(sources: Iterable[str | os.PathLike], output_dir: str | os.P
         defines: ``{"NAME": value}`` (None for a bare ``-DNAME``), or ``["NAME=value", ...]``.
         libraries: names for ``-l``; ``library_dirs`` for ``-L``.
         output: where the compiler writes (default: sys.stderr).
+        cwd: the directory relative paths are taken from, and the compiler
+            runs in (default: the current one). The compiler is given each
+            source relative to it, so its messages name ``counter.c:3:5``.
 
     Returns:
         a BuildResult with the one module, in ``built`` only if it was rebuilt.
@@ -325,7 +329,8 @@ def compile_sources(sources: Iterable[str | os.PathLike], output_dir: str | os.P
             linking failed (the compiler's messages went to ``output``).
     """
     started = time.perf_counter()
-    sources = [Path(src).absolute() for src in sources]
+    base = Path(cwd).absolute() if cwd is not None else Path.cwd()
+    sources = [base / src for src in sources]
     if not sources:
         raise BuildError("no source files given", hint="nativereload build FILE.c [FILE.c ...]")
     for src in sources:
@@ -335,22 +340,23 @@ def compile_sources(sources: Iterable[str | os.PathLike], output_dir: str | os.P
     name = name or sources[0].stem
     if not name or "/" in name or name.startswith("."):
         raise BuildError(f"invalid module name {name!r}", hint="pass --name NAME")
-    output_dir = Path(output_dir).absolute()
+    output_dir = base / output_dir
     target = output_dir / f"{name}.so"
     stamps = output_dir / _STAMPS / name
     cxx = any(src.suffix in _CXX_SUFFIXES for src in sources)
     compiler = _compiler(cxx)
     cflags = [*_CFLAGS, *(["-fno-gnu-unique"] if cxx and _is_gcc(compiler) else []),
-              *(f"-I{Path(d).absolute()}" for d in include_dirs), *_define_flags(defines), *cflags]
+              *(f"-I{base / d}" for d in include_dirs), *_define_flags(defines), *cflags]
     objects, commands = [], []
     for i, src in enumerate(sources):
         obj = stamps / f"{i}-{src.stem}.o"
         objects.append(obj)
-        commands.append([*compiler, *cflags, "-MD", "-MF", str(obj.with_suffix(".d")), "-c", str(src),
+        given = os.path.relpath(src, base) if base in src.parents else str(src)
+        commands.append([*compiler, *cflags, "-MD", "-MF", str(obj.with_suffix(".d")), "-c", given,
                          "-o", str(obj)])
     partial = output_dir / f".{name}.so.partial"
     link = [*compiler, *_LDFLAGS, *map(str, objects), "-o", str(partial),
-            *(f"-L{Path(d).absolute()}" for d in library_dirs), *(f"-l{lib}" for lib in libraries), *ldflags]
+            *(f"-L{base / d}" for d in library_dirs), *(f"-l{lib}" for lib in libraries), *ldflags]
     commands.append(link)
 
     record = stamps / "build.json"
@@ -371,12 +377,12 @@ def compile_sources(sources: Iterable[str | os.PathLike], output_dir: str | os.P
                          "can write (-o DIR)") from None
     record.unlink(missing_ok=True)
     for src, command in zip(sources, commands):
-        _run(command, output, f"compiling {src.name}")
-    _run(link, output, f"linking {name}.so")
+        _run(command, output, f"compiling {src.name}", cwd=base)
+    _run(link, output, f"linking {name}.so", cwd=base)
     os.replace(partial, target)        # complete, or not there at all
     inputs = [str(src) for src in sources]
     for obj in objects:
-        inputs += _depfile_inputs(obj.with_suffix(".d"))
+        inputs += [str(base / dep) for dep in _depfile_inputs(obj.with_suffix(".d"))]
     record.write_text(json.dumps(_stamp(commands, inputs)), encoding="utf-8")
     seconds = time.perf_counter() - started
     logger.info("built module '%s' in %.1f s: %s", name, seconds, target)
