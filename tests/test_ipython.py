@@ -35,7 +35,11 @@ def shell(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     InteractiveShell.clear_instance()
-    ip = InteractiveShell.instance()
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"      # no history database left to write at exit
+    ip = InteractiveShell.instance(config=config)
     ip.run_line_magic("load_ext", "nativereload")
     yield ip
     ip.run_line_magic("unload_ext", "nativereload")
