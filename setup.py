@@ -58,7 +58,11 @@ setup(
         "watch": ["watchfiles>=0.21"],
         "ipython": ["ipython>=8"],
     },
-    entry_points={"console_scripts": ["nativereload = nativereload.cli:main"]},
+    entry_points={
+        "console_scripts": ["nativereload = nativereload.cli:main"],
+        # The pytest plugin: nativereload_registry, nativereload_build (nativereload/testing.py).
+        "pytest11": ["nativereload = nativereload.testing"],
+    },
     ext_modules=ext_modules,
     cmdclass={"build_ext": OptionalBuildExt},
     zip_safe=False,

@@ -167,7 +167,7 @@ def _run(cmd: list[str], output: IO[str] | None, what: str, cwd: Path | None = N
 
 def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "build", *,
           target: str | None = None, config: str = "RelWithDebInfo", output: IO[str] | None = None,
-          jobs: int | None = None) -> BuildResult:
+          jobs: int | None = None, definitions: Mapping[str, object] | None = None) -> BuildResult:
     """Configure ``source_dir`` into ``build_dir`` if needed, build, and report what changed.
 
     Configure runs when the build directory has no CMakeCache.txt yet, or when
@@ -178,6 +178,8 @@ def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "b
         target: build only this CMake target (default: all).
         config: CMAKE_BUILD_TYPE (and ``--config`` for multi-config generators).
         output: where CMake and the compiler write (default: sys.stderr).
+        definitions: CMake cache variables (``-DNAME=VALUE``), set by a
+            configure step that then runs even if the directory is configured.
 
     Raises:
         BuildError: CMake missing, no source directory or CMakeLists.txt, a build
@@ -194,7 +196,7 @@ def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "b
     configured = False
     _prepare_build_dir(source_dir, build_dir)
     cached_type = _cache_entry(build_dir, "CMAKE_BUILD_TYPE")
-    if cached_type is None or cached_type != config:
+    if cached_type is None or cached_type != config or definitions:
         if not (source_dir / "CMakeLists.txt").is_file():
             raise BuildError(f"no CMakeLists.txt in {source_dir}",
                              hint="run from your project's directory or pass --source-dir; or build C files "
@@ -202,7 +204,8 @@ def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "b
         # nativereload_DIR lets the project find_package(nativereload); a project
         # that include()s the helper directly does not use it, hence no warning.
         cmd = [cmake, "-S", str(source_dir), "-B", str(build_dir), f"-DCMAKE_BUILD_TYPE={config}",
-               f"-Dnativereload_DIR={cmake_dir()}", "--no-warn-unused-cli"]
+               f"-Dnativereload_DIR={cmake_dir()}", "--no-warn-unused-cli",
+               *(f"-D{k}={v}" for k, v in (definitions or {}).items())]
         # The generator can only be chosen when the build directory is new.
         if cached_type is None and shutil.which("ninja"):
             cmd[1:1] = ["-G", "Ninja"]

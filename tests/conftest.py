@@ -21,6 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["pytester"]      # test_testing.py runs the plugin on small user projects
+
 SAMPLE_CDEF = """
 int version(void);
 const char *version_string(void);
