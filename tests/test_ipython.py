@@ -172,3 +172,15 @@ def test_cells_that_cannot_be_modules(shell):
     assert result.success and shell.user_ns["counter"].add(1, 1) == 102
     with pytest.raises(AttributeError):
         shell.user_ns["counter"].version
+
+
+def test_the_readme_cells(shell):
+    from test_readme import blocks
+
+    found = blocks("In a notebook: the cell magic")
+    assert [lang for lang, _ in found] == ["python", "c"]
+    shell.run_line_magic("unload_ext", "nativereload")     # the README loads it itself
+    for _lang, body in found:
+        result = shell.run_cell(body)
+        assert result.success, result.error_in_exec
+    assert shell.user_ns["counter"].add(2, 3) == 5

@@ -12,6 +12,9 @@ COUNTER = """\
 #ifndef VERSION
 #define VERSION 1
 #endif
+#ifndef OFFSET
+#define OFFSET 0
+#endif
 long add(long a, long b) { return a + b + OFFSET; }
 int version(void) { return VERSION; }
 #ifndef DROP_SLOW
@@ -19,22 +22,12 @@ void slow(int ms) { struct timespec t = {ms / 1000, (ms % 1000) * 1000000L}; nan
 #endif
 """
 
-# The README's example, word for word in spirit: a dozen lines.
-README_TEST = """\
-from nativereload.testing import assert_reload_safe
+def readme_example() -> str:
+    """The test the README shows, word for word."""
+    from test_readme import blocks
 
-
-def test_counter_is_reload_safe(nativereload_registry, nativereload_build):
-    v1 = nativereload_build(["src/counter.c"], defines={"VERSION": 1, "OFFSET": 0})
-    v2 = nativereload_build(["src/counter.c"], defines={"VERSION": 2, "OFFSET": 0})
-
-    def workload(counter):
-        assert counter.add(2, 3) == 5
-        assert counter.version() in (1, 2)
-
-    report = assert_reload_safe(nativereload_registry, "counter", builds=[v1, v2], workload=workload)
-    assert report.reloads == 100 and report.calls > 0 and report.generation == 101
-"""
+    (example,) = [body for lang, body in blocks("In your tests: the pytest plugin") if lang == "python"]
+    return example
 
 
 def _plugin_installed() -> bool:
@@ -56,9 +49,18 @@ def run(pytester, *args):
 
 @pytest.mark.timeout(300)
 def test_the_readme_example_passes(project):
-    project.makepyfile(test_counter=README_TEST)
+    example = readme_example()
+    assert len(example.strip().splitlines()) <= 14      # "in a dozen lines"
+    project.makepyfile(test_counter=example + textwrap.dedent("""
+
+        def test_the_report(nativereload_registry, nativereload_build):
+            v1 = nativereload_build(["src/counter.c"], defines={"VERSION": 1})
+            report = assert_reload_safe(nativereload_registry, "counter", builds=[v1], reloads=5,
+                                        workload=lambda counter: counter.add(2, 3) == 5)
+            assert report.reloads == 5 and report.calls > 0 and report.generation == 6
+        """))
     result = run(project)
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
 
 
 @pytest.mark.timeout(300)
