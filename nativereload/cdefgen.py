@@ -96,7 +96,7 @@ _TOKEN = re.compile(r"""
   | (?P<punct>\.\.\.|<<=|>>=|->|\+\+|--|<<|>>|<=|>=|==|!=|&&|\|\||[-+*/%&|^]=|\#\#|[{}\[\]();:,.<>=!~?*/%+\-&|^\#])
   | (?P<other>.)
 """, re.X | re.S)
-_LINE_MARKER = re.compile(r'#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)"')
+_LINE_MARKER = re.compile(r'#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)"((?:\s+\d)*)')
 _DEFINE = re.compile(r"#\s*define\s+([A-Za-z_][A-Za-z0-9_]*)(\()?(.*)$", re.S)
 _UNDEF = re.compile(r"#\s*undef\s+([A-Za-z_][A-Za-z0-9_]*)")
 _CFFI_LITERAL = re.compile(r"-?(?:0[xX][0-9a-fA-F]+|[0-9]+)[uUlL]*$")
@@ -178,11 +178,14 @@ def _run_compiler(argv: list[str], what: str, path: Path) -> str:
 
 # --------------------------------------------------------------------------- reading the preprocessed text
 
-def _scan(text: str) -> tuple[list[tuple[str, str]], list[tuple[int, str, str, list[str] | None]], list[str]]:
-    """Tokens with their file, the macro definitions (position, file, name, body or None for #undef), files read."""
+def _scan(text: str) -> tuple[list[tuple[str, str]], list[tuple[int, str, str, list[str] | None]], list[str],
+                              set[str]]:
+    """Tokens with their file, the macro definitions (position, file, name, body or None for #undef), the
+    files read, and which of them are system headers (GCC's line-marker flag 3)."""
     tokens: list[tuple[str, str]] = []
     macros: list[tuple[int, str, str, list[str] | None]] = []
     files: dict[str, None] = {}
+    system: set[str] = set()
     current = ""
     pending = ""
     for line in text.split("\n"):
@@ -199,6 +202,8 @@ def _scan(text: str) -> tuple[list[tuple[str, str]], list[tuple[int, str, str, l
                     else marker.group(2)
                 if not current.startswith("<"):
                     files.setdefault(current)
+                if "3" in marker.group(3).split():
+                    system.add(current)
                 continue
             define = _DEFINE.match(stripped)
             if define:
@@ -213,7 +218,7 @@ def _scan(text: str) -> tuple[list[tuple[str, str]], list[tuple[int, str, str, l
             continue   # #pragma, #ident: nothing for cffi
         for token in _tokens(line):
             tokens.append((token, current))
-    return tokens, macros, list(files)
+    return tokens, macros, list(files), system
 
 
 def _tokens(text: str) -> list[str]:
@@ -611,9 +616,8 @@ def _opaque(decl: _Decl) -> list:
 
 # --------------------------------------------------------------------------- the whole job
 
-def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: list[str], flags: list[str],
-              compiler: list[str], *, source: bool, title: str) -> Cdef:
-    main = str(path)
+def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: list[str], system: set[str],
+              flags: list[str], compiler: list[str], *, source: bool, title: str) -> Cdef:
     typedefs: dict[str, _Decl] = {}
     tag_defs: dict[str, _Decl] = {}
     for d in decls:
@@ -630,9 +634,10 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
         d = queue.pop()
         wanted = [typedefs.get(r) for r in d.refs if r not in _NATIVE_TYPES]
         wanted += [tag_defs.get(tag) for tag in d.tag_refs]
-        # A struct defined in the file itself comes along even when only pointed to: the
-        # caller may well want to allocate one (ffi.new).
-        wanted += [tag_defs.get(tag) for tag in d.tag_mentions if getattr(tag_defs.get(tag), "file", "") == main]
+        # A struct defined in the project's own headers (not a system header) comes along
+        # even when only pointed to: the caller may well want to allocate one (ffi.new).
+        wanted += [tag_defs.get(tag) for tag in d.tag_mentions
+                   if tag in tag_defs and tag_defs[tag].file not in system]
         for other in wanted:
             if other is not None and id(other) not in keep:
                 keep[id(other)] = other
@@ -807,7 +812,7 @@ def _prepare(path: Path, include_dirs: Iterable, defines: Iterable[str], compile
     argv = compiler_command(compiler)
     flags = _flags([Path(d).resolve() for d in include_dirs], list(defines), cdef_view)
     text = _run_compiler([*argv, "-E", "-dD", *flags, "-x", "c", str(path)], "preprocess", path)
-    tokens, macros, files = _scan(text)
+    tokens, macros, files, system = _scan(text)
     decls = _split(_strip_calls(tokens))
     typedef_names = set()
     for d in decls:
@@ -818,7 +823,7 @@ def _prepare(path: Path, include_dirs: Iterable, defines: Iterable[str], compile
     for d in decls:
         if d.tokens:
             _analyze(d, typedef_names)
-    return path, argv, flags, decls, macros, files
+    return path, argv, flags, decls, macros, files, system
 
 
 def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
@@ -834,7 +839,7 @@ def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.
         InterfaceError: the header is missing, the compiler failed on it, or
             cffi refuses the result in a way no dropped declaration fixes.
     """
-    path, argv, flags, decls, macros, files = _prepare(Path(header), include_dirs, defines, compiler, True)
+    path, argv, flags, decls, macros, files, system = _prepare(Path(header), include_dirs, defines, compiler, True)
     main = str(path)
     own = []
     seen: set = set()
@@ -852,7 +857,7 @@ def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.
             continue       # declared twice (a prototype repeated): cffi refuses duplicates
         seen.add(key)
         own.append(d)
-    return _generate(path, decls, own, macros, files, flags, argv, source=False,
+    return _generate(path, decls, own, macros, files, system, flags, argv, source=False,
                      title=f"cdef of {path.name}, made by nativereload from {path}")
 
 
@@ -868,7 +873,7 @@ def cdef_from_source(c_file: str | os.PathLike, include_dirs: Iterable[str | os.
         InterfaceError: the file is missing, the compiler failed on it, or cffi
             refuses the result.
     """
-    path, argv, flags, decls, macros, files = _prepare(Path(c_file), include_dirs, defines, compiler, False)
+    path, argv, flags, decls, macros, files, system = _prepare(Path(c_file), include_dirs, defines, compiler, False)
     main = str(path)
     own = []
     names: set[str] = set()
@@ -878,7 +883,7 @@ def cdef_from_source(c_file: str | os.PathLike, include_dirs: Iterable[str | os.
             if d.names and d.names[0] not in names:
                 names.update(d.names)
                 own.append(d)
-    return _generate(path, decls, own, macros, files, flags, argv, source=True,
+    return _generate(path, decls, own, macros, files, system, flags, argv, source=True,
                      title=f"functions defined in {path.name}, declared by nativereload").text
 
 

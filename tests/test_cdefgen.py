@@ -196,14 +196,16 @@ def test_needed_types_from_other_headers_come_along(tmp_path):
         """, "other.h")
     header = _header(tmp_path, """
         #include <stdint.h>
+        #include <time.h>
         #include "other.h"
-        other2_t f(struct by_value v, struct by_pointer *p, uint32_t u);
+        other2_t f(struct by_value v, struct by_pointer *p, uint32_t u, struct tm *t);
         """)
     cdef = cdefgen.cdef_from_header(header)
     text = cdef.text
     assert "typedef unsigned long other_t;" in text and "typedef other_t other2_t;" in text
-    assert "struct by_value { int a; };" in text
-    assert "struct by_pointer {" not in text and "unused_t" not in text
+    assert "struct by_value { int a; };" in text and "unused_t" not in text
+    # Pointed to only: complete from a project header (the caller may allocate one), opaque from a system one.
+    assert "struct by_pointer { int b; };" in text and "struct tm {" not in text
     assert "uint32_t;" not in text      # cffi knows it natively
     assert str(tmp_path / "other.h") in cdef.files
 
