@@ -1,0 +1,175 @@
+"""interface.py: a module's declarations as data, read from the .so before it is loaded, and compared."""
+
+from __future__ import annotations
+
+import json
+import cffi
+import pytest
+
+from nativereload import interface
+from nativereload.errors import InterfaceError
+
+BASE = """
+#define LIMIT 10
+struct point { int x; int y; };
+typedef struct { double re, im; } complex_t;
+typedef long count_t;
+enum mode { FAST = 1, SAFE = 2 };
+struct opaque;
+count_t add(count_t a, long b);
+int version(void);
+long norm1(const struct point *p);
+int logf_(const char *fmt, ...);
+void (*callback(int which))(int);
+extern int verbose;
+"""
+
+
+def _changed(old: str, new: str) -> interface.Diff:
+    return interface.diff(interface.parse(BASE), interface.parse(BASE.replace(old, new)))
+
+
+# --------------------------------------------------------------------------- describing a cdef
+
+def test_parse_describes_every_kind_of_declaration():
+    i = interface.parse(BASE)
+    add = i.functions["add"]
+    assert (add.result, add.params, add.variadic) == ("long", ("long", "long"), False)   # typedef resolved
+    assert add.declaration == "long add(long, long)"
+    assert i.functions["logf_"].variadic and i.functions["logf_"].params == ("char *",)
+    assert i.functions["logf_"].declaration == "int logf_(const char *, ...)"
+    assert i.functions["callback"].declaration == "void (*callback(int))(int)"
+    point = i.types["struct point"]
+    assert (point.kind, point.size, point.alignment) == ("struct", 8, 4)
+    assert [(f.name, f.offset, f.type) for f in point.fields] == [("x", 0, "int"), ("y", 4, "int")]
+    assert i.types["complex_t"].size == 16 and i.types["complex_t"].declaration.startswith("typedef struct {")
+    assert i.types["count_t"].target == "long"
+    assert i.types["enum mode"].values == (("FAST", 1), ("SAFE", 2))
+    assert i.types["struct opaque"].fields is None
+    assert i.constants == {"LIMIT": 10} and i.variables == {"verbose": "int"}
+    assert i.names == ("add", "version", "norm1", "logf_", "callback")
+    assert i.declaration("struct point") == "struct point { int x; int y; }"
+    assert i.declaration("LIMIT") == "#define LIMIT 10" and i.declaration("nope") is None
+    assert i.ffi is not None and i.cdef == BASE
+
+
+def test_parse_errors_are_interface_errors():
+    with pytest.raises(InterfaceError, match="empty"):
+        interface.parse("  ")
+    with pytest.raises(InterfaceError, match="does not parse") as info:
+        interface.parse("int f(;", module="m")
+    assert info.value.module == "m"
+
+
+def test_digest_ignores_order_parameter_names_and_const():
+    a = interface.parse("int f(const char *s); long g(long x);")
+    b = interface.parse("long g(long);\nint f(const char *name);")
+    assert a.digest == b.digest and a == b and not interface.diff(a, b)
+    # const is not part of what a caller relies on: same meaning, so no change (digests may differ).
+    c = interface.parse("int f(char *s); long g(long x);")
+    assert not interface.diff(a, c)
+
+
+# --------------------------------------------------------------------------- diff rules
+
+@pytest.mark.parametrize("old, new, name, detail", [
+    ("int version(void);", "double version(void);", "version", "returns double, was int"),
+    ("count_t add(count_t a, long b);", "count_t add(count_t a, int b);", "add", "parameter 2 is int, was long"),
+    ("count_t add(count_t a, long b);", "count_t add(count_t a);", "add", "takes 1 parameter(s), was 2"),
+    ("int logf_(const char *fmt, ...);", "int logf_(const char *fmt);", "logf_", "no longer variadic"),
+    ("struct point { int x; int y; };", "struct point { int x; long y; };", "struct point",
+     "member y: offset 8, was 4, type long, was int"),
+    ("struct point { int x; int y; };", "struct point { int y; int x; };", "struct point", "member x: offset 4, was 0"),
+    ("enum mode { FAST = 1, SAFE = 2 };", "enum mode { FAST = 1, SAFE = 3 };", "enum mode", "SAFE = 3, was 2"),
+    ("enum mode { FAST = 1, SAFE = 2 };", "enum mode { FAST = 1, SAFE = 2, PARANOID };", "enum mode",
+     "PARANOID added"),
+    ("typedef long count_t;", "typedef int count_t;", "count_t", "names int, was long"),
+    ("#define LIMIT 10", "#define LIMIT 11", "LIMIT", "11, was 10"),
+    ("extern int verbose;", "extern long verbose;", "verbose", "type long, was int"),
+])
+def test_changes_are_incompatible(old, new, name, detail):
+    difference = _changed(old, new)
+    assert not difference.compatible and difference
+    changes = {c.name: c for c in difference.changed}
+    assert name in changes and detail in changes[name].details
+    assert changes[name].old and changes[name].new and changes[name].old != changes[name].new
+
+
+def test_removal_is_incompatible_and_additions_are_compatible():
+    removed = _changed("int version(void);", "")
+    assert not removed.compatible and [c.name for c in removed.removed] == ["version"]
+    assert removed.removed[0].old == "int version(void)" and removed.removed[0].new is None
+    added = _changed("int version(void);", "int version(void);\nlong triple(long);\nstruct extra { char c; };\n"
+                     "#define EXTRA 3")
+    assert added.compatible and bool(added)
+    assert {(c.category, c.name) for c in added.added} == {("function", "triple"), ("type", "struct extra"),
+                                                           ("constant", "EXTRA")}
+    assert added.summary() == "3 added (compatible)"
+
+
+def test_render_shows_old_and_new_together():
+    difference = _changed("int version(void);", "double version(void);")
+    text = difference.render()
+    assert text.splitlines() == ["changed function version: returns double, was int",
+                                 "    old: int version(void)", "    new: double version(void)"]
+    doc = json.loads(json.dumps(difference.to_json()))
+    assert doc["compatible"] is False and doc["changed"][0]["old"] == "int version(void)"
+    assert interface.Diff().render() == "no change" and interface.Diff().compatible
+
+
+def test_error_names_the_function_and_both_declarations():
+    difference = _changed("int version(void);", "double version(void);")
+    error = difference.error(module="counter", path="/b/counter.so", outcome="reload refused; generation 3 "
+                             "still serving")
+    assert isinstance(error, InterfaceError)
+    assert (error.module, error.path, error.function) == ("counter", "/b/counter.so", "version")
+    assert (error.old, error.new, error.diff) == ("int version(void)", "double version(void)", difference)
+    message = str(error)
+    assert "module 'counter'" in message and "generation 3 still serving" in message
+    assert "old: int version(void)" in message and "new: double version(void)" in message
+    assert "allow_interface_change=True" in message
+
+
+def test_added_cdef_grows_an_ffi_that_holds_the_old_interface():
+    old = interface.parse(BASE)
+    new = interface.parse(BASE + "typedef struct { complex_t c; struct point p; } pair_t;\n"
+                                 "struct later { pair_t pair; };\n"
+                                 "pair_t make_pair(struct later *);\n#define MORE 7\n")
+    difference = interface.diff(old, new)
+    assert difference.compatible
+    ffi = old.ffi
+    before = ffi.new("struct point *", {"x": 1, "y": 2})
+    ffi.cdef(difference.added_cdef)         # no duplicate declaration, every dependency in order
+    later = ffi.new("struct later *")
+    later.pair.p = before[0]                # cdata made before the growth mixes with the new types
+    assert later.pair.p.y == 2 and ffi.sizeof("pair_t") == 24
+    grown = interface.from_ffi(ffi, old.cdef + difference.added_cdef)
+    assert grown.digest == new.digest
+
+
+def test_read_refuses_what_is_not_an_interface(tmp_path):
+    with pytest.raises(InterfaceError, match="not an ELF"):
+        (tmp_path / "x.so").write_bytes(b"not elf at all, not at all, really")
+        interface.read(tmp_path / "x.so")
+    good = interface.parse("int f(void);").section_bytes()
+    assert interface.from_section(good).functions["f"].result == "int"
+    assert interface.from_section(good + b"\0\0\0").digest                 # padding is fine
+    with pytest.raises(InterfaceError, match="more than one interface"):
+        interface.from_section(good + good)
+    with pytest.raises(InterfaceError, match="not a nativereload interface"):
+        interface.from_section(b"something else\n{}")
+    with pytest.raises(InterfaceError, match="upgrade nativereload"):
+        interface.from_section(good.replace(b"interface 1 ", b"interface 9 ", 1))
+    with pytest.raises(InterfaceError, match="truncated"):
+        interface.from_section(good[:-20])
+    corrupt = good.replace(b'"functions"', b'"functions!', 1)
+    lazy = interface.from_section(corrupt)          # the header alone is read at once
+    with pytest.raises(InterfaceError, match="corrupt"):
+        lazy.functions
+
+
+def test_an_unchanged_interface_is_compared_without_decoding():
+    old = interface.from_section(interface.parse(BASE).section_bytes())
+    new = interface.from_section(interface.parse(BASE).section_bytes())
+    assert not interface.diff(old, new)
+    assert old._raw is None and new._raw is None      # equal digests: no JSON decoded
