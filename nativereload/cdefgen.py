@@ -45,7 +45,8 @@ import cffi
 from ._cexpr import NotConstant, evaluate
 from .errors import InterfaceError
 
-__all__ = ["Cdef", "cdef_from_header", "cdef_from_source", "compiler_command", "unexported"]
+__all__ = ["Cdef", "cdef_from_header", "cdef_from_source", "compiler_command", "embed_header", "include_dir",
+           "unexported"]
 
 #: Defined (to 1) while a header is read for its interface.
 CDEF_MACRO = "NATIVERELOAD_CDEF"
@@ -157,10 +158,17 @@ def compiler_command(compiler: str | Sequence[str] | None = None) -> list[str]:
     return shlex.split(compiler) if isinstance(compiler, str) else list(compiler)
 
 
+def include_dir() -> Path:
+    """The directory of the shipped ``nativereload.h`` (``nativereload --include-dir``)."""
+    return Path(__file__).resolve().parent / "include"
+
+
 def _flags(include_dirs: Iterable, defines: Iterable[str], cdef_view: bool) -> list[str]:
     flags = [f"-D{CDEF_MACRO}=1"] if cdef_view else []
     flags += [f"-I{d}" for d in include_dirs]
     flags += [d if d.startswith("-D") else f"-D{d}" for d in defines]
+    # <nativereload.h> is found without a -I, after everything the caller gave.
+    flags += ["-idirafter", str(include_dir())]
     return flags
 
 
@@ -901,3 +909,47 @@ def unexported(functions: Iterable[str], library: str | os.PathLike) -> list[str
         raise InterfaceError(f"cannot read the symbols of {library}: {exc}") from None
     return [name for name in functions if name not in exported]
 
+
+def embed_header(header: str | os.PathLike, output: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
+                 defines: Iterable[str] = (), *, compiler: str | Sequence[str] | None = None,
+                 depfile: str | os.PathLike | None = None):
+    """Write ``output``: a C file that embeds ``header``'s interface in the library it is compiled into.
+
+    The interface is the header's cdef (:func:`cdef_from_header`, read with
+    ``NATIVERELOAD_CDEF`` defined); the file also includes the header so the
+    compiler checks cffi's struct layouts (see :func:`interface.embed_source`).
+    The file is replaced by rename, never seen half-written. With
+    ``depfile``, also writes a Makefile-style list of every file the header
+    read, so a build system re-runs this when any of them changes.
+
+    Returns:
+        The embedded :class:`~nativereload.interface.Interface`.
+
+    Raises:
+        InterfaceError: as :func:`cdef_from_header`.
+        OSError: ``output`` or ``depfile`` cannot be written.
+    """
+    from . import interface as interface_mod
+
+    cdef = cdef_from_header(header, include_dirs, defines, compiler=compiler)
+    embedded = interface_mod.from_ffi(cdef.ffi, cdef.text)
+    text = interface_mod.embed_source(embedded, header=header, output=output)
+    _write_atomically(Path(output), text)
+    if depfile is not None:
+        deps = " ".join(_make_escape(f) for f in cdef.files)
+        _write_atomically(Path(depfile), f"{_make_escape(str(output))}: {deps}\n")
+    return embedded
+
+
+def _make_escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(" ", "\\ ").replace("#", "\\#").replace("$", "$$")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
