@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+
 import cffi
 import pytest
 
 from nativereload import interface
 from nativereload.errors import InterfaceError
+
+from conftest import run_python
 
 BASE = """
 #define LIMIT 10
@@ -147,6 +152,69 @@ def test_added_cdef_grows_an_ffi_that_holds_the_old_interface():
     assert grown.digest == new.digest
 
 
+# --------------------------------------------------------------------------- embedded in a library
+
+def test_embedded_interfaces_of_the_samples(samples):
+    base = interface.read(samples["contract"])
+    assert base is not None and base.source == str(samples["contract"])
+    assert set(base.functions) == {"contract_version", "contract_add", "contract_norm1", "contract_weight",
+                                   "contract_wait_fd", "contract_scaled"}
+    assert "contract_twice" not in base.cdef       # hidden behind NATIVERELOAD_CDEF
+    assert base.constants == {"CONTRACT_LIMIT": 100}
+    assert interface.read(samples["v1"]) is None   # built without INTERFACE
+    expected = {"contract_v2": None, "contract_abort": None, "contract_add": "added",
+                "contract_return": "changed", "contract_param": "changed", "contract_struct": "changed",
+                "contract_enum": "changed", "contract_drop": "removed"}
+    for variant, kind in expected.items():
+        difference = interface.diff(base, interface.read(samples[variant]))
+        assert difference.compatible == (kind in (None, "added")), variant
+        assert bool(difference) == (kind is not None), variant
+        if kind:
+            assert len(getattr(difference, kind)) == 1, variant
+
+
+def test_embedded_cdef_loads_the_library(samples):
+    embedded = interface.read(samples["contract"])
+    ffi = cffi.FFI()
+    ffi.cdef(embedded.cdef)
+    lib = ffi.dlopen(str(samples["contract"]))
+    assert lib.contract_version() == 1 and lib.contract_add(2, 3) == 5
+    assert lib.contract_norm1(ffi.new("struct contract_point *", {"x": -3, "y": 4})) == 7
+    assert lib.contract_weight(lib.CONTRACT_SAFE) == 10 and lib.contract_scaled(21) == 42
+    assert lib.CONTRACT_LIMIT == 100
+
+
+def test_added_cdef_with_a_real_module(samples):
+    old, new = interface.read(samples["contract"]), interface.read(samples["contract_add"])
+    ffi = cffi.FFI()
+    ffi.cdef(old.cdef)
+    point = ffi.new("struct contract_point *", {"x": 1, "y": -2})
+    ffi.cdef(interface.diff(old, new).added_cdef)
+    lib = ffi.dlopen(str(samples["contract_add"]))
+    assert lib.contract_added(1) == 101 and lib.contract_norm1(point) == 3   # old cdata, new library
+
+
+def test_reading_the_interface_runs_none_of_the_library(samples):
+    path = str(samples["contract_abort"])
+    read = run_python(f"from nativereload import interface\n"
+                      f"print(sorted(interface.read({path!r}).functions))")
+    assert read.returncode == 0, read.stderr
+    assert "contract_version" in read.stdout
+    # The constructor really would abort: loading it kills the process.
+    loaded = run_python(f"import cffi\ncffi.FFI().dlopen({path!r})\nprint('survived')")
+    assert loaded.returncode == -signal.SIGABRT and "survived" not in loaded.stdout
+
+
+def test_read_fd_does_not_move_the_offset(samples):
+    fd = os.open(samples["contract"], os.O_RDONLY)
+    try:
+        os.lseek(fd, 7, os.SEEK_SET)
+        assert interface.read_fd(fd) is not None
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 7
+    finally:
+        os.close(fd)
+
+
 def test_read_refuses_what_is_not_an_interface(tmp_path):
     with pytest.raises(InterfaceError, match="not an ELF"):
         (tmp_path / "x.so").write_bytes(b"not elf at all, not at all, really")
@@ -171,5 +239,11 @@ def test_read_refuses_what_is_not_an_interface(tmp_path):
 def test_an_unchanged_interface_is_compared_without_decoding():
     old = interface.from_section(interface.parse(BASE).section_bytes())
     new = interface.from_section(interface.parse(BASE).section_bytes())
+    assert not interface.diff(old, new)
+    assert old._raw is None and new._raw is None      # equal digests: no JSON decoded
+
+
+def test_unchanged_embedded_interface_is_compared_without_decoding(samples):
+    old, new = interface.read(samples["contract"]), interface.read(samples["contract_v2"])
     assert not interface.diff(old, new)
     assert old._raw is None and new._raw is None      # equal digests: no JSON decoded
