@@ -409,21 +409,43 @@ def from_section(data: bytes, *, source: str | None = None) -> Interface:
     return Interface(digest=digest, payload=payload, source=source)
 
 
-def read_fd(fd: int, *, source: str | None = None) -> Interface | None:
+def read_fd(fd: int, *, source: str | None = None, serving: Interface | None = None) -> Interface | None:
     """The interface embedded in the ELF file open as ``fd``; None if it has none.
 
     Reads the file with pread (the offset is not moved); never loads it.
 
+    Args:
+        serving: the interface now serving, if any. When the embedded one has
+            the same digest, ``serving`` itself is returned after reading only
+            the section's first line: the common reload (new code, same
+            header) costs the section-header lookup and one small read.
+
     Raises:
         InterfaceError: the file is not ELF, or its section is not a readable interface.
     """
-    from .elf import ELFError, read_section
+    from .elf import ELFError, find_section
 
     try:
-        data = read_section(fd, SECTION)
+        where = find_section(fd, SECTION)
+        if where is None:
+            return None
+        offset, size = where
+        head = os.pread(fd, min(size, _HEAD_BYTES), offset)
+        if serving is not None and head.startswith(_MAGIC):
+            line = head[len(_MAGIC):head.find(b"\n")].split(b" ")
+            if len(line) == 3 and line[1].decode("ascii", "replace") == serving.digest and line[0] == b"%d" % FORMAT:
+                return serving
+        data = head if size <= len(head) else head + os.pread(fd, size - len(head), offset + len(head))
     except ELFError as exc:
         raise InterfaceError(f"cannot read the interface of {source or 'the module'}: {exc}") from None
-    return None if data is None else from_section(data, source=source)
+    if len(data) != size:
+        raise InterfaceError(f"cannot read the interface of {source or 'the module'}: the file shrank while "
+                             "being read")
+    return from_section(data, source=source)
+
+
+# The first line of an embedded interface: magic, version, a 64-digit digest and a length.
+_HEAD_BYTES = 128
 
 
 def read(path: str | os.PathLike) -> Interface | None:
@@ -702,20 +724,27 @@ def diff(old: Interface, new: Interface) -> Diff:
         return Diff()
     added, removed, changed = [], [], []
     singular = {"functions": "function", "types": "type", "constants": "constant", "variables": "variable"}
+    old_raw, new_raw = old.raw, new.raw
     for category in _CATEGORIES:
-        before = old.raw.get(category, {})
-        after = new.raw.get(category, {})
+        before = old_raw.get(category, {})
+        after = new_raw.get(category, {})
+        if before == after:
+            continue
         kind = singular[category]
+        lookup = after.get
+        kept = len(before)
         for name, entry in before.items():
-            other = after.get(name)
+            other = lookup(name)
             if other is None:
+                kept -= 1
                 removed.append(Change(kind, name, _declaration(category, name, entry), None))
             elif other != entry and _meaning(category, other) != _meaning(category, entry):
                 changed.append(Change(kind, name, _declaration(category, name, entry),
                                       _declaration(category, name, other), _details(category, entry, other)))
-        for name, entry in after.items():
-            if name not in before:
-                added.append(Change(kind, name, None, _declaration(category, name, entry)))
+        if len(after) > kept:      # some names are new
+            for name, entry in after.items():
+                if name not in before:
+                    added.append(Change(kind, name, None, _declaration(category, name, entry)))
     return Diff(tuple(added), tuple(removed), tuple(changed), new)
 
 

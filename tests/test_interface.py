@@ -247,3 +247,34 @@ def test_unchanged_embedded_interface_is_compared_without_decoding(samples):
     old, new = interface.read(samples["contract"]), interface.read(samples["contract_v2"])
     assert not interface.diff(old, new)
     assert old._raw is None and new._raw is None      # equal digests: no JSON decoded
+
+
+def test_read_fd_returns_the_serving_interface_when_unchanged(samples):
+    serving = interface.read(samples["contract"])
+    for variant, same in (("contract_v2", True), ("contract_add", False), ("v1", None)):
+        fd = os.open(samples[variant], os.O_RDONLY)
+        try:
+            found = interface.read_fd(fd, serving=serving)
+        finally:
+            os.close(fd)
+        if same is None:
+            assert found is None               # no interface embedded
+        elif same:
+            assert found is serving            # only the first line was read
+        else:
+            assert found is not serving and found != serving
+
+
+def test_sections_are_found_by_whole_name(samples):
+    from nativereload import elf
+
+    fd = os.open(samples["contract"], os.O_RDONLY)
+    try:
+        assert elf.read_section(fd, ".dynstr").count(b"contract_add\0") == 1
+        assert elf.read_section(fd, ".dyn") is None and elf.read_section(fd, "dynstr") is None
+        offset, size = elf.find_section(fd, interface.SECTION)
+        assert os.pread(fd, 23, offset) == b"nativereload-interface "
+    finally:
+        os.close(fd)
+    assert {"contract_add", "contract_version"} <= elf.defined_symbols(samples["contract"])
+    assert "contract_twice" not in elf.defined_symbols(samples["contract"])   # static inline: not exported
