@@ -525,11 +525,15 @@ def _compute(queries: Sequence[_Query], header: Path, flags: list[str], compiler
         c_file.write_text("\n".join(lines) + "\n")
         argv = [*compiler, "-S", "-O0", "-w", "-o", "-", *flags, "-x", "c", str(c_file)]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
+            # LC_ALL=C: the compiler's message may end up in a comment of the cdef: ASCII quotes, please.
+            proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL,
+                                  env={**os.environ, "LC_ALL": "C"})
         except OSError as exc:
             return str(exc)
     if proc.returncode != 0:
-        return proc.stderr.strip().splitlines()[0] if proc.stderr.strip() else f"exit status {proc.returncode}"
+        lines = proc.stderr.strip().splitlines()
+        errors = [line for line in lines if "error" in line]
+        return (errors or lines or [f"exit status {proc.returncode}"])[0]
     values = _data_values(proc.stdout)
     for n, query in enumerate(queries):
         unsigned = values.get(f"__nativereload_q{n}")
@@ -662,7 +666,7 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
     layout_queries: list[tuple[_Decl, str, _Query, _Query]] = []
     for d in kept:
         for name in d.layout_names if not d.drop else ():
-            size, align = _Query(f"sizeof({name})"), _Query(f"_Alignof({name})")
+            size, align = _Query(f"sizeof({name})"), _Query(f"__alignof__({name})")
             layout_queries.append((d, name, size, align))
             queries += [size, align]
     if not source:
@@ -674,6 +678,7 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
             if any(isinstance(t, _Query) for t in d.tokens):
                 d.drop = d.drop or f"a constant only the compiler knows, and it could not say ({failure})"
         layout_queries = []
+        title += f" */\n/* struct layouts NOT checked against the compiler: {_comment(failure)}"
 
     # cffi has the last word: parse, drop what it refuses, and check layouts against the compiler's.
     dropped_by_cffi: set[int] = set()
@@ -709,7 +714,8 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
         if not changed:
             break
     functions = tuple(n for d in kept if not d.drop and d.kind == "function" for n in d.names)
-    dropped = tuple((d.label(), d.drop) for d in kept if d.drop and (d in own or d.body))
+    own_ids = {id(d) for d in own}
+    dropped = tuple((d.label(), d.drop) for d in kept if d.drop and id(d) in own_ids)
     return Cdef(text=text, functions=functions, dropped=dropped, files=tuple(files), ffi=ffi)
 
 
@@ -834,6 +840,18 @@ def _prepare(path: Path, include_dirs: Iterable, defines: Iterable[str], compile
     return path, argv, flags, decls, macros, files, system
 
 
+def _integer_constant(decl: _Decl) -> bool:
+    """``static const int NAME = <literal>``: cffi declares it as an integer constant."""
+    toks = decl.tokens
+    if decl.kind != "variable" or "const" not in toks or "=" not in toks or len(decl.names) != 1:
+        return False
+    value = toks[toks.index("=") + 1:]
+    if value[:1] == ["-"]:
+        value = value[1:]
+    return (len(value) == 1 and isinstance(value[0], str) and bool(_CFFI_LITERAL.match(value[0]))
+            and all(t not in ("*", "[", "(") for t in toks))
+
+
 def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
                      defines: Iterable[str] = (), *, compiler: str | Sequence[str] | None = None) -> Cdef:
     """A cdef of ``header``'s own declarations, the types they need, and its integer constants.
@@ -858,7 +876,8 @@ def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.
             if "static" in d.storage or d.inline:
                 continue   # inline helpers exist only in the caller's compiled code
             d.kind = "function"
-        elif d.drop is None and ("static" in d.storage and d.kind in ("function", "variable")):
+        elif d.drop is None and "static" in d.storage and d.kind in ("function", "variable") \
+                and not _integer_constant(d):
             continue       # not exported: nothing for dlopen to find
         key = (d.kind, d.names, d.tags) if (d.names or d.tags) else (d.kind, tuple(map(str, d.tokens)))
         if key in seen:
