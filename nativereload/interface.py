@@ -691,19 +691,25 @@ class Diff:
 
 
 def _in_dependency_order(types: dict[str, list]) -> list[list]:
-    """Type entries ordered so that each comes after the added typedef names its declaration uses."""
-    words = {name: set(re.findall(r"[A-Za-z_]\w*", e[-1])) for name, e in types.items()}
+    """Type entries ordered so that each comes after the added types its declaration names.
+
+    cffi needs a typedef name declared before it is used, and an enum's
+    values on its first mention; structs and unions are forward-declared
+    first anyway, so for them the order does not matter.
+    """
+    mentions = {name: set(re.findall(r"(?:(?:struct|union|enum)\s+)?[A-Za-z_]\w*", e[-1]))
+                for name, e in types.items()}
     order: list[list] = []
-    state: dict[str, int] = {}
+    state: dict[str, bool] = {}
 
     def visit(name: str) -> None:
-        if state.get(name):
+        if name in state:
             return
-        state[name] = 1
+        state[name] = False
         for other in types:
-            if other != name and " " not in other and other in words[name] and not state.get(other):
+            if other != name and other in mentions[name]:
                 visit(other)
-        state[name] = 2
+        state[name] = True
         order.append(types[name])
 
     for name in types:

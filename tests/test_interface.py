@@ -137,8 +137,10 @@ def test_error_names_the_function_and_both_declarations():
 
 def test_added_cdef_grows_an_ffi_that_holds_the_old_interface():
     old = interface.parse(BASE)
-    new = interface.parse(BASE + "typedef struct { complex_t c; struct point p; } pair_t;\n"
-                                 "struct later { pair_t pair; };\n"
+    new = interface.parse(BASE + "struct later;\n"
+                                 "typedef struct { complex_t c; struct point p; } pair_t;\n"
+                                 "enum shade { DARK = 4 };\n"
+                                 "struct later { pair_t pair; enum shade shade; };\n"
                                  "pair_t make_pair(struct later *);\n#define MORE 7\n")
     difference = interface.diff(old, new)
     assert difference.compatible
@@ -147,7 +149,7 @@ def test_added_cdef_grows_an_ffi_that_holds_the_old_interface():
     ffi.cdef(difference.added_cdef)         # no duplicate declaration, every dependency in order
     later = ffi.new("struct later *")
     later.pair.p = before[0]                # cdata made before the growth mixes with the new types
-    assert later.pair.p.y == 2 and ffi.sizeof("pair_t") == 24
+    assert later.pair.p.y == 2 and ffi.sizeof("pair_t") == 24 and ffi.sizeof("struct later") == 32
     grown = interface.from_ffi(ffi, old.cdef + difference.added_cdef)
     assert grown.digest == new.digest
 
