@@ -51,7 +51,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["nativereload", "nativereload.*"]),
-    package_data={"nativereload": ["cmake/*.cmake", "py.typed", "*.pyi", "data/*"]},
+    package_data={"nativereload": ["cmake/*.cmake", "include/*.h", "py.typed", "*.pyi", "data/*"]},
     install_requires=["cffi>=1.17"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "watchfiles>=0.21", "ipython>=8"],

@@ -203,9 +203,10 @@ def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "b
                                   "without a project: nativereload build FILE.c")
         # nativereload_DIR lets the project find_package(nativereload); a project
         # that include()s the helper directly does not use it, hence no warning.
+        # NATIVERELOAD_PYTHON: the interpreter that embeds INTERFACE headers is this one.
         cmd = [cmake, "-S", str(source_dir), "-B", str(build_dir), f"-DCMAKE_BUILD_TYPE={config}",
-               f"-Dnativereload_DIR={cmake_dir()}", "--no-warn-unused-cli",
-               *(f"-D{k}={v}" for k, v in (definitions or {}).items())]
+               f"-Dnativereload_DIR={cmake_dir()}", f"-DNATIVERELOAD_PYTHON={sys.executable}",
+               "--no-warn-unused-cli", *(f"-D{k}={v}" for k, v in (definitions or {}).items())]
         # The generator can only be chosen when the build directory is new.
         if cached_type is None and shutil.which("ninja"):
             cmd[1:1] = ["-G", "Ninja"]

@@ -45,7 +45,8 @@ import cffi
 from ._cexpr import NotConstant, evaluate
 from .errors import InterfaceError
 
-__all__ = ["Cdef", "cdef_from_header", "cdef_from_source", "compiler_command", "unexported"]
+__all__ = ["Cdef", "cdef_from_header", "cdef_from_source", "compiler_command", "embed_header", "include_dir",
+           "unexported"]
 
 #: Defined (to 1) while a header is read for its interface.
 CDEF_MACRO = "NATIVERELOAD_CDEF"
@@ -96,7 +97,7 @@ _TOKEN = re.compile(r"""
   | (?P<punct>\.\.\.|<<=|>>=|->|\+\+|--|<<|>>|<=|>=|==|!=|&&|\|\||[-+*/%&|^]=|\#\#|[{}\[\]();:,.<>=!~?*/%+\-&|^\#])
   | (?P<other>.)
 """, re.X | re.S)
-_LINE_MARKER = re.compile(r'#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)"')
+_LINE_MARKER = re.compile(r'#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)"((?:\s+\d)*)')
 _DEFINE = re.compile(r"#\s*define\s+([A-Za-z_][A-Za-z0-9_]*)(\()?(.*)$", re.S)
 _UNDEF = re.compile(r"#\s*undef\s+([A-Za-z_][A-Za-z0-9_]*)")
 _CFFI_LITERAL = re.compile(r"-?(?:0[xX][0-9a-fA-F]+|[0-9]+)[uUlL]*$")
@@ -157,10 +158,17 @@ def compiler_command(compiler: str | Sequence[str] | None = None) -> list[str]:
     return shlex.split(compiler) if isinstance(compiler, str) else list(compiler)
 
 
+def include_dir() -> Path:
+    """The directory of the shipped ``nativereload.h`` (``nativereload --include-dir``)."""
+    return Path(__file__).resolve().parent / "include"
+
+
 def _flags(include_dirs: Iterable, defines: Iterable[str], cdef_view: bool) -> list[str]:
     flags = [f"-D{CDEF_MACRO}=1"] if cdef_view else []
     flags += [f"-I{d}" for d in include_dirs]
     flags += [d if d.startswith("-D") else f"-D{d}" for d in defines]
+    # <nativereload.h> is found without a -I, after everything the caller gave.
+    flags += ["-idirafter", str(include_dir())]
     return flags
 
 
@@ -178,11 +186,14 @@ def _run_compiler(argv: list[str], what: str, path: Path) -> str:
 
 # --------------------------------------------------------------------------- reading the preprocessed text
 
-def _scan(text: str) -> tuple[list[tuple[str, str]], list[tuple[int, str, str, list[str] | None]], list[str]]:
-    """Tokens with their file, the macro definitions (position, file, name, body or None for #undef), files read."""
+def _scan(text: str) -> tuple[list[tuple[str, str]], list[tuple[int, str, str, list[str] | None]], list[str],
+                              set[str]]:
+    """Tokens with their file, the macro definitions (position, file, name, body or None for #undef), the
+    files read, and which of them are system headers (GCC's line-marker flag 3)."""
     tokens: list[tuple[str, str]] = []
     macros: list[tuple[int, str, str, list[str] | None]] = []
     files: dict[str, None] = {}
+    system: set[str] = set()
     current = ""
     pending = ""
     for line in text.split("\n"):
@@ -199,6 +210,8 @@ def _scan(text: str) -> tuple[list[tuple[str, str]], list[tuple[int, str, str, l
                     else marker.group(2)
                 if not current.startswith("<"):
                     files.setdefault(current)
+                if "3" in marker.group(3).split():
+                    system.add(current)
                 continue
             define = _DEFINE.match(stripped)
             if define:
@@ -213,7 +226,7 @@ def _scan(text: str) -> tuple[list[tuple[str, str]], list[tuple[int, str, str, l
             continue   # #pragma, #ident: nothing for cffi
         for token in _tokens(line):
             tokens.append((token, current))
-    return tokens, macros, list(files)
+    return tokens, macros, list(files), system
 
 
 def _tokens(text: str) -> list[str]:
@@ -512,11 +525,15 @@ def _compute(queries: Sequence[_Query], header: Path, flags: list[str], compiler
         c_file.write_text("\n".join(lines) + "\n")
         argv = [*compiler, "-S", "-O0", "-w", "-o", "-", *flags, "-x", "c", str(c_file)]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
+            # LC_ALL=C: the compiler's message may end up in a comment of the cdef: ASCII quotes, please.
+            proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL,
+                                  env={**os.environ, "LC_ALL": "C"})
         except OSError as exc:
             return str(exc)
     if proc.returncode != 0:
-        return proc.stderr.strip().splitlines()[0] if proc.stderr.strip() else f"exit status {proc.returncode}"
+        lines = proc.stderr.strip().splitlines()
+        errors = [line for line in lines if "error" in line]
+        return (errors or lines or [f"exit status {proc.returncode}"])[0]
     values = _data_values(proc.stdout)
     for n, query in enumerate(queries):
         unsigned = values.get(f"__nativereload_q{n}")
@@ -611,9 +628,8 @@ def _opaque(decl: _Decl) -> list:
 
 # --------------------------------------------------------------------------- the whole job
 
-def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: list[str], flags: list[str],
-              compiler: list[str], *, source: bool, title: str) -> Cdef:
-    main = str(path)
+def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: list[str], system: set[str],
+              flags: list[str], compiler: list[str], *, source: bool, title: str) -> Cdef:
     typedefs: dict[str, _Decl] = {}
     tag_defs: dict[str, _Decl] = {}
     for d in decls:
@@ -630,9 +646,10 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
         d = queue.pop()
         wanted = [typedefs.get(r) for r in d.refs if r not in _NATIVE_TYPES]
         wanted += [tag_defs.get(tag) for tag in d.tag_refs]
-        # A struct defined in the file itself comes along even when only pointed to: the
-        # caller may well want to allocate one (ffi.new).
-        wanted += [tag_defs.get(tag) for tag in d.tag_mentions if getattr(tag_defs.get(tag), "file", "") == main]
+        # A struct defined in the project's own headers (not a system header) comes along
+        # even when only pointed to: the caller may well want to allocate one (ffi.new).
+        wanted += [tag_defs.get(tag) for tag in d.tag_mentions
+                   if tag in tag_defs and tag_defs[tag].file not in system]
         for other in wanted:
             if other is not None and id(other) not in keep:
                 keep[id(other)] = other
@@ -649,7 +666,7 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
     layout_queries: list[tuple[_Decl, str, _Query, _Query]] = []
     for d in kept:
         for name in d.layout_names if not d.drop else ():
-            size, align = _Query(f"sizeof({name})"), _Query(f"_Alignof({name})")
+            size, align = _Query(f"sizeof({name})"), _Query(f"__alignof__({name})")
             layout_queries.append((d, name, size, align))
             queries += [size, align]
     if not source:
@@ -661,6 +678,7 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
             if any(isinstance(t, _Query) for t in d.tokens):
                 d.drop = d.drop or f"a constant only the compiler knows, and it could not say ({failure})"
         layout_queries = []
+        title += f" */\n/* struct layouts NOT checked against the compiler: {_comment(failure)}"
 
     # cffi has the last word: parse, drop what it refuses, and check layouts against the compiler's.
     dropped_by_cffi: set[int] = set()
@@ -696,7 +714,8 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
         if not changed:
             break
     functions = tuple(n for d in kept if not d.drop and d.kind == "function" for n in d.names)
-    dropped = tuple((d.label(), d.drop) for d in kept if d.drop and (d in own or d.body))
+    own_ids = {id(d) for d in own}
+    dropped = tuple((d.label(), d.drop) for d in kept if d.drop and id(d) in own_ids)
     return Cdef(text=text, functions=functions, dropped=dropped, files=tuple(files), ffi=ffi)
 
 
@@ -807,7 +826,7 @@ def _prepare(path: Path, include_dirs: Iterable, defines: Iterable[str], compile
     argv = compiler_command(compiler)
     flags = _flags([Path(d).resolve() for d in include_dirs], list(defines), cdef_view)
     text = _run_compiler([*argv, "-E", "-dD", *flags, "-x", "c", str(path)], "preprocess", path)
-    tokens, macros, files = _scan(text)
+    tokens, macros, files, system = _scan(text)
     decls = _split(_strip_calls(tokens))
     typedef_names = set()
     for d in decls:
@@ -818,7 +837,19 @@ def _prepare(path: Path, include_dirs: Iterable, defines: Iterable[str], compile
     for d in decls:
         if d.tokens:
             _analyze(d, typedef_names)
-    return path, argv, flags, decls, macros, files
+    return path, argv, flags, decls, macros, files, system
+
+
+def _integer_constant(decl: _Decl) -> bool:
+    """``static const int NAME = <literal>``: cffi declares it as an integer constant."""
+    toks = decl.tokens
+    if decl.kind != "variable" or "const" not in toks or "=" not in toks or len(decl.names) != 1:
+        return False
+    value = toks[toks.index("=") + 1:]
+    if value[:1] == ["-"]:
+        value = value[1:]
+    return (len(value) == 1 and isinstance(value[0], str) and bool(_CFFI_LITERAL.match(value[0]))
+            and all(t not in ("*", "[", "(") for t in toks))
 
 
 def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
@@ -834,7 +865,7 @@ def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.
         InterfaceError: the header is missing, the compiler failed on it, or
             cffi refuses the result in a way no dropped declaration fixes.
     """
-    path, argv, flags, decls, macros, files = _prepare(Path(header), include_dirs, defines, compiler, True)
+    path, argv, flags, decls, macros, files, system = _prepare(Path(header), include_dirs, defines, compiler, True)
     main = str(path)
     own = []
     seen: set = set()
@@ -845,14 +876,15 @@ def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.
             if "static" in d.storage or d.inline:
                 continue   # inline helpers exist only in the caller's compiled code
             d.kind = "function"
-        elif d.drop is None and ("static" in d.storage and d.kind in ("function", "variable")):
+        elif d.drop is None and "static" in d.storage and d.kind in ("function", "variable") \
+                and not _integer_constant(d):
             continue       # not exported: nothing for dlopen to find
         key = (d.kind, d.names, d.tags) if (d.names or d.tags) else (d.kind, tuple(map(str, d.tokens)))
         if key in seen:
             continue       # declared twice (a prototype repeated): cffi refuses duplicates
         seen.add(key)
         own.append(d)
-    return _generate(path, decls, own, macros, files, flags, argv, source=False,
+    return _generate(path, decls, own, macros, files, system, flags, argv, source=False,
                      title=f"cdef of {path.name}, made by nativereload from {path}")
 
 
@@ -868,7 +900,7 @@ def cdef_from_source(c_file: str | os.PathLike, include_dirs: Iterable[str | os.
         InterfaceError: the file is missing, the compiler failed on it, or cffi
             refuses the result.
     """
-    path, argv, flags, decls, macros, files = _prepare(Path(c_file), include_dirs, defines, compiler, False)
+    path, argv, flags, decls, macros, files, system = _prepare(Path(c_file), include_dirs, defines, compiler, False)
     main = str(path)
     own = []
     names: set[str] = set()
@@ -878,7 +910,7 @@ def cdef_from_source(c_file: str | os.PathLike, include_dirs: Iterable[str | os.
             if d.names and d.names[0] not in names:
                 names.update(d.names)
                 own.append(d)
-    return _generate(path, decls, own, macros, files, flags, argv, source=True,
+    return _generate(path, decls, own, macros, files, system, flags, argv, source=True,
                      title=f"functions defined in {path.name}, declared by nativereload").text
 
 
@@ -896,3 +928,47 @@ def unexported(functions: Iterable[str], library: str | os.PathLike) -> list[str
         raise InterfaceError(f"cannot read the symbols of {library}: {exc}") from None
     return [name for name in functions if name not in exported]
 
+
+def embed_header(header: str | os.PathLike, output: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
+                 defines: Iterable[str] = (), *, compiler: str | Sequence[str] | None = None,
+                 depfile: str | os.PathLike | None = None):
+    """Write ``output``: a C file that embeds ``header``'s interface in the library it is compiled into.
+
+    The interface is the header's cdef (:func:`cdef_from_header`, read with
+    ``NATIVERELOAD_CDEF`` defined); the file also includes the header so the
+    compiler checks cffi's struct layouts (see :func:`interface.embed_source`).
+    The file is replaced by rename, never seen half-written. With
+    ``depfile``, also writes a Makefile-style list of every file the header
+    read, so a build system re-runs this when any of them changes.
+
+    Returns:
+        The embedded :class:`~nativereload.interface.Interface`.
+
+    Raises:
+        InterfaceError: as :func:`cdef_from_header`.
+        OSError: ``output`` or ``depfile`` cannot be written.
+    """
+    from . import interface as interface_mod
+
+    cdef = cdef_from_header(header, include_dirs, defines, compiler=compiler)
+    embedded = interface_mod.from_ffi(cdef.ffi, cdef.text)
+    text = interface_mod.embed_source(embedded, header=header, output=output)
+    _write_atomically(Path(output), text)
+    if depfile is not None:
+        deps = " ".join(_make_escape(f) for f in cdef.files)
+        _write_atomically(Path(depfile), f"{_make_escape(str(output))}: {deps}\n")
+    return embedded
+
+
+def _make_escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(" ", "\\ ").replace("#", "\\#").replace("$", "$$")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""The ``nativereload`` command: build, reload, unload, status, ps, watch, demo.
+"""The ``nativereload`` command: build, reload, unload, status, ps, watch, demo, cdef, embed, check.
 
 ``main(argv=None) -> int`` is the whole CLI; tests call it directly. Commands
 return an exit code or raise; only ``main`` turns exceptions into messages and
@@ -127,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"nativereload {__version__}")
     p.add_argument("--cmake-dir", action="store_true",
                    help="print the directory of the CMake helper (nativereload_add_module) and exit")
+    p.add_argument("--include-dir", action="store_true",
+                   help="print the directory of nativereload.h (for -I) and exit")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -217,7 +219,49 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=1.0, help="seconds of calls before and after the reload "
                    "(default: 1)")
     _add_json(d, "the report (the live lines go to stderr)")
+    _add_interface_parsers(sub)
     return p
+
+
+def _add_interface_parsers(sub: Any) -> None:
+    def header_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("header", help="the C header")
+        parser.add_argument("-I", dest="include_dirs", action="append", default=[], metavar="DIR",
+                            help="add DIR to the header search path (repeatable)")
+        parser.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME[=VALUE]",
+                            help="define a macro while reading the header (repeatable)")
+        parser.add_argument("--compiler", metavar="CC", help="the C compiler that preprocesses (default: $CC, "
+                            "else cc)")
+
+    c = _subcommand(sub, "cdef", "print a cffi cdef made from a C header (a third-party library's)",
+                    "Make a cdef cffi parses from a real C header: the compiler preprocesses it, and what cffi "
+                    "cannot take is dropped, each with its reason in the cdef's last comment.", """
+                    nativereload cdef /usr/include/zlib.h --library /usr/lib/x86_64-linux-gnu/libz.so.1
+                    nativereload cdef include/counter.h -I include -o counter.cdef""")
+    header_options(c)
+    c.add_argument("--library", metavar="FILE", help="also report the declared functions FILE does not export")
+    c.add_argument("-o", "--output", metavar="FILE", help="write the cdef to FILE (default: stdout)")
+
+    e = _subcommand(sub, "embed", "write a C file that embeds a header's interface in the module it is "
+                    "compiled into",
+                    "Write a C file that, compiled into a module, embeds the interface of HEADER in it (the ELF "
+                    "section .nativereload.interface), so that a reload can be checked against the serving "
+                    "module's before it is loaded.", """
+                    nativereload embed counter.h -o counter_interface.c""")
+    header_options(e)
+    e.add_argument("-o", "--output", metavar="FILE.c", required=True, help="the C file to write")
+    e.add_argument("--depfile", metavar="FILE", help="also write the files the header read, Makefile style")
+
+    k = _subcommand(sub, "check", "compare the interfaces embedded in two builds: exit 0 if a reload would "
+                    "be accepted, 1 if refused, 2 if a file has no interface",
+                    "Compare the interfaces embedded in two builds of a module, without loading either: exit 0 "
+                    "if a reload from OLD to NEW would be accepted, 1 if it would be refused, 2 if a file has no "
+                    "embedded interface.", """
+                    nativereload check build-1.0/counter.so build/modules/counter.so
+                    nativereload check old.so new.so --json""")
+    k.add_argument("old", help="the serving (released) build of the module")
+    k.add_argument("new", help="the new build")
+    _add_json(k, "the difference")
 
 
 # --------------------------------------------------------------------------- targets
@@ -494,9 +538,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
+# --------------------------------------------------------------------------- interfaces: cdef, embed, check
+
+def cmd_cdef(args: argparse.Namespace) -> int:
+    from . import cdefgen
+
+    result = cdefgen.cdef_from_header(args.header, args.include_dirs, args.defines, compiler=args.compiler)
+    if args.output:
+        cdefgen._write_atomically(Path(args.output), result.text)
+    else:
+        sys.stdout.write(result.text)
+    if result.dropped:
+        print(f"note: {len(result.dropped)} declaration(s) left out: "
+              + ", ".join(name for name, _ in result.dropped) + " (the cdef's last comment says why)",
+              file=sys.stderr)
+    if args.library:
+        missing = cdefgen.unexported(result.functions, args.library)
+        if missing:
+            print(f"note: {len(missing)} of the {len(result.functions)} declared functions are not exported by "
+                  f"{args.library}: {', '.join(missing)}", file=sys.stderr)
+            print("hint: load it with missing=\"lazy\" (calling one of them raises SymbolError), or delete their "
+                  "declarations", file=sys.stderr)
+        else:
+            print(f"note: {args.library} exports all {len(result.functions)} declared functions", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from . import cdefgen
+
+    embedded = cdefgen.embed_header(args.header, args.output, args.include_dirs, args.defines,
+                                    compiler=args.compiler, depfile=args.depfile)
+    print(f"wrote {args.output}: the interface of {args.header} ({len(embedded.functions)} function(s), "
+          f"{len(embedded.types)} type(s), {len(embedded.constants)} constant(s); digest {embedded.digest[:12]})")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import interface
+
+    found = []
+    for path in (args.old, args.new):
+        try:
+            embedded = interface.read(path)
+        except (OSError, NativeReloadError) as exc:
+            raise CLIError(f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}",
+                           hint="pass the paths of two built modules", code=EXIT_USAGE,
+                           kind=type(exc).__name__) from None
+        if embedded is None:
+            raise CLIError(f"{path} has no embedded interface",
+                           hint="build it with nativereload_add_module(NAME SOURCES ... INTERFACE header.h), or "
+                                "compile in the file `nativereload embed header.h -o FILE.c` writes",
+                           code=EXIT_USAGE, kind="NoInterface")
+        found.append(embedded)
+    difference = interface.diff(found[0], found[1])
+    if args.json:
+        _emit_json({"ok": True, "old": {"path": args.old, "digest": found[0].digest},
+                    "new": {"path": args.new, "digest": found[1].digest}, **difference.to_json()})
+    else:
+        verdict = "a reload would be accepted" if difference.compatible else "a reload would be refused"
+        print(f"{args.old} {arrow(sys.stdout)} {args.new}: {difference.summary()}: {verdict}")
+        if difference:
+            print(difference.render(indent="  "))
+    return EXIT_OK if difference.compatible else EXIT_FAILED
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "build": cmd_build, "reload": cmd_reload, "unload": cmd_unload, "status": cmd_status, "ps": cmd_ps,
-    "watch": cmd_watch, "demo": cmd_demo,
+    "watch": cmd_watch, "demo": cmd_demo, "cdef": cmd_cdef, "embed": cmd_embed, "check": cmd_check,
 }
 
 
@@ -530,6 +639,11 @@ def main(argv: list[str] | None = None) -> int:
     json_mode = bool(getattr(args, "json", False))
     if args.cmake_dir:
         print(build_mod.cmake_dir())
+        return EXIT_OK
+    if args.include_dir:
+        from .cdefgen import include_dir
+
+        print(include_dir())
         return EXIT_OK
     if not args.command:
         return _fail(json_mode, "UsageError", "no command given", "`nativereload --help` lists the commands",

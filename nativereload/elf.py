@@ -19,7 +19,7 @@ import os
 import struct
 import sys
 
-__all__ = ["ELFError", "check", "check_fd", "defined_symbols", "read_section"]
+__all__ = ["ELFError", "check", "check_fd", "defined_symbols", "find_section", "read_section"]
 
 _MAGIC = b"\x7fELF"
 _CLASS_NAMES = {1: "32-bit", 2: "64-bit"}
@@ -163,53 +163,49 @@ _SHT_DYNSYM = 11
 _SHN_XINDEX = 0xFFFF
 
 
-def _section_headers(fd: int) -> tuple[str, list[tuple[int, int, int, int, int]], bytes]:
-    """(byte order, [(name offset, type, file offset, size, link)], section-name string table)."""
+def _section_headers(fd: int) -> tuple[str, list[tuple[int, int, int, int, int]], bytes, int]:
+    """(byte order, [(name offset, type, file offset, size, link)], section-name string table, file size)."""
     file_size = os.fstat(fd).st_size
     ident = os.pread(fd, 64, 0)
     if len(ident) < 52 or ident[:4] != _MAGIC or ident[4] not in (1, 2) or ident[5] not in (1, 2):
         raise ELFError("not an ELF file")
     order = "<" if ident[5] == 1 else ">"
-    wide = ident[4] == 2
-    if wide:
+    if ident[4] == 2:
         e_shoff, = struct.unpack_from(order + "Q", ident, 40)
         e_shentsize, e_shnum, e_shstrndx = struct.unpack_from(order + "HHH", ident, 58)
-        sh_format = order + "IIQQQQIIQQ"
+        sh_format, picks = order + "IIQQQQIIQQ", (0, 1, 4, 5, 6)
     else:
         e_shoff, = struct.unpack_from(order + "I", ident, 32)
         e_shentsize, e_shnum, e_shstrndx = struct.unpack_from(order + "HHH", ident, 46)
-        sh_format = order + "IIIIIIIIII"
+        sh_format, picks = order + "IIIIIIIIII", (0, 1, 4, 5, 6)
     if e_shoff == 0:
-        return order, [], b""
+        return order, [], b"", file_size
     sh_size = struct.calcsize(sh_format)
-    if e_shentsize < sh_size:
-        raise ELFError(f"corrupt section-header table (entries of {e_shentsize} bytes)")
+    if e_shentsize != sh_size:
+        raise ELFError(f"corrupt section-header table (entries of {e_shentsize} bytes, expected {sh_size})")
     if e_shnum == 0 or e_shstrndx == _SHN_XINDEX:
         # More than 0xff00 sections: the real count and index live in section 0 (ELF gABI).
         first = struct.unpack(sh_format, os.pread(fd, sh_size, e_shoff))
         e_shnum = e_shnum or first[5]
         e_shstrndx = first[6] if e_shstrndx == _SHN_XINDEX else e_shstrndx
-    if e_shoff + e_shnum * e_shentsize > file_size:
+    if e_shoff + e_shnum * sh_size > file_size:
         raise ELFError("truncated: the section-header table ends past the end of the file")
-    table = os.pread(fd, e_shnum * e_shentsize, e_shoff)
-    sections = []
-    for index in range(e_shnum):
-        name, kind, _flags, _addr, offset, size, link, _info, _align, _entsize = struct.unpack_from(
-            sh_format, table, index * e_shentsize)
-        sections.append((name, kind, offset, size, link))
+    a, b, c, d, e = picks
+    sections = [(h[a], h[b], h[c], h[d], h[e])
+                for h in struct.iter_unpack(sh_format, os.pread(fd, e_shnum * sh_size, e_shoff))]
     names = b""
     if e_shstrndx < len(sections):
         _name, _kind, offset, size, _link = sections[e_shstrndx]
         if offset + size <= file_size:
             names = os.pread(fd, size, offset)
-    return order, sections, names
+    return order, sections, names, file_size
 
 
-def _section_data(fd: int, section: tuple[int, int, int, int, int]) -> bytes:
+def _section_data(fd: int, section: tuple[int, int, int, int, int], file_size: int) -> bytes:
     _name, kind, offset, size, _link = section
     if kind == _SHT_NOBITS:
         return b""
-    if offset + size > os.fstat(fd).st_size:
+    if offset + size > file_size:
         raise ELFError("truncated: a section ends past the end of the file (still being written?)")
     data = os.pread(fd, size, offset)
     if len(data) != size:
@@ -217,23 +213,48 @@ def _section_data(fd: int, section: tuple[int, int, int, int, int]) -> bytes:
     return data
 
 
+def find_section(fd: int, name: str) -> tuple[int, int] | None:
+    """(file offset, size) of the section called ``name`` in the ELF file open as ``fd``; None if it has none.
+
+    A section that occupies no file space (``SHT_NOBITS``) has size 0.
+
+    Raises:
+        ELFError: not an ELF file, or its section headers or that section lie
+            past the end of the file.
+    """
+    _order, sections, names, file_size = _section_headers(fd)
+    wanted = name.encode() + b"\0"
+    start = names.find(wanted)
+    while start >= 0:
+        if start == 0 or names[start - 1] == 0:     # a whole name, not the tail of a longer one
+            for section in sections:
+                if section[0] == start:
+                    _name, kind, offset, size, _link = section
+                    if kind == _SHT_NOBITS:
+                        return offset, 0
+                    if offset + size > file_size:
+                        raise ELFError("truncated: a section ends past the end of the file (still being written?)")
+                    return offset, size
+        start = names.find(wanted, start + 1)
+    return None
+
+
 def read_section(fd: int, name: str) -> bytes | None:
     """The contents of the section called ``name`` in the ELF file open as ``fd``; None if it has none.
 
-    Reads with pread (the file offset is not moved). A section that occupies
-    no file space (``SHT_NOBITS``) reads as ``b""``.
+    Reads with pread (the file offset is not moved).
 
     Raises:
-        ELFError: not an ELF file, or its section headers or the section lie
-            past the end of the file.
+        ELFError: as :func:`find_section`, or the file shrank while being read.
     """
-    _order, sections, names = _section_headers(fd)
-    wanted = name.encode() + b"\0"
-    for section in sections:
-        start = section[0]
-        if names[start:start + len(wanted)] == wanted:
-            return _section_data(fd, section)
-    return None
+    where = find_section(fd, name)
+    if where is None:
+        return None
+    offset, size = where
+    data = os.pread(fd, size, offset) if size else b""
+    if len(data) != size:
+        raise ELFError("truncated while reading a section (the file shrank while being read)")
+    return data
 
 
 def defined_symbols(path: str | os.PathLike) -> set[str]:
@@ -248,7 +269,7 @@ def defined_symbols(path: str | os.PathLike) -> set[str]:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        order, sections, _names = _section_headers(fd)
+        order, sections, _names, file_size = _section_headers(fd)
         wide = os.pread(fd, 5, 0)[4] == 2
         sym_format = order + ("IBBHQQ" if wide else "IIIBBH")
         sym_size = struct.calcsize(sym_format)
@@ -256,8 +277,8 @@ def defined_symbols(path: str | os.PathLike) -> set[str]:
         for section in sections:
             if section[1] != _SHT_DYNSYM or section[4] >= len(sections):
                 continue
-            symbols = _section_data(fd, section)
-            strings = _section_data(fd, sections[section[4]])
+            symbols = _section_data(fd, section, file_size)
+            strings = _section_data(fd, sections[section[4]], file_size)
             for offset in range(sym_size, len(symbols) - sym_size + 1, sym_size):   # entry 0 is the null symbol
                 fields = struct.unpack_from(sym_format, symbols, offset)
                 if wide:

@@ -138,6 +138,8 @@ def test_strips_what_cffi_cannot_parse(tmp_path):
         int vf(const char *fmt, va_list ap);
         __int128 wide(void);
         int f(const char *s, size_t n);
+        static const int SCONST = 42;
+        static int private_counter;
         struct s { char buf[sizeof(long) * 2]; int n; };
         enum e { E_A = 1 << 4, E_B, E_C = sizeof(struct s) };
         #define BIG (0ULL - 1)
@@ -164,6 +166,7 @@ def test_strips_what_cffi_cannot_parse(tmp_path):
     assert ffi.sizeof("struct s") == 20 and ffi.sizeof("big_t") == 8
     lib = ffi.dlopen(None)
     assert (lib.BIG, lib.SHIFTED, lib.NEG, lib.ONLY_IN_CDEF_VIEW) == (2**64 - 1, 2**31, -5, 1)
+    assert lib.SCONST == 42 and "private_counter" not in cdef.text
     assert (lib.E_A, lib.E_B, lib.E_C) == (16, 17, 20)
     for name in ("STR", "FLT", "FN", "only_for_the_compiler"):
         assert name not in cdef.text
@@ -186,6 +189,17 @@ def test_struct_cffi_would_lay_out_wrong_becomes_opaque(tmp_path):
     assert "opaque here" in cdef.text and "the compiler as 5 bytes" in cdef.text
 
 
+def test_layouts_unchecked_when_the_header_does_not_compile(tmp_path):
+    header = _header(tmp_path, """
+        struct s { int a; };
+        static inline int broken(void) { return no_such_variable; }
+        int use(struct s *);
+        """)
+    cdef = cdefgen.cdef_from_header(header)     # preprocessing works; compiling it does not
+    assert "struct layouts NOT checked against the compiler" in cdef.text and "no_such_variable" in cdef.text
+    assert cdef.functions == ("use",)
+
+
 def test_needed_types_from_other_headers_come_along(tmp_path):
     _header(tmp_path, """
         typedef unsigned long other_t;
@@ -196,14 +210,16 @@ def test_needed_types_from_other_headers_come_along(tmp_path):
         """, "other.h")
     header = _header(tmp_path, """
         #include <stdint.h>
+        #include <time.h>
         #include "other.h"
-        other2_t f(struct by_value v, struct by_pointer *p, uint32_t u);
+        other2_t f(struct by_value v, struct by_pointer *p, uint32_t u, struct tm *t);
         """)
     cdef = cdefgen.cdef_from_header(header)
     text = cdef.text
     assert "typedef unsigned long other_t;" in text and "typedef other_t other2_t;" in text
-    assert "struct by_value { int a; };" in text
-    assert "struct by_pointer {" not in text and "unused_t" not in text
+    assert "struct by_value { int a; };" in text and "unused_t" not in text
+    # Pointed to only: complete from a project header (the caller may allocate one), opaque from a system one.
+    assert "struct by_pointer { int b; };" in text and "struct tm {" not in text
     assert "uint32_t;" not in text      # cffi knows it natively
     assert str(tmp_path / "other.h") in cdef.files
 

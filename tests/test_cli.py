@@ -245,7 +245,8 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"nativereload {__version__}"
 
 
-@pytest.mark.parametrize("command", ["build", "reload", "unload", "status", "ps", "watch", "demo"])
+@pytest.mark.parametrize("command", ["build", "reload", "unload", "status", "ps", "watch", "demo", "cdef", "embed",
+                                     "check"])
 def test_each_subcommand_explains_itself(command, capsys):
     assert cli.main([command, "--help"]) == 0
     text = capsys.readouterr().out
