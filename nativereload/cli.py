@@ -78,7 +78,7 @@ several are serving, the command fails and lists them (pid, name, command line).
 
 
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("target (see below)")
+    group = parser.add_argument_group("which process (rules below)")
     group.add_argument("--socket", metavar="PATH", help="the control socket of the process")
     group.add_argument("--pid", type=int, metavar="PID", help="the process with this pid")
     group.add_argument("--name", metavar="NAME", help="the process serving under this name")
@@ -113,7 +113,8 @@ def _subcommand(sub: Any, name: str, summary: str, description: str, examples: s
     epilog = "examples:\n" + textwrap.indent(textwrap.dedent(examples).strip("\n"), "  ")
     if targets:
         epilog += "\n\n" + TARGET_RULES
-    parser = sub.add_parser(name, help=summary, description=description, epilog=epilog,
+    # Raw: the examples keep their lines; the description is wrapped here.
+    parser = sub.add_parser(name, help=summary, description=textwrap.fill(description, width=88), epilog=epilog,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     # Also after the command (nativereload build x.c -v); SUPPRESS keeps a -v given before it.
     parser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
@@ -523,7 +524,7 @@ def _watch_targets(args: argparse.Namespace) -> list[Target]:
     try:
         if args.socket is not None or args.pid is not None or args.process is not None:
             return discovery.find_targets(socket=args.socket, pid=args.pid, name=args.process, every=True)
-        return discovery.discover()
+        return discovery.discover(describe_each=True)
     except ControlError as exc:
         raise CLIError(str(exc), hint=exc.hint, kind="ControlError") from None
 
