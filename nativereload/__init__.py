@@ -5,7 +5,11 @@
     mod.add(2, 3)
     reg.reload("sample")        # calls in flight finish on the old image
 
-See README.md for the guarantees and their limits.
+A reload loads a private copy of the rebuilt file, resolves every declared
+function, then switches new calls to it; calls in flight finish on the old
+image, which closes when the last returns. A reload that fails changes
+nothing: the old version keeps serving. ``help(nativereload.Registry)``
+describes each operation.
 """
 
 from .errors import (BuildError, ControlError, DemoError, InterfaceError, LoadError, ModuleConflict,

@@ -44,6 +44,7 @@ takes a per-image lock around steps 2-3 and 4 instead.
 from __future__ import annotations
 
 import abc
+import inspect
 import itertools
 import os
 import sys
@@ -123,6 +124,11 @@ class Slot:
 class Func(metaclass=abc.ABCMeta):
     """A reload-safe handle on one C function: each call runs on the module's current image.
 
+    Made by ``Registry.func("module.symbol")``, ``Module.func(symbol)`` or
+    ``module.SYMBOL``; not created directly. A call that started on an image
+    finishes there even if a reload happens meanwhile; the next call goes to
+    the new image.
+
     Attributes:
         name: "module.symbol".
         symbol: the C symbol.
@@ -132,6 +138,7 @@ class Func(metaclass=abc.ABCMeta):
 
     def __init__(self, slot: Slot, qualname: str, symbol: str,
                  on_missing: Callable[[ImageGate | None], BaseException]) -> None:
+        """Internal: the registry makes Funcs (``Registry.func()``, ``Module.func()``)."""
         self.name = qualname
         self.symbol = symbol
         self._slot = slot
@@ -141,6 +148,13 @@ class Func(metaclass=abc.ABCMeta):
         return f"<nativereload.Func {self.name}>"
 
     def __call__(self, *args: Any) -> Any:
+        """Call the C function on the module's current image with ``args``; return its result (as cffi converts it).
+
+        Raises:
+            ModuleUnloaded: the module has been unloaded.
+            SymbolError: the cdef of the current image does not declare this function.
+            TypeError, OverflowError: cffi could not convert an argument.
+        """
         slot = self._slot
         while True:
             gate = slot.current
@@ -216,6 +230,12 @@ except ImportError:       # not built (no compiler at install time): the Python 
 else:
     C = Implementation("c", _c_gate.Slot, _c_gate.ImageGate, _c_gate.Func)
     Func.register(_c_gate.Func)
+
+
+# help(Func) shows how to get one, not the registry's internal constructor arguments
+# (pydoc omits a class's signature line when it is "()").
+Func.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
 
 
 def implementation() -> Implementation:

@@ -24,13 +24,20 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterable, NamedTuple
+import inspect
+import typing
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
 
 from . import gate as _gate
 from .errors import (ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
                      ModuleUnloaded, NativeReloadError, SymbolError)
 from .image import Image, Interface
 from .workdir import Workdir, remove_stale, resolve_tmpdir
+
+if TYPE_CHECKING:
+    from .control.server import Server
+    from .gate import Func
+    from .watch import ModuleFileWatcher
 
 __all__ = ["ImageStatus", "Module", "ModuleStatus", "Registry"]
 
@@ -40,10 +47,14 @@ PATH_ENV = "NATIVERELOAD_PATH"
 
 
 class ImageStatus(NamedTuple):
-    """One image of a module, as status() saw it.
+    """One image of a module, as ``Registry.status()`` saw it.
 
-    state: "active" (new calls go here), "retired" (replaced, calls still in
-    flight), or "leaked" (closed, but the dynamic loader kept it mapped).
+    Attributes:
+        generation: which load made it (1 for the first).
+        state: "active" (new calls go here), "retired" (replaced, calls still
+            in flight), or "leaked" (closed, but the dynamic loader kept it mapped).
+        in_flight: calls inside it at that moment.
+        copy_path: its private copy, the file that is mapped.
     """
 
     generation: int
@@ -53,7 +64,14 @@ class ImageStatus(NamedTuple):
 
 
 class ModuleStatus(NamedTuple):
-    """A module and its images that are not yet closed (oldest first)."""
+    """A module, as ``Registry.status()`` saw it.
+
+    Attributes:
+        name: the module name.
+        path: the file its images are copied from.
+        generation: the current (or, once unloaded, the last) generation.
+        images: its images not yet closed, oldest first.
+    """
 
     name: str
     path: str
@@ -84,7 +102,8 @@ def _check_name(name: object) -> str:
 class Module:
     """A loaded module: a live handle whose calls always go to its current image.
 
-    ``module.SYMBOL`` is a :class:`Func` for a function the cdef declares
+    Made by ``Registry.load()`` (and returned by ``reload()``); not created
+    directly. ``module.SYMBOL`` is a :class:`Func` for a function the cdef declares
     (a name that collides with an attribute below needs ``module.func(name)``).
     After a reload the same object describes the new image; after unload its
     handles raise ModuleUnloaded.
@@ -96,6 +115,7 @@ class Module:
     """
 
     def __init__(self, name: str, path: str, interface: Interface, gate: _gate.Implementation) -> None:
+        """Internal: ``Registry.load()`` makes Modules."""
         self.name = name
         self.path = path
         self.generation = 0
@@ -127,8 +147,8 @@ class Module:
         state = "unloaded" if self._unloaded else f"generation {self.generation}"
         return f"<nativereload.Module {self.name!r} {state} from {self.path!r}>"
 
-    def func(self, symbol: str) -> Any:
-        """The reload-safe handle on ``symbol`` (the same object each time).
+    def func(self, symbol: str) -> Func:
+        """The reload-safe handle on ``symbol`` (the same object each time); ``module.SYMBOL`` does the same.
 
         Raises:
             ModuleUnloaded: the module has been unloaded.
@@ -252,6 +272,9 @@ class Registry:
                 the module is already loaded: then it may be left out).
             file: load this file instead of searching the path.
 
+        Returns:
+            the Module, a live handle (``module.SYMBOL`` is a Func).
+
         Raises:
             ModuleNameError, ModuleNotFound, LoadError, SymbolError, InterfaceError,
             ModuleConflict: already loaded with another cdef or file.
@@ -366,11 +389,16 @@ class Registry:
 
     # -- calling ------------------------------------------------------------------------------
 
-    def func(self, qualname: str) -> Any:
+    def func(self, qualname: str) -> Func:
         """The reload-safe handle on ``"module.symbol"`` (split at the last dot).
 
+        The same Func object each time; it calls the module's current image,
+        across reloads.
+
         Raises:
-            ModuleNotLoaded, SymbolError, ModuleNameError.
+            ModuleNameError: ``qualname`` is not "module.symbol".
+            ModuleNotLoaded: the module is not loaded.
+            SymbolError: the module's cdef does not declare the symbol.
         """
         module_name, dot, symbol = qualname.rpartition(".") if isinstance(qualname, str) else ("", "", "")
         if not dot or not module_name or not symbol:
@@ -381,13 +409,22 @@ class Registry:
         return module.func(symbol)
 
     def call(self, qualname: str, *args: Any) -> Any:
-        """Call ``"module.symbol"`` with ``args`` on the module's current image."""
+        """Call ``"module.symbol"`` with ``args`` on the module's current image; return its result.
+
+        Raises:
+            ModuleNameError, ModuleNotLoaded, SymbolError: as :meth:`func`.
+            ModuleUnloaded: the module was unloaded while the call was being made.
+            TypeError, OverflowError: cffi could not convert an argument.
+        """
         return self.func(qualname)(*args)
 
     # -- status and draining -----------------------------------------------------------------
 
     def status(self) -> list[ModuleStatus]:
-        """A snapshot of every module with images not yet closed: loaded modules first, by name."""
+        """A snapshot of every module with images not yet closed: loaded modules first, by name.
+
+        An unloaded module is listed until its last image has drained.
+        """
         with self._state:
             modules = sorted(self._modules.values(), key=lambda m: m.name) + list(self._unloaded)
             return [ModuleStatus(module.name, module.path, module.generation,
@@ -444,18 +481,45 @@ class Registry:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def serve(self, socket_path: str | os.PathLike | None = None, *, name: str | None = None) -> Any:
-        """Answer the ``nativereload`` command line on a Unix socket; returns the Server.
+    def serve(self, socket_path: str | os.PathLike | None = None, *, name: str | None = None) -> Server:
+        """Answer the ``nativereload`` command line (status, reload, unload) on a Unix socket.
 
-        ``name`` is what ``nativereload ... --name NAME`` and ``nativereload ps``
-        call this process (default: the program's name).
+        Serves from a daemon thread until ``server.close()``, ``close()`` or
+        interpreter exit, which remove the socket. The default path is
+        ``$XDG_RUNTIME_DIR/nativereload/<pid>.sock``, else
+        ``${TMPDIR:-/tmp}/nativereload-sockets-<uid>/<pid>.sock``, where the
+        command line finds it by itself.
+
+        Args:
+            socket_path: serve at this path instead (its directory must be
+                yours and writable by nobody else).
+            name: what ``nativereload ... --name NAME`` and ``nativereload ps``
+                call this process (default: the program's name).
+
+        Returns:
+            the Server (``.path``, ``.name``, ``.close()``).
+
+        Raises:
+            ControlError: the socket cannot be served there (unsafe directory,
+                path too long, a live server already answers at ``socket_path``).
+            ValueError: ``name`` is not 1-64 letters, digits and ``_.@:+-``.
         """
         from . import control
 
         return control.serve(self, socket_path, name=name)
 
-    def watch_files(self) -> Any:
-        """Reload each module when its file is replaced by a complete new build (see watch.py)."""
+    def watch_files(self) -> ModuleFileWatcher:
+        """Reload each module by itself when its file is replaced by a complete new build.
+
+        A daemon thread polls the loaded modules' files; a changed file is
+        reloaded once it is stable (unchanged at two polls) and a complete
+        ELF, so a library still being written is never loaded. A failed
+        reload is logged and the old image keeps serving. ``close()`` stops
+        it. Idempotent: the running watcher is returned.
+
+        Returns:
+            the watcher (``.close()`` stops it).
+        """
         from . import watch
 
         return watch.watch_module_files(self)
@@ -553,3 +617,14 @@ def _remove_workdirs_at_exit() -> None:
     for workdir in list(_open_workdirs):
         workdir.remove_at_exit()
     _open_workdirs.clear()
+
+
+# help(Module) shows how to get one, not the registry's internal constructor arguments
+# (pydoc omits a class's signature line when it is "()").
+Module.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
+# With ``from __future__ import annotations`` NamedTuple keeps its field types as
+# strings, which help() shows as ForwardRef('str'): give __new__ the real types.
+for _status in (ImageStatus, ModuleStatus):
+    _status.__new__.__annotations__ = typing.get_type_hints(_status)
+del _status
