@@ -34,9 +34,10 @@ from .errors import (ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotL
 from .image import Image, Interface
 from .workdir import Workdir, remove_stale, resolve_tmpdir
 
-if TYPE_CHECKING:
+from .gate import Func
+
+if TYPE_CHECKING:      # imported when used: serve() and watch_files() are optional
     from .control.server import Server
-    from .gate import Func
     from .watch import ModuleFileWatcher
 
 __all__ = ["ImageStatus", "Module", "ModuleStatus", "Registry"]
@@ -624,7 +625,7 @@ def _remove_workdirs_at_exit() -> None:
 Module.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
 # With ``from __future__ import annotations`` NamedTuple keeps its field types as
-# strings, which help() shows as ForwardRef('str'): give __new__ the real types.
+# strings, which help() shows as ForwardRef('str'): give it the real types.
 for _status in (ImageStatus, ModuleStatus):
-    _status.__new__.__annotations__ = typing.get_type_hints(_status)
+    _status.__annotations__ = _status.__new__.__annotations__ = typing.get_type_hints(_status)
 del _status

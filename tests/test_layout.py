@@ -49,3 +49,22 @@ def test_no_module_imports_its_caller(module, forbidden):
 def test_cli_talks_to_the_client_not_the_server():
     found = imports(PACKAGE / "cli.py")
     assert "control.server" not in found and "registry" not in found
+
+
+def test_help_shows_the_public_api_not_its_internals():
+    import pydoc
+    import typing
+
+    import nativereload
+
+    assert typing.get_type_hints(nativereload.Registry.func)["return"] is nativereload.Func
+    assert typing.get_type_hints(nativereload.Module.func)["return"] is nativereload.Func
+    assert nativereload.Registry.serve.__annotations__["return"] == "Server"
+    for cls, internal in ((nativereload.Module, "interface"), (nativereload.Func, "on_missing")):
+        text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+        assert internal not in text and "Made by" in text
+    assert "ForwardRef" not in pydoc.render_doc(nativereload.ModuleStatus, renderer=pydoc.plaintext)
+    assert "Raises:" in (nativereload.Registry.call.__doc__ or "")
+    for obj in (nativereload, nativereload.Registry, nativereload.Module, nativereload.Func):
+        text = pydoc.render_doc(obj, renderer=pydoc.plaintext)
+        assert ".py)" not in text and "README" not in text
