@@ -51,13 +51,18 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["nativereload", "nativereload.*"]),
-    package_data={"nativereload": ["cmake/*.cmake", "py.typed", "*.pyi", "data/*"]},
+    package_data={"nativereload": ["cmake/*.cmake", "include/*.h", "py.typed", "*.pyi", "data/*"]},
     install_requires=["cffi>=1.17"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "watchfiles>=0.21"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "watchfiles>=0.21", "ipython>=8"],
         "watch": ["watchfiles>=0.21"],
+        "ipython": ["ipython>=8"],
     },
-    entry_points={"console_scripts": ["nativereload = nativereload.cli:main"]},
+    entry_points={
+        "console_scripts": ["nativereload = nativereload.cli:main"],
+        # The pytest plugin: nativereload_registry, nativereload_build (nativereload/testing.py).
+        "pytest11": ["nativereload = nativereload.testing"],
+    },
     ext_modules=ext_modules,
     cmdclass={"build_ext": OptionalBuildExt},
     zip_safe=False,

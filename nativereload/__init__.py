@@ -5,7 +5,11 @@
     mod.add(2, 3)
     reg.reload("sample")        # calls in flight finish on the old image
 
-See README.md for the guarantees and their limits.
+A reload loads a private copy of the rebuilt file, resolves every declared
+function, then switches new calls to it; calls in flight finish on the old
+image, which closes when the last returns. A reload that fails changes
+nothing: the old version keeps serving. ``help(nativereload.Registry)``
+describes each operation.
 """
 
 from .affinity import Pin
@@ -16,6 +20,17 @@ from .gate import Func
 from .registry import ImageStatus, Module, ModuleStatus, Registry
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``%load_ext nativereload`` looks these up on the package: they come from
+    # nativereload.ipython, imported only then (importing nativereload must not import IPython).
+    if name in ("load_ipython_extension", "unload_ipython_extension"):
+        from . import ipython
+
+        return getattr(ipython, name)
+    raise AttributeError(f"module 'nativereload' has no attribute {name!r}")
+
 
 __all__ = [
     "BuildError",

@@ -1,34 +1,43 @@
-"""CMake configure and build: sources -> the module files a registry loads.
+"""Building modules: sources -> the module files a registry loads.
 
-``build(source_dir, build_dir)`` configures the project on first use (Ninja
-when it is installed, the CMake helper from ``cmake_dir()`` made findable with
-``find_package(nativereload)``), then builds incrementally, and reports which
-module files the build changed. The compiler's output is passed through as
-the compiler wrote it, to the stream given (the CLI's stderr), never parsed.
+Two ways, one result (``BuildResult``: which module files exist, which this
+build changed):
 
-Which files are modules: the ones ``nativereload_add_module()`` recorded in
-``<build>/nativereload-modules/NAME.path``; for a project that does not use
-the helper, the ``*.so`` files in ``<build>/modules``. A module counts as
-built when its file changed (inode, size or mtime) during this build: the
-helper renames a finished file over the old one, so a changed file is always
-a complete one.
+``build(source_dir, build_dir)`` builds a CMake project: it configures on
+first use (Ninja when it is installed, the CMake helper from ``cmake_dir()``
+made findable with ``find_package(nativereload)``), then builds
+incrementally. Which files are modules: the ones ``nativereload_add_module()``
+recorded in ``<build>/nativereload-modules/NAME.path``; for a project that
+does not use the helper, the ``*.so`` files in ``<build>/modules``.
+
+``compile_sources(files, output_dir)`` builds one module from C (or C++)
+files with no project at all (``nativereload build FILE.c``), with the flags
+the CMake helper uses, and skips the work when neither the sources, the
+headers they include, nor the flags changed.
+
+Either way the module file is written by rename, so a changed file is
+always a complete one, and the compiler's output is passed through as the
+compiler wrote it, to the stream given (the CLI's stderr), never parsed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterable, Mapping
 
 from .errors import BuildError
 
-__all__ = ["BuildError", "BuildResult", "Module", "build", "cmake_dir", "file_signature", "module_files"]
+__all__ = ["BuildError", "BuildResult", "Module", "build", "cmake_dir", "compile_sources", "file_signature",
+           "module_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +116,16 @@ def _cache_entry(build_dir: Path, name: str) -> str | None:
 
 
 def _prepare_build_dir(source_dir: Path, build_dir: Path) -> None:
-    """Check the directories before CMake runs, so the failure names its cause."""
+    """Check the directories before CMake runs, so the failure names its cause (and leaves nothing behind)."""
     if not source_dir.is_dir():
         raise BuildError(f"source directory {source_dir} does not exist",
                          hint="run from your project's directory or pass --source-dir")
     if build_dir.exists() and not build_dir.is_dir():
         raise BuildError(f"the build directory {build_dir} is not a directory", hint="pass another --build-dir")
+    if not (source_dir / "CMakeLists.txt").is_file() and not (build_dir / "CMakeCache.txt").is_file():
+        raise BuildError(f"no CMakeLists.txt in {source_dir}",
+                         hint="run from your project's directory or pass --source-dir; or build C files without "
+                              "a project: nativereload build FILE.c")
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -126,7 +139,7 @@ def _prepare_build_dir(source_dir: Path, build_dir: Path) -> None:
                          hint="pass --build-dir for a directory of its own, or remove that one")
 
 
-def _run(cmd: list[str], output: IO[str] | None, what: str) -> None:
+def _run(cmd: list[str], output: IO[str] | None, what: str, cwd: Path | None = None) -> None:
     logger.debug("running %s", " ".join(cmd))
     output = output if output is not None else sys.stderr
     try:
@@ -137,13 +150,13 @@ def _run(cmd: list[str], output: IO[str] | None, what: str) -> None:
         # Inherit the stream's descriptor so the compiler writes straight to it
         # (colours and line buffering as the user expects from a terminal).
         fileno = output.fileno()
-        proc = subprocess.run(cmd, stdout=fileno, stderr=fileno, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, stdout=fileno, stderr=fileno, stdin=subprocess.DEVNULL, cwd=cwd)
     except (AttributeError, OSError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise BuildError(f"cannot run {cmd[0]!r}: not found", hint="install CMake (apt-get install cmake, "
                              "or pip install cmake) and make sure it is on PATH") from None
         # A stream without a descriptor (StringIO in a test): capture, then copy.
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
                               text=True, errors="replace")
         output.write(proc.stdout)
     if proc.returncode != 0:
@@ -154,7 +167,7 @@ def _run(cmd: list[str], output: IO[str] | None, what: str) -> None:
 
 def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "build", *,
           target: str | None = None, config: str = "RelWithDebInfo", output: IO[str] | None = None,
-          jobs: int | None = None) -> BuildResult:
+          jobs: int | None = None, definitions: Mapping[str, object] | None = None) -> BuildResult:
     """Configure ``source_dir`` into ``build_dir`` if needed, build, and report what changed.
 
     Configure runs when the build directory has no CMakeCache.txt yet, or when
@@ -165,6 +178,8 @@ def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "b
         target: build only this CMake target (default: all).
         config: CMAKE_BUILD_TYPE (and ``--config`` for multi-config generators).
         output: where CMake and the compiler write (default: sys.stderr).
+        definitions: CMake cache variables (``-DNAME=VALUE``), set by a
+            configure step that then runs even if the directory is configured.
 
     Raises:
         BuildError: CMake missing, no source directory or CMakeLists.txt, a build
@@ -181,14 +196,17 @@ def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "b
     configured = False
     _prepare_build_dir(source_dir, build_dir)
     cached_type = _cache_entry(build_dir, "CMAKE_BUILD_TYPE")
-    if cached_type is None or cached_type != config:
+    if cached_type is None or cached_type != config or definitions:
         if not (source_dir / "CMakeLists.txt").is_file():
             raise BuildError(f"no CMakeLists.txt in {source_dir}",
-                             hint="run from your project's directory or pass --source-dir")
+                             hint="run from your project's directory or pass --source-dir; or build C files "
+                                  "without a project: nativereload build FILE.c")
         # nativereload_DIR lets the project find_package(nativereload); a project
         # that include()s the helper directly does not use it, hence no warning.
+        # NATIVERELOAD_PYTHON: the interpreter that embeds INTERFACE headers is this one.
         cmd = [cmake, "-S", str(source_dir), "-B", str(build_dir), f"-DCMAKE_BUILD_TYPE={config}",
-               f"-Dnativereload_DIR={cmake_dir()}", "--no-warn-unused-cli"]
+               f"-Dnativereload_DIR={cmake_dir()}", f"-DNATIVERELOAD_PYTHON={sys.executable}",
+               "--no-warn-unused-cli", *(f"-D{k}={v}" for k, v in (definitions or {}).items())]
         # The generator can only be chosen when the build directory is new.
         if cached_type is None and shutil.which("ninja"):
             cmd[1:1] = ["-G", "Ninja"]
@@ -209,3 +227,177 @@ def build(source_dir: str | os.PathLike = ".", build_dir: str | os.PathLike = "b
     logger.info("built %d module(s) in %.1f s: %s", len(built), seconds,
                 ", ".join(m.name for m in built) or "all up to date")
     return BuildResult(modules=modules, built=built, configured=configured, seconds=seconds)
+
+
+# --------------------------------------------------------------------------- C files, no project
+
+_CXX_SUFFIXES = {".cc", ".cpp", ".cxx", ".c++", ".C"}
+_STAMPS = ".nativereload-build"
+# The flags nativereload_add_module() gives (cmake/nativereloadConfig.cmake
+# says why each): position-independent, own calls bound inside the library.
+_CFLAGS = ["-fPIC", "-O2", "-g"]
+_LDFLAGS = ["-shared", "-Wl,-Bsymbolic"]
+
+
+def _compiler(cxx: bool) -> list[str]:
+    variable = "CXX" if cxx else "CC"
+    configured = os.environ.get(variable)
+    if configured:
+        return shlex.split(configured)
+    for candidate in (("c++", "g++", "clang++") if cxx else ("cc", "gcc", "clang")):
+        found = shutil.which(candidate)
+        if found:
+            return [found]
+    raise BuildError(f"no {'C++' if cxx else 'C'} compiler found (set {variable}, or install one: "
+                     "apt-get install gcc)", hint=f"set {variable} to your compiler, e.g. {variable}=gcc")
+
+
+def _is_gcc(compiler: list[str]) -> bool:
+    try:
+        out = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" not in out.lower() and ("gcc" in out.lower() or "free software foundation" in out.lower())
+
+
+def _define_flags(defines: Mapping[str, object] | Iterable[str]) -> list[str]:
+    if isinstance(defines, Mapping):
+        return [f"-D{k}" if v is None else f"-D{k}={v}" for k, v in defines.items()]
+    return [f"-D{d}" for d in defines]
+
+
+def _depfile_inputs(depfile: Path) -> list[str]:
+    """The files a Make-style dependency file (``cc -MD``) lists after its target."""
+    try:
+        text = depfile.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError:
+        return []
+    text = text.replace("\\\n", " ")
+    _, _, deps = text.partition(": ")
+    # Spaces inside a path are escaped as "\ "; anything else separates.
+    found, current, chars = [], [], iter(deps)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            if nxt in (" ", "#"):
+                current.append(nxt)
+                continue
+            current.append(ch + nxt)
+        elif ch.isspace():
+            if current:
+                found.append("".join(current))
+                current = []
+        else:
+            current.append(ch)
+    if current:
+        found.append("".join(current))
+    return found
+
+
+def _stamp(commands: list[list[str]], inputs: Iterable[str]) -> dict:
+    """What the next build compares with: the exact commands, and each input's (inode, size, mtime)."""
+    return {"commands": commands, "inputs": {path: file_signature(path) for path in sorted(set(inputs))}}
+
+
+def compile_sources(sources: Iterable[str | os.PathLike], output_dir: str | os.PathLike = "build/modules", *,
+                    name: str | None = None, include_dirs: Iterable[str | os.PathLike] = (),
+                    defines: Mapping[str, object] | Iterable[str] = (), libraries: Iterable[str] = (),
+                    library_dirs: Iterable[str | os.PathLike] = (), cflags: Iterable[str] = (),
+                    ldflags: Iterable[str] = (), output: IO[str] | None = None, force: bool = False,
+                    cwd: str | os.PathLike | None = None) -> BuildResult:
+    """Compile C (or C++) files into ``output_dir/NAME.so``, with no build system; skip it if nothing changed.
+
+    The flags are those of the CMake helper: ``-fPIC -O2 -g``, linked
+    ``-shared -Wl,-Bsymbolic`` (and ``-fno-gnu-unique`` for C++ with GCC);
+    ``cflags`` and ``ldflags`` come after them, so they can override. The
+    compiler is ``$CC`` (``$CXX`` if a source is C++), else ``cc``. Objects
+    and a record of the last build live in ``output_dir/.nativereload-build/``:
+    the build is skipped when the module exists and neither the commands nor
+    any source or included header changed since (``force`` rebuilds anyway).
+
+    Args:
+        name: the module name (default: the first source's stem).
+        defines: ``{"NAME": value}`` (None for a bare ``-DNAME``), or ``["NAME=value", ...]``.
+        libraries: names for ``-l``; ``library_dirs`` for ``-L``.
+        output: where the compiler writes (default: sys.stderr).
+        cwd: the directory relative paths are taken from, and the compiler
+            runs in (default: the current one). The compiler is given each
+            source relative to it, so its messages name ``counter.c:3:5``.
+
+    Returns:
+        a BuildResult with the one module, in ``built`` only if it was rebuilt.
+
+    Raises:
+        BuildError: no sources, a source missing, no compiler, or compiling or
+            linking failed (the compiler's messages went to ``output``).
+    """
+    started = time.perf_counter()
+    base = Path(cwd).absolute() if cwd is not None else Path.cwd()
+    sources = [base / src for src in sources]
+    if not sources:
+        raise BuildError("no source files given", hint="nativereload build FILE.c [FILE.c ...]")
+    for src in sources:
+        if not src.is_file():
+            raise BuildError(f"source file {src} does not exist", hint="check the path (relative to the current "
+                             "directory)")
+    name = name or sources[0].stem
+    if not name or "/" in name or name.startswith("."):
+        raise BuildError(f"invalid module name {name!r}", hint="pass --name NAME")
+    output_dir = base / output_dir
+    target = output_dir / f"{name}.so"
+    stamps = output_dir / _STAMPS / name
+    cxx = any(src.suffix in _CXX_SUFFIXES for src in sources)
+    compiler = _compiler(cxx)
+    cflags = [*_CFLAGS, *(["-fno-gnu-unique"] if cxx and _is_gcc(compiler) else []),
+              *(f"-I{base / d}" for d in include_dirs), *_define_flags(defines), *cflags]
+    objects, commands = [], []
+    for i, src in enumerate(sources):
+        obj = stamps / f"{i}-{src.stem}.o"
+        objects.append(obj)
+        given = os.path.relpath(src, base) if base in src.parents else str(src)
+        commands.append([*compiler, *cflags, "-MD", "-MF", str(obj.with_suffix(".d")), "-c", given,
+                         "-o", str(obj)])
+    partial = output_dir / f".{name}.so.partial"
+    link = [*compiler, *_LDFLAGS, *map(str, objects), "-o", str(partial),
+            *(f"-L{base / d}" for d in library_dirs), *(f"-l{lib}" for lib in libraries), *ldflags]
+    commands.append(link)
+
+    record = stamps / "build.json"
+    if not force and target.is_file():
+        try:
+            previous = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+        if (isinstance(previous, dict) and previous.get("commands") == commands
+                and isinstance(previous.get("inputs"), dict) and _same_inputs(previous["inputs"])):
+            seconds = time.perf_counter() - started
+            logger.info("module '%s' is up to date (%s)", name, target)
+            return BuildResult(modules=(Module(name, target),), built=(), configured=False, seconds=seconds)
+    try:
+        stamps.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuildError(f"cannot create {stamps}: {exc.strerror or exc}", hint="pass an output directory you "
+                         "can write (-o DIR)") from None
+    record.unlink(missing_ok=True)
+    for src, command in zip(sources, commands):
+        _run(command, output, f"compiling {src.name}", cwd=base)
+    _run(link, output, f"linking {name}.so", cwd=base)
+    os.replace(partial, target)        # complete, or not there at all
+    inputs = [str(src) for src in sources]
+    for obj in objects:
+        inputs += [str(base / dep) for dep in _depfile_inputs(obj.with_suffix(".d"))]
+    record.write_text(json.dumps(_stamp(commands, inputs)), encoding="utf-8")
+    seconds = time.perf_counter() - started
+    logger.info("built module '%s' in %.1f s: %s", name, seconds, target)
+    module = Module(name, target)
+    return BuildResult(modules=(module,), built=(module,), configured=False, seconds=seconds)
+
+
+def _same_inputs(inputs: dict) -> bool:
+    """Does every input recorded at the last build still have the signature it had then?"""
+    for path, signature in inputs.items():
+        now = file_signature(path)
+        if now is None or signature is None or list(now) != list(signature):
+            return False
+    return True

@@ -1,21 +1,22 @@
-"""The ``nativereload`` command: build, reload, status, unload, watch, demo.
+"""The ``nativereload`` command: build, reload, unload, status, ps, watch, demo, cdef, embed, check.
 
-``main(argv=None) -> int`` is the whole CLI; tests call it directly. Helpers
-return values or raise; only ``main`` turns outcomes into exit codes, and only
-``main`` installs a logging handler.
+``main(argv=None) -> int`` is the whole CLI; tests call it directly. Commands
+return an exit code or raise; only ``main`` turns exceptions into messages and
+exit codes, and only ``main`` installs a logging handler.
 
 Exit codes: 0 success, 1 the operation failed (including: no process reachable,
-several candidates without --pid/--all), 2 usage error. Errors go to stderr as
-``error: ...`` then ``hint: ...``; with ``--json`` stdout carries exactly one
-JSON document (for several targets, a list with one entry per process). No
+several candidates without a way to choose), 2 usage error (including: watch
+with nothing to build). Errors go to stderr as ``error: ...`` then
+``hint: ...``. With ``--json``, stdout carries exactly one JSON document
+whatever happens: the result, or on failure
+``{"ok": false, "error": {"type": ..., "message": ..., "hint": ...}}``; for
+several processes (``--all``), a list with one entry per process. No
 traceback reaches the user for an expected failure.
 
-Targets (reload, status, unload): ``--socket PATH``, ``--pid PID``, ``--all``
-(every live process of this user), or, with none of them, the only live
-process of this user. ``watch`` takes the same options, but with none of them
-it reloads in every live process of this user that has the changed file
-loaded: processes start and stop during a watch session, and the file's path
-already says which ones run this build.
+Targets (reload, unload, status): the rules are ``discovery.find_targets``'s
+(``--socket``, ``--pid``, ``--name``, ``--all``; with none, the only live
+process of this user). ``watch`` takes the same options, but with none it
+reloads in every live process of this user that has the changed file loaded.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import stat
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
+from . import __version__
 from . import build as build_mod
-from . import control
-from .errors import NativeReloadError
+from .control import client, discovery
+from .control.discovery import Target
+from .errors import ControlError, NativeReloadError
+from .output import arrow, print_error
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -49,194 +52,307 @@ _HINTS = {
 }
 
 
-def arrow(stream: Any) -> str:
-    """"\u2192" where the stream can encode it, else "->" (PYTHONIOENCODING=ascii must not crash a reload report)."""
-    try:
-        "\u2192".encode(getattr(stream, "encoding", None) or "ascii")
-    except (LookupError, UnicodeEncodeError):
-        return "->"
-    return "\u2192"
-
-
 class CLIError(Exception):
-    """An expected failure: printed as ``error: message`` (+ ``hint:``), exit 1."""
+    """An expected failure: printed as ``error: message`` (+ ``hint:``); ``kind`` is its JSON ``type``."""
 
-    def __init__(self, message: str, hint: str | None = None, code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, hint: str | None = None, code: int = EXIT_FAILED,
+                 kind: str = "Error") -> None:
         super().__init__(message)
         self.hint = hint
         self.code = code
+        self.kind = kind
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as ``error: ...`` + ``hint: ...``, exit 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise CLIError(message, hint=f"`{self.prog} --help` shows the usage", code=EXIT_USAGE)
+        raise CLIError(message, hint=f"`{self.prog} --help` shows the usage", code=EXIT_USAGE, kind="UsageError")
+
+
+TARGET_RULES = """\
+which process: --socket PATH, --pid PID, --name NAME (what it passed to reg.serve(name=...);
+default: its program's name), or --all (every live process of yours; with --name, every
+process of that name). With none of them, the only live process of yours is used; if
+several are serving, the command fails and lists them (pid, name, command line)."""
 
 
 def _add_target_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
+    group = parser.add_argument_group("which process (rules below)")
     group.add_argument("--socket", metavar="PATH", help="the control socket of the process")
-    group.add_argument("--pid", type=int, metavar="PID", help="the process with this pid (its default socket)")
-    group.add_argument("--all", action="store_true", help="every live process of this user")
+    group.add_argument("--pid", type=int, metavar="PID", help="the process with this pid")
+    group.add_argument("--name", metavar="NAME", help="the process serving under this name")
+    group.add_argument("--all", action="store_true", help="every live process of this user (or of --name)")
+
+
+def _add_json(parser: argparse.ArgumentParser, what: str = "the result") -> None:
+    parser.add_argument("--json", action="store_true",
+                        help=f"print {what} as one JSON document on stdout (failures too)")
+
+
+def _add_compile_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("building C files without a project (with FILE arguments)")
+    group.add_argument("-o", "--output-dir", default="build/modules", metavar="DIR",
+                       help="where NAME.so goes (default: build/modules)")
+    group.add_argument("--name", dest="module_name", metavar="NAME",
+                       help="the module's name (default: the first file's name without .c)")
+    group.add_argument("-I", dest="include_dirs", action="append", default=[], metavar="DIR",
+                       help="add an include directory (repeatable)")
+    group.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME[=VALUE]",
+                       help="define a macro (repeatable)")
+    group.add_argument("-L", dest="library_dirs", action="append", default=[], metavar="DIR",
+                       help="add a library directory (repeatable)")
+    group.add_argument("-l", dest="libraries", action="append", default=[], metavar="LIB",
+                       help="link a library (repeatable)")
+    group.add_argument("--cflags", default="", metavar="FLAGS", help="more compiler flags, e.g. --cflags=-O0")
+    group.add_argument("--ldflags", default="", metavar="FLAGS", help="more linker flags")
+
+
+def _subcommand(sub: Any, name: str, summary: str, description: str, examples: str,
+                targets: bool = False) -> argparse.ArgumentParser:
+    epilog = "examples:\n" + textwrap.indent(textwrap.dedent(examples).strip("\n"), "  ")
+    if targets:
+        epilog += "\n\n" + TARGET_RULES
+    # Raw: the examples keep their lines; the description is wrapped here.
+    parser = sub.add_parser(name, help=summary, description=textwrap.fill(description, width=88), epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Also after the command (nativereload build x.c -v); SUPPRESS keeps a -v given before it.
+    parser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="more log output (repeat for debug)")
+    return parser
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nativereload", description="Build C modules and hot-reload them in running processes.")
+    p = _Parser(prog="nativereload", description="Build C modules and hot-reload them in running processes.",
+                epilog="`nativereload COMMAND --help` describes a command, with examples.")
+    p.add_argument("--version", action="version", version=f"nativereload {__version__}")
     p.add_argument("--cmake-dir", action="store_true",
                    help="print the directory of the CMake helper (nativereload_add_module) and exit")
+    p.add_argument("--include-dir", action="store_true",
+                   help="print the directory of nativereload.h (for -I) and exit")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    b = sub.add_parser("build", help="configure (first time) and build the C modules with CMake")
-    b.add_argument("--source-dir", default=".", help="the CMake project (default: .)")
-    b.add_argument("--build-dir", default="build", help="the build directory (default: build)")
-    b.add_argument("--target", help="build only this CMake target")
-    b.add_argument("--config", default="RelWithDebInfo", help="CMake build type (default: RelWithDebInfo)")
-    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    b = _subcommand(sub, "build", "build modules: C files directly, or the CMake project",
+                    "Build modules. With FILE arguments: compile them into one module, DIR/NAME.so, with the "
+                    "flags reloading needs (no project needed; skipped when nothing changed). Without: configure "
+                    "the CMake project on first use and build it incrementally. Either way each module file is "
+                    "written by rename, complete.", """
+                    nativereload build counter.c                      # -> build/modules/counter.so
+                    nativereload build a.c b.c --name counter -I include -DVERSION=2 -lm
+                    nativereload build                                # the CMake project in .
+                    nativereload build --source-dir proj --build-dir proj/build --target counter""")
+    b.add_argument("files", nargs="*", metavar="FILE", help="C (or C++) files to compile into one module")
+    _add_compile_options(b)
+    cmake = b.add_argument_group("building a CMake project (no FILE arguments)")
+    cmake.add_argument("--source-dir", default=".", help="the CMake project (default: .)")
+    cmake.add_argument("--build-dir", default="build", help="the build directory (default: build)")
+    cmake.add_argument("--target", help="build only this CMake target")
+    cmake.add_argument("--config", default="RelWithDebInfo", help="CMake build type (default: RelWithDebInfo)")
+    b.add_argument("--force", action="store_true", help="rebuild FILEs even if nothing changed")
+    _add_json(b)
 
-    r = sub.add_parser("reload", help="reload a loaded module in running process(es)")
+    r = _subcommand(sub, "reload", "reload a loaded module in running process(es)",
+                    "Reload a module a running process has loaded: it loads a fresh copy of the file the module "
+                    "was loaded from and switches new calls to it; calls in flight finish on the old image. A "
+                    "refused reload leaves the old version serving.", """
+                    nativereload reload counter
+                    nativereload reload counter --name api --all --json""", targets=True)
     r.add_argument("module", help="the module name, as the process loaded it")
     _add_target_options(r)
-    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_json(r)
 
-    u = sub.add_parser("unload", help="unload a module in running process(es)")
+    u = _subcommand(sub, "unload", "unload a module in running process(es)",
+                    "Unload a module in a running process: new calls raise ModuleUnloaded, calls in flight "
+                    "finish first.", """
+                    nativereload unload counter --pid 4242""", targets=True)
     u.add_argument("module", help="the module name, as the process loaded it")
     _add_target_options(u)
-    u.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_json(u)
 
-    s = sub.add_parser("status", help="modules, generations and images of running process(es)")
+    s = _subcommand(sub, "status", "modules, generations and images of running process(es)",
+                    "Show a running process's modules: generation, images (active, retired and draining, "
+                    "leaked) with their calls in flight, and what became of older generations.", """
+                    nativereload status
+                    nativereload status --all --json""", targets=True)
     _add_target_options(s)
-    s.add_argument("--json", action="store_true", help="print the status as JSON")
+    _add_json(s, "the status")
 
-    w = sub.add_parser("watch", help="rebuild on source changes and reload the changed modules")
-    w.add_argument("--source-dir", default=".", help="the CMake project (default: .)")
-    w.add_argument("--build-dir", default="build", help="the build directory (default: build)")
-    w.add_argument("--config", default="RelWithDebInfo", help="CMake build type (default: RelWithDebInfo)")
+    ps = _subcommand(sub, "ps", "list the live processes of yours that serve, with their modules",
+                     "List every live process of yours that called reg.serve(): pid, name, modules and "
+                     "generations, command line. Sockets of processes that died are removed on the way.", """
+                     nativereload ps
+                     nativereload ps --json""")
+    _add_json(ps, "the list")
+
+    w = _subcommand(sub, "watch", "rebuild on source changes and reload the changed modules",
+                    "Build now, then after every change, and reload each module the build changed in every "
+                    "process that has it loaded from that file. With FILE arguments it compiles them (as "
+                    "`build FILE...` does) and watches their directory; otherwise it builds the CMake project. "
+                    "Editors' temporary files are ignored. A failed build or reload is reported, the old code "
+                    "keeps serving, and watching goes on. Stop with Ctrl-C.", """
+                    nativereload watch counter.c
+                    nativereload watch --source-dir proj --build-dir proj/build --name api""", targets=True)
+    w.add_argument("files", nargs="*", metavar="FILE", help="C files to compile into one module")
+    _add_compile_options(w)
+    wc = w.add_argument_group("watching a CMake project (no FILE arguments)")
+    wc.add_argument("--source-dir", default=".", help="the CMake project (default: .)")
+    wc.add_argument("--build-dir", default="build", help="the build directory (default: build)")
+    wc.add_argument("--config", default="RelWithDebInfo", help="CMake build type (default: RelWithDebInfo)")
     w.add_argument("--interval", type=float, default=0.5, help="polling interval in seconds when watchfiles "
-                   "is not installed (default: 0.5)")
+                   "is not installed or --poll is given (default: 0.5)")
     w.add_argument("--poll", action="store_true", help="poll even if watchfiles is installed (file systems "
                    "without inotify)")
-    _add_target_options(w)
+    # --name is the module's name here; the target's name is --process.
+    wt = w.add_argument_group("target (default: every process that has the built file loaded)")
+    wt.add_argument("--socket", metavar="PATH", help="the control socket of the process")
+    wt.add_argument("--pid", type=int, metavar="PID", help="the process with this pid")
+    wt.add_argument("--process", metavar="NAME", help="the processes serving under this name")
 
-    d = sub.add_parser("demo", help="build a sample module, reload it under load, and report")
+    d = _subcommand(sub, "demo", "build a sample module, reload it under load, and report",
+                    "Build a sample module into a temporary directory, call it from several threads, rebuild "
+                    "and reload it while they call, with one call held inside the old image across the reload, "
+                    "and report: calls served and failed (0), and whether the old image drained once the held "
+                    "call returned.", """
+                    nativereload demo
+                    nativereload demo --threads 8 --seconds 3 --json""")
     d.add_argument("--threads", type=int, default=4, help="calling threads (default: 4)")
-    d.add_argument("--seconds", type=float, default=1.0, help="seconds of calls before and after the reload")
-    d.add_argument("--json", action="store_true", help="print the report as JSON (the live lines go to stderr)")
+    d.add_argument("--seconds", type=float, default=1.0, help="seconds of calls before and after the reload "
+                   "(default: 1)")
+    _add_json(d, "the report (the live lines go to stderr)")
+    _add_interface_parsers(sub)
     return p
+
+
+def _add_interface_parsers(sub: Any) -> None:
+    def header_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("header", help="the C header")
+        parser.add_argument("-I", dest="include_dirs", action="append", default=[], metavar="DIR",
+                            help="add DIR to the header search path (repeatable)")
+        parser.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME[=VALUE]",
+                            help="define a macro while reading the header (repeatable)")
+        parser.add_argument("--compiler", metavar="CC", help="the C compiler that preprocesses (default: $CC, "
+                            "else cc)")
+
+    c = _subcommand(sub, "cdef", "print a cffi cdef made from a C header (a third-party library's)",
+                    "Make a cdef cffi parses from a real C header: the compiler preprocesses it, and what cffi "
+                    "cannot take is dropped, each with its reason in the cdef's last comment.", """
+                    nativereload cdef /usr/include/zlib.h --library /usr/lib/x86_64-linux-gnu/libz.so.1
+                    nativereload cdef include/counter.h -I include -o counter.cdef""")
+    header_options(c)
+    c.add_argument("--library", metavar="FILE", help="also report the declared functions FILE does not export")
+    c.add_argument("-o", "--output", metavar="FILE", help="write the cdef to FILE (default: stdout)")
+
+    e = _subcommand(sub, "embed", "write a C file that embeds a header's interface in the module it is "
+                    "compiled into",
+                    "Write a C file that, compiled into a module, embeds the interface of HEADER in it (the ELF "
+                    "section .nativereload.interface), so that a reload can be checked against the serving "
+                    "module's before it is loaded.", """
+                    nativereload embed counter.h -o counter_interface.c""")
+    header_options(e)
+    e.add_argument("-o", "--output", metavar="FILE.c", required=True, help="the C file to write")
+    e.add_argument("--depfile", metavar="FILE", help="also write the files the header read, Makefile style")
+
+    k = _subcommand(sub, "check", "compare the interfaces embedded in two builds: exit 0 if a reload would "
+                    "be accepted, 1 if refused, 2 if a file has no interface",
+                    "Compare the interfaces embedded in two builds of a module, without loading either: exit 0 "
+                    "if a reload from OLD to NEW would be accepted, 1 if it would be refused, 2 if a file has no "
+                    "embedded interface.", """
+                    nativereload check build-1.0/counter.so build/modules/counter.so
+                    nativereload check old.so new.so --json""")
+    k.add_argument("old", help="the serving (released) build of the module")
+    k.add_argument("new", help="the new build")
+    _add_json(k, "the difference")
 
 
 # --------------------------------------------------------------------------- targets
 
-def resolve_targets(args: argparse.Namespace) -> list[control.Target]:
-    """The processes a command addresses; CLIError when none (or too many) are reachable."""
-    if args.socket:
-        path = Path(args.socket)
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            raise CLIError(f"no control socket at {path}", hint="is the process running, and did it call "
-                           "reg.serve()?") from None
-        except OSError as exc:
-            raise CLIError(f"cannot reach {path}: {exc.strerror or exc}",
-                           hint="the socket may belong to another user; run as that user") from None
-        if not stat.S_ISSOCK(mode):
-            raise CLIError(f"{path} is not a socket", hint="pass the path a process's reg.serve() printed "
-                           "(Server.path), or use --pid PID")
-        return [control.Target(None, path)]
-    directory = control.default_socket_dir()
+def resolve_targets(args: argparse.Namespace) -> list[Target]:
+    """The processes a command addresses (``discovery.find_targets``); CLIError when none, or too many."""
+    ways = [opt for opt, value in (("--socket", args.socket), ("--pid", args.pid), ("--name", args.name))
+            if value is not None]
+    if len(ways) > 1 or (args.all and ways and ways != ["--name"]):
+        raise CLIError(f"choose the process one way, not with {' and '.join(ways + ['--all'] * args.all)}",
+                       hint="use one of --socket, --pid, --name, --all (only --name combines with --all)",
+                       code=EXIT_USAGE, kind="UsageError")
     try:
-        live = control.discover()
-    except control.ControlError as exc:
-        raise CLIError(str(exc), hint=exc.hint) from None
-    if args.pid is not None:
-        for target in live:
-            if target.pid == args.pid:
-                return [target]
-        raise CLIError(f"process {args.pid} has no live control socket in {directory}",
-                       hint=_candidates_hint(live) or "is it running, and did it call reg.serve()?")
-    if not live:
-        raise CLIError(f"no nativereload process of this user is serving (looked in {directory})",
-                       hint="call reg.serve() in your program; the socket directory comes from "
-                            "XDG_RUNTIME_DIR, else TMPDIR (it must match between your program and this shell)")
-    if args.all or len(live) == 1:
-        return live
-    raise CLIError(f"{len(live)} processes are serving: " + ", ".join(f"pid {t.pid}" for t in live),
-                   hint="choose one with --pid PID (or --socket PATH), or address them all with --all")
+        return discovery.find_targets(socket=args.socket, pid=args.pid, name=args.name, every=args.all)
+    except ControlError as exc:
+        raise CLIError(str(exc), hint=exc.hint, kind="ControlError") from None
 
 
-def _candidates_hint(live: list[control.Target]) -> str | None:
-    if not live:
-        return None
-    return "live processes: " + ", ".join(f"pid {t.pid}" for t in live)
-
-
-def _label(target: control.Target, reply: dict | None = None) -> str:
-    pid = (reply or {}).get("pid", target.pid)
-    return f"pid {pid}" if pid is not None else str(target.path)
-
-
-def _ask(target: control.Target, op: str, **fields: Any) -> dict:
+def _ask(target: Target, op: str, **fields: Any) -> dict:
     """One request; a transport failure becomes an ``ok: false`` reply like the server's."""
     try:
-        return control.request(target.path, op, **fields)
-    except control.ControlError as exc:
+        return client.request(target.path, op, **fields)
+    except ControlError as exc:
         return {"ok": False, "pid": target.pid, "error": {"type": "ControlError", "message": str(exc),
                                                           "hint": exc.hint}}
 
 
-def _print_error(message: str, hint: str | None = None) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    if hint:
-        print(f"hint: {hint}", file=sys.stderr)
-
-
-def _report_failure(target: control.Target, reply: dict, what: str) -> None:
+def _report_failure(target: Target, reply: dict, what: str) -> None:
     err = reply.get("error") or {}
     kind = err.get("type", "Error")
-    _print_error(f"{_label(target, reply)}: {what} failed: {kind}: {err.get('message', '')}",
-                 err.get("hint") or _HINTS.get(kind))
+    print_error(f"{target.label}: {what} failed: {kind}: {err.get('message', '')}",
+                err.get("hint") or _HINTS.get(kind))
 
 
-def _emit_json(entries: list[dict], several: bool) -> None:
-    doc: Any = entries if several else entries[0]
+def _emit_json(doc: Any) -> None:
     print(json.dumps(doc, indent=2))
+
+
+def _error_doc(kind: str, message: str, hint: str | None) -> dict:
+    return {"ok": False, "error": {"type": kind, "message": message, "hint": hint}}
 
 
 # --------------------------------------------------------------------------- commands
 
-def _module_op(args: argparse.Namespace, op: str, describe: Callable[[dict], str]) -> int:
-    """Send ``op`` on ``args.module`` to every target; print ``describe(reply)`` (or JSON) for each."""
+def _each_target(args: argparse.Namespace, op: str, what: str, describe: Callable[[Target, dict], str],
+                 **fields: Any) -> int:
+    """Send ``op`` to every target; print ``describe(target, reply)`` (or JSON) for each."""
     entries = []
     ok = True
     for target in resolve_targets(args):
-        reply = _ask(target, op, module=args.module)
+        reply = _ask(target, op, **fields)
         reply.setdefault("socket", str(target.path))
         entries.append(reply)
         if not reply.get("ok"):
             ok = False
-            _report_failure(target, reply, f"{op} of {args.module!r}")
+            _report_failure(target, reply, what)
         elif not args.json:
-            print(f"{_label(target, reply)}: {describe(reply)}")
+            print(describe(target, reply))
     if args.json:
-        _emit_json(entries, args.all)
+        _emit_json(entries if args.all else entries[0])
     return EXIT_OK if ok else EXIT_FAILED
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    return _module_op(args, "reload", lambda reply: (
-        f"reloaded {args.module!r} generation {reply['generation_before']} {arrow(sys.stdout)} "
-        f"{reply['generation']} in {reply['seconds'] * 1000:.1f} ms"))
+    return _each_target(args, "reload", f"reload of {args.module!r}", lambda target, reply: (
+        f"{target.label}: reloaded {args.module!r} generation {reply['generation_before']} {arrow(sys.stdout)} "
+        f"{reply['generation']} in {reply['seconds'] * 1000:.1f} ms"), module=args.module)
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    return _module_op(args, "unload", lambda reply: (
-        f"unloaded {args.module!r} (generation {reply['generation']} draining)"))
+    return _each_target(args, "unload", f"unload of {args.module!r}", lambda target, reply: (
+        f"{target.label}: unloaded {args.module!r} (generation {reply['generation']} draining)"),
+        module=args.module)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    first = [True]
+
+    def table(target: Target, reply: dict) -> str:
+        text = ("" if first[0] else "\n") + format_status(reply, str(target.path))
+        first[0] = False
+        return text
+
+    return _each_target(args, "status", "status", table)
 
 
 def format_status(reply: dict, socket_path: str) -> str:
     """A readable table of one process's status reply."""
-    lines = [f"pid {reply.get('pid')}  ({socket_path})"]
+    name = f" [{reply['name']}]" if reply.get("name") else ""
+    lines = [f"pid {reply.get('pid')}{name}  ({socket_path})"]
     modules = reply.get("modules") or []
     if not modules:
         lines.append("  no modules loaded")
@@ -249,15 +365,19 @@ def format_status(reply: dict, socket_path: str) -> str:
             rows.append((m["name"] if first else "", str(m.get("generation")) if first else "",
                          str(image.get("generation", "-")), image.get("state", "-"),
                          str(image.get("in_flight", "-")), (m.get("path") or "") if first else ""))
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [row[c].ljust(widths[c]) for c in range(len(widths))] + [row[-1]]
-        lines.append("  " + "  ".join(cells).rstrip())
+    lines += _columns(rows)
     for m in modules:
         note = _old_images_note(m)
         if note:
             lines.append(f"  {m['name']}: {note}")
     return "\n".join(lines)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows aligned in columns (the last one left ragged), indented by two spaces."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
+    return ["  " + "  ".join([row[c].ljust(widths[c]) for c in range(len(widths))] + [row[-1]]).rstrip()
+            for row in rows]
 
 
 def _old_images_note(module: dict) -> str | None:
@@ -290,42 +410,64 @@ def _old_images_note(module: dict) -> str | None:
     return "; ".join(parts) or None
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    targets = resolve_targets(args)
+def cmd_ps(args: argparse.Namespace) -> int:
+    try:
+        live = discovery.discover(describe_each=True)
+    except ControlError as exc:
+        raise CLIError(str(exc), hint=exc.hint, kind="ControlError") from None
     entries = []
-    ok = True
-    for n, target in enumerate(targets):
+    for target in live:
         reply = _ask(target, "status")
-        reply.setdefault("socket", str(target.path))
-        entries.append(reply)
-        if not reply.get("ok"):
-            ok = False
-            _report_failure(target, reply, "status")
-        elif not args.json:
-            if n:
-                print()
-            print(format_status(reply, str(target.path)))
+        entries.append({"pid": target.pid, "name": target.name, "argv": list(target.argv),
+                        "socket": str(target.path), "ok": bool(reply.get("ok")),
+                        "modules": [{"name": m.get("name"), "generation": m.get("generation"),
+                                     "path": m.get("path")} for m in reply.get("modules") or []],
+                        **({} if reply.get("ok") else {"error": reply.get("error")})})
     if args.json:
-        _emit_json(entries, args.all)
-    return EXIT_OK if ok else EXIT_FAILED
+        _emit_json(entries)
+        return EXIT_OK
+    if not entries:
+        where = " or ".join(str(d) for d in discovery.socket_dirs()) or str(discovery.default_socket_dir())
+        print(f"no nativereload process of yours is serving (looked in {where})", file=sys.stderr)
+        return EXIT_OK
+    rows = [("PID", "NAME", "MODULES", "COMMAND")]
+    for e in entries:
+        if e["ok"]:
+            modules = ", ".join(f"{m['name']}@{m['generation']}" for m in e["modules"]) or "-"
+        else:
+            modules = f"? ({(e.get('error') or {}).get('message', 'no answer')})"
+        rows.append((str(e["pid"]), e["name"] or "?", modules, " ".join(" ".join(e["argv"]).split())))
+    print("\n".join(line[2:] for line in _columns(rows)))
+    return EXIT_OK
+
+
+def _compile_kwargs(args: argparse.Namespace) -> dict:
+    import shlex
+
+    return {"name": args.module_name, "include_dirs": args.include_dirs, "defines": args.defines,
+            "libraries": args.libraries, "library_dirs": args.library_dirs,
+            "cflags": shlex.split(args.cflags), "ldflags": shlex.split(args.ldflags)}
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    try:
+    # Compiler and CMake output go to stderr, so that stdout holds only the result (or the JSON document).
+    if args.files:
+        if args.target:
+            raise CLIError("--target is for a CMake project; with FILE arguments there is one module",
+                           hint="drop --target, or drop the FILE arguments", code=EXIT_USAGE, kind="UsageError")
+        result = build_mod.compile_sources(args.files, args.output_dir, force=args.force, **_compile_kwargs(args))
+    else:
         result = build_mod.build(args.source_dir, args.build_dir, target=args.target, config=args.config)
-    except build_mod.BuildError as exc:
-        raise CLIError(str(exc), hint=exc.hint) from None
     if args.json:
-        print(json.dumps({"ok": True, "seconds": result.seconds, "configured": result.configured,
-                          "built": [{"name": m.name, "path": str(m.path)} for m in result.built],
-                          "modules": [{"name": m.name, "path": str(m.path)} for m in result.modules]},
-                         indent=2))
+        _emit_json({"ok": True, "seconds": result.seconds, "configured": result.configured,
+                    "built": [{"name": m.name, "path": str(m.path)} for m in result.built],
+                    "modules": [{"name": m.name, "path": str(m.path)} for m in result.modules]})
         return EXIT_OK
     for m in result.built:
         print(f"built {m.name}: {m.path}")
     if not result.built:
         if result.modules:
-            print(f"up to date: {', '.join(m.name for m in result.modules)} ({len(result.modules)} module(s))")
+            print(f"up to date: {', '.join(f'{m.name} ({m.path})' for m in result.modules)}")
         else:
             print(f"built, but found no module files (use nativereload_add_module() in CMakeLists.txt, or put "
                   f"the libraries in {Path(args.build_dir) / 'modules'})")
@@ -335,28 +477,56 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     from . import watch
 
-    # Fail early on a usage problem (no sources, no such process) rather than after a build.
-    if not Path(args.source_dir).is_dir():
-        raise CLIError(f"source directory {args.source_dir} does not exist",
-                       hint="run from your project's directory or pass --source-dir")
-    if args.socket or args.pid is not None:
-        resolve_targets(args)
+    if args.files:
+        missing = [f for f in args.files if not Path(f).is_file()]
+        if missing:
+            raise CLIError(f"no such file: {', '.join(missing)}", hint="pass the C files to compile",
+                           code=EXIT_USAGE, kind="UsageError")
+        kwargs = _compile_kwargs(args)
+
+        def builder(output: Any) -> build_mod.BuildResult:
+            return build_mod.compile_sources(args.files, args.output_dir, output=output, **kwargs)
+
+        source_dir = Path(args.files[0]).absolute().parent
+        module = (args.module_name or Path(args.files[0]).stem) + ".so"
+        what = f"{', '.join(args.files)} -> {Path(args.output_dir).absolute() / module}"
+        build_dir = Path(args.output_dir)
+    else:
+        # Fail early on a usage problem rather than after a build.
+        if not Path(args.source_dir).is_dir():
+            raise CLIError(f"source directory {args.source_dir} does not exist",
+                           hint="run from your project's directory or pass --source-dir", code=EXIT_USAGE,
+                           kind="UsageError")
+        if not (Path(args.source_dir) / "CMakeLists.txt").is_file():
+            raise CLIError(f"nothing to build: no CMakeLists.txt in {Path(args.source_dir).absolute()} and no "
+                           "C files given", hint="nativereload watch FILE.c (C files, no project), or run from "
+                           "your CMake project's directory (or pass --source-dir)", code=EXIT_USAGE,
+                           kind="UsageError")
+
+        def builder(output: Any) -> build_mod.BuildResult:
+            return build_mod.build(args.source_dir, args.build_dir, config=args.config, output=output)
+
+        source_dir = Path(args.source_dir)
+        what = f"CMake project {Path(args.source_dir).absolute()} -> {Path(args.build_dir).absolute()}"
+        build_dir = Path(args.build_dir)
+    if args.socket is not None or args.pid is not None or args.process is not None:
+        _watch_targets(args)      # no such process: say so now, not after the first build
     try:
-        watch.watch_sources(args.source_dir, args.build_dir, config=args.config, interval=args.interval, poll=args.poll,
-                            targets=lambda: _watch_targets(args))
+        watch.watch_sources(source_dir, build_dir, builder=builder, what=what, interval=args.interval,
+                            poll=args.poll, targets=lambda: _watch_targets(args))
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
     return EXIT_OK
 
 
-def _watch_targets(args: argparse.Namespace) -> list[control.Target]:
+def _watch_targets(args: argparse.Namespace) -> list[Target]:
     """Targets for one round of ``watch``: re-discovered each time (processes come and go)."""
-    if args.socket or args.pid is not None:
-        return resolve_targets(args)
     try:
-        return control.discover()
-    except control.ControlError as exc:
-        raise CLIError(str(exc), hint=exc.hint) from None
+        if args.socket is not None or args.pid is not None or args.process is not None:
+            return discovery.find_targets(socket=args.socket, pid=args.pid, name=args.process, every=True)
+        return discovery.discover(describe_each=True)
+    except ControlError as exc:
+        raise CLIError(str(exc), hint=exc.hint, kind="ControlError") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -365,12 +535,79 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # With --json the live report goes to stderr: stdout carries only the JSON document.
     report = demo.run(threads=args.threads, seconds=args.seconds, out=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps(report, indent=2))
+        _emit_json(report)
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
-_COMMANDS = {"build": cmd_build, "reload": cmd_reload, "unload": cmd_unload, "status": cmd_status,
-             "watch": cmd_watch, "demo": cmd_demo}
+# --------------------------------------------------------------------------- interfaces: cdef, embed, check
+
+def cmd_cdef(args: argparse.Namespace) -> int:
+    from . import cdefgen
+
+    result = cdefgen.cdef_from_header(args.header, args.include_dirs, args.defines, compiler=args.compiler)
+    if args.output:
+        cdefgen._write_atomically(Path(args.output), result.text)
+    else:
+        sys.stdout.write(result.text)
+    if result.dropped:
+        print(f"note: {len(result.dropped)} declaration(s) left out: "
+              + ", ".join(name for name, _ in result.dropped) + " (the cdef's last comment says why)",
+              file=sys.stderr)
+    if args.library:
+        missing = cdefgen.unexported(result.functions, args.library)
+        if missing:
+            print(f"note: {len(missing)} of the {len(result.functions)} declared functions are not exported by "
+                  f"{args.library}: {', '.join(missing)}", file=sys.stderr)
+            print("hint: load it with missing=\"lazy\" (calling one of them raises SymbolError), or delete their "
+                  "declarations", file=sys.stderr)
+        else:
+            print(f"note: {args.library} exports all {len(result.functions)} declared functions", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from . import cdefgen
+
+    embedded = cdefgen.embed_header(args.header, args.output, args.include_dirs, args.defines,
+                                    compiler=args.compiler, depfile=args.depfile)
+    print(f"wrote {args.output}: the interface of {args.header} ({len(embedded.functions)} function(s), "
+          f"{len(embedded.types)} type(s), {len(embedded.constants)} constant(s); digest {embedded.digest[:12]})")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import interface
+
+    found = []
+    for path in (args.old, args.new):
+        try:
+            embedded = interface.read(path)
+        except (OSError, NativeReloadError) as exc:
+            raise CLIError(f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}",
+                           hint="pass the paths of two built modules", code=EXIT_USAGE,
+                           kind=type(exc).__name__) from None
+        if embedded is None:
+            raise CLIError(f"{path} has no embedded interface",
+                           hint="build it with nativereload_add_module(NAME SOURCES ... INTERFACE header.h), or "
+                                "compile in the file `nativereload embed header.h -o FILE.c` writes",
+                           code=EXIT_USAGE, kind="NoInterface")
+        found.append(embedded)
+    difference = interface.diff(found[0], found[1])
+    if args.json:
+        _emit_json({"ok": True, "old": {"path": args.old, "digest": found[0].digest},
+                    "new": {"path": args.new, "digest": found[1].digest}, **difference.to_json()})
+    else:
+        verdict = "a reload would be accepted" if difference.compatible else "a reload would be refused"
+        print(f"{args.old} {arrow(sys.stdout)} {args.new}: {difference.summary()}: {verdict}")
+        if difference:
+            print(difference.render(indent="  "))
+    return EXIT_OK if difference.compatible else EXIT_FAILED
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "build": cmd_build, "reload": cmd_reload, "unload": cmd_unload, "status": cmd_status, "ps": cmd_ps,
+    "watch": cmd_watch, "demo": cmd_demo, "cdef": cmd_cdef, "embed": cmd_embed, "check": cmd_check,
+}
 
 
 def _install_logging(verbosity: int) -> None:
@@ -382,33 +619,45 @@ def _install_logging(verbosity: int) -> None:
     root.setLevel(level)
 
 
+def _fail(json_mode: bool, kind: str, message: str, hint: str | None, code: int) -> int:
+    print_error(message, hint)
+    if json_mode:
+        _emit_json(_error_doc(kind, message, hint))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI with ``argv`` (default sys.argv[1:]); return the exit code."""
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     try:
         args = parser.parse_args(argv)
     except CLIError as exc:
-        _print_error(str(exc), exc.hint)
-        return exc.code
-    except SystemExit as exc:  # --help
+        # The arguments did not parse, so whether --json was meant is read from them as given.
+        return _fail("--json" in argv, exc.kind, str(exc), exc.hint, exc.code)
+    except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
+    json_mode = bool(getattr(args, "json", False))
     if args.cmake_dir:
         print(build_mod.cmake_dir())
         return EXIT_OK
+    if args.include_dir:
+        from .cdefgen import include_dir
+
+        print(include_dir())
+        return EXIT_OK
     if not args.command:
-        _print_error("no command given", "`nativereload --help` lists the commands")
-        return EXIT_USAGE
+        return _fail(json_mode, "UsageError", "no command given", "`nativereload --help` lists the commands",
+                     EXIT_USAGE)
     own_handler = not logging.getLogger("nativereload").handlers
     if own_handler:
         _install_logging(args.verbose)
     try:
         return _COMMANDS[args.command](args)
     except CLIError as exc:
-        _print_error(str(exc), exc.hint)
-        return exc.code
+        return _fail(json_mode, exc.kind, str(exc), exc.hint, exc.code)
     except NativeReloadError as exc:
-        _print_error(str(exc), getattr(exc, "hint", None))
-        return EXIT_FAILED
+        return _fail(json_mode, type(exc).__name__, str(exc), getattr(exc, "hint", None), EXIT_FAILED)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -417,8 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         # The environment refused something (a directory we cannot read or
         # create, a full disk): an expected failure, reported without a traceback.
         where = f" ({exc.filename})" if exc.filename else ""
-        _print_error(f"{exc.strerror or exc}{where}", "check the paths and permissions involved; -v logs more")
-        return EXIT_FAILED
+        return _fail(json_mode, "OSError", f"{exc.strerror or exc}{where}",
+                     "check the paths and permissions involved; -v logs more", EXIT_FAILED)
     finally:
         if own_handler:
             root = logging.getLogger("nativereload")

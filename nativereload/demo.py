@@ -87,7 +87,7 @@ def run(threads: int = 4, seconds: float = 1.0, out: IO[str] | None = None) -> d
         DemoError: the module could not be compiled.
     """
     from . import Registry
-    from .cli import arrow
+    from .output import arrow
 
     out = out or sys.stdout
 
@@ -163,7 +163,8 @@ def run(threads: int = 4, seconds: float = 1.0, out: IO[str] | None = None) -> d
         say(f"  calls served: {total} (version 1: {served.get(1, 0)}, version 2: {served.get(2, 0)})")
         say(f"  calls failed: {len(failed)}")
         say(f"  generation: {generation}")
-        say(f"  held call: started on version 1, finished on version {held[0] if held else '?'}")
+        say(f"  held call: started on version 1, finished on version {held[0] if held else '?'} (it was inside "
+            "the old image when the reload happened: calls in flight finish where they started)")
         say(f"  old image drained: {'yes' if drained else 'no'}"
             + (f" ({drain_s:.2f} s after the reload, when the held call returned)" if drained else ""))
         for message in failed[:5]:

@@ -19,7 +19,7 @@ import os
 import struct
 import sys
 
-__all__ = ["ELFError", "check", "check_fd"]
+__all__ = ["ELFError", "check", "check_fd", "defined_symbols", "find_section", "read_section"]
 
 _MAGIC = b"\x7fELF"
 _CLASS_NAMES = {1: "32-bit", 2: "64-bit"}
@@ -149,5 +149,146 @@ def check(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         check_fd(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- sections and symbols
+# Reading named sections and the dynamic symbol table from the file, never
+# through dlopen: an embedded interface is checked before any of the image's
+# code (its constructors included) can run.
+
+_SHT_NOBITS = 8
+_SHT_DYNSYM = 11
+_SHN_XINDEX = 0xFFFF
+
+
+def _section_headers(fd: int) -> tuple[str, list[tuple[int, int, int, int, int]], bytes, int]:
+    """(byte order, [(name offset, type, file offset, size, link)], section-name string table, file size)."""
+    file_size = os.fstat(fd).st_size
+    ident = os.pread(fd, 64, 0)
+    if len(ident) < 52 or ident[:4] != _MAGIC or ident[4] not in (1, 2) or ident[5] not in (1, 2):
+        raise ELFError("not an ELF file")
+    order = "<" if ident[5] == 1 else ">"
+    if ident[4] == 2:
+        e_shoff, = struct.unpack_from(order + "Q", ident, 40)
+        e_shentsize, e_shnum, e_shstrndx = struct.unpack_from(order + "HHH", ident, 58)
+        sh_format, picks = order + "IIQQQQIIQQ", (0, 1, 4, 5, 6)
+    else:
+        e_shoff, = struct.unpack_from(order + "I", ident, 32)
+        e_shentsize, e_shnum, e_shstrndx = struct.unpack_from(order + "HHH", ident, 46)
+        sh_format, picks = order + "IIIIIIIIII", (0, 1, 4, 5, 6)
+    if e_shoff == 0:
+        return order, [], b"", file_size
+    sh_size = struct.calcsize(sh_format)
+    if e_shentsize != sh_size:
+        raise ELFError(f"corrupt section-header table (entries of {e_shentsize} bytes, expected {sh_size})")
+    if e_shnum == 0 or e_shstrndx == _SHN_XINDEX:
+        # More than 0xff00 sections: the real count and index live in section 0 (ELF gABI).
+        first = struct.unpack(sh_format, os.pread(fd, sh_size, e_shoff))
+        e_shnum = e_shnum or first[5]
+        e_shstrndx = first[6] if e_shstrndx == _SHN_XINDEX else e_shstrndx
+    if e_shoff + e_shnum * sh_size > file_size:
+        raise ELFError("truncated: the section-header table ends past the end of the file")
+    a, b, c, d, e = picks
+    sections = [(h[a], h[b], h[c], h[d], h[e])
+                for h in struct.iter_unpack(sh_format, os.pread(fd, e_shnum * sh_size, e_shoff))]
+    names = b""
+    if e_shstrndx < len(sections):
+        _name, _kind, offset, size, _link = sections[e_shstrndx]
+        if offset + size <= file_size:
+            names = os.pread(fd, size, offset)
+    return order, sections, names, file_size
+
+
+def _section_data(fd: int, section: tuple[int, int, int, int, int], file_size: int) -> bytes:
+    _name, kind, offset, size, _link = section
+    if kind == _SHT_NOBITS:
+        return b""
+    if offset + size > file_size:
+        raise ELFError("truncated: a section ends past the end of the file (still being written?)")
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise ELFError("truncated while reading a section (the file shrank while being read)")
+    return data
+
+
+def find_section(fd: int, name: str) -> tuple[int, int] | None:
+    """(file offset, size) of the section called ``name`` in the ELF file open as ``fd``; None if it has none.
+
+    A section that occupies no file space (``SHT_NOBITS``) has size 0.
+
+    Raises:
+        ELFError: not an ELF file, or its section headers or that section lie
+            past the end of the file.
+    """
+    _order, sections, names, file_size = _section_headers(fd)
+    wanted = name.encode() + b"\0"
+    start = names.find(wanted)
+    while start >= 0:
+        if start == 0 or names[start - 1] == 0:     # a whole name, not the tail of a longer one
+            for section in sections:
+                if section[0] == start:
+                    _name, kind, offset, size, _link = section
+                    if kind == _SHT_NOBITS:
+                        return offset, 0
+                    if offset + size > file_size:
+                        raise ELFError("truncated: a section ends past the end of the file (still being written?)")
+                    return offset, size
+        start = names.find(wanted, start + 1)
+    return None
+
+
+def read_section(fd: int, name: str) -> bytes | None:
+    """The contents of the section called ``name`` in the ELF file open as ``fd``; None if it has none.
+
+    Reads with pread (the file offset is not moved).
+
+    Raises:
+        ELFError: as :func:`find_section`, or the file shrank while being read.
+    """
+    where = find_section(fd, name)
+    if where is None:
+        return None
+    offset, size = where
+    data = os.pread(fd, size, offset) if size else b""
+    if len(data) != size:
+        raise ELFError("truncated while reading a section (the file shrank while being read)")
+    return data
+
+
+def defined_symbols(path: str | os.PathLike) -> set[str]:
+    """Names of the symbols the shared library at ``path`` exports (its dynamic symbol table, read from the file).
+
+    Exported means defined in the library, global or weak (or GNU unique), and
+    visible (default or protected visibility): what ``dlsym`` can find.
+
+    Raises:
+        ELFError: not an ELF file, or a table lies past the end of the file.
+        OSError: the file cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        order, sections, _names, file_size = _section_headers(fd)
+        wide = os.pread(fd, 5, 0)[4] == 2
+        sym_format = order + ("IBBHQQ" if wide else "IIIBBH")
+        sym_size = struct.calcsize(sym_format)
+        exported: set[str] = set()
+        for section in sections:
+            if section[1] != _SHT_DYNSYM or section[4] >= len(sections):
+                continue
+            symbols = _section_data(fd, section, file_size)
+            strings = _section_data(fd, sections[section[4]], file_size)
+            for offset in range(sym_size, len(symbols) - sym_size + 1, sym_size):   # entry 0 is the null symbol
+                fields = struct.unpack_from(sym_format, symbols, offset)
+                if wide:
+                    st_name, st_info, st_other, st_shndx = fields[0], fields[1], fields[2], fields[3]
+                else:
+                    st_name, st_info, st_other, st_shndx = fields[0], fields[3], fields[4], fields[5]
+                if st_shndx == 0 or (st_info >> 4) not in (1, 2, 10) or (st_other & 3) not in (0, 3):
+                    continue
+                end = strings.find(b"\0", st_name)
+                exported.add(strings[st_name:end if end >= 0 else None].decode(errors="replace"))
+        return exported
     finally:
         os.close(fd)

@@ -11,7 +11,8 @@ exception also carries its facts as attributes (``.module``, ``.path``,
      +-- ModuleConflict                      load() of a loaded module with another cdef/file
      +-- LoadError                           copy, ELF check or dlopen failed
      +-- SymbolError (also AttributeError)   declared symbols missing from the image
-     +-- InterfaceError                      the cdef is missing or does not parse
+     +-- InterfaceError                      the cdef is missing or does not parse, or an interface
+     |                                       changed incompatibly (shows old and new declarations)
      +-- ModuleUnloaded                      a call through a handle of an unloaded module
      +-- HandleError (also ValueError)       handles of two images in one call, or one used after release
      +-- PinReleased                         a pin used after release()
@@ -110,7 +111,24 @@ class SymbolError(NativeReloadError, AttributeError):
 
 
 class InterfaceError(NativeReloadError):
-    """The cdef is missing or cffi cannot parse it."""
+    """The cdef is missing or cffi cannot parse it, or a module's interface changed incompatibly.
+
+    Attributes:
+        path: the library or header concerned (None if there is none).
+        function: the first function whose declaration changed or disappeared (None if none did).
+        old, new: that declaration (or the first changed type's) before and after.
+        diff: the whole difference (a ``nativereload.interface.Diff``), when there is one.
+    """
+
+    def __init__(self, message: str, *, module: str | None = None, path: str | os.PathLike | None = None,
+                 function: str | None = None, old: str | None = None, new: str | None = None,
+                 diff: object | None = None) -> None:
+        super().__init__(message, module=module)
+        self.path = None if path is None else str(path)
+        self.function = function
+        self.old = old
+        self.new = new
+        self.diff = diff
 
 
 class ModuleUnloaded(NativeReloadError):

@@ -72,6 +72,7 @@ the gate takes a per-image lock around steps 2-3 and around the exit.
 from __future__ import annotations
 
 import abc
+import inspect
 import itertools
 import logging
 import os
@@ -372,6 +373,11 @@ class CallPolicy:
 class Func(metaclass=abc.ABCMeta):
     """A reload-safe handle on one C function: each call runs on the module's current image.
 
+    Made by ``Registry.func("module.symbol")``, ``Module.func(symbol)`` or
+    ``module.SYMBOL``; not created directly. A call that started on an image
+    finishes there even if a reload happens meanwhile; the next call goes to
+    the new image.
+
     Attributes:
         name: "module.symbol".
         symbol: the C symbol.
@@ -382,6 +388,7 @@ class Func(metaclass=abc.ABCMeta):
 
     def __init__(self, slot: Slot, qualname: str, symbol: str,
                  on_missing: Callable[[ImageGate | None], BaseException]) -> None:
+        """Internal: the registry makes Funcs (``Registry.func()``, ``Module.func()``)."""
         self.name = qualname
         self.symbol = symbol
         self.policy: CallPolicy | None = None
@@ -392,6 +399,16 @@ class Func(metaclass=abc.ABCMeta):
         return f"<nativereload.Func {self.name}>"
 
     def __call__(self, *args: Any) -> Any:
+        """Call the C function on the module's current image with ``args``; return its result (as cffi converts it).
+
+        A call that passes a handle bound to an earlier image runs on that image.
+
+        Raises:
+            ModuleUnloaded: the module has been unloaded.
+            SymbolError: the cdef of the current image does not declare this function.
+            HandleError: handles bound to two different images in one call.
+            TypeError, OverflowError: cffi could not convert an argument.
+        """
         if self.policy is not None:
             return self._call_with_policy(args)
         slot = self._slot
@@ -580,6 +597,12 @@ else:
     _c_gate.configure(_CData, _gcp, deferred_drains.submit, deferred_drains.later)
     C = Implementation("c", _c_gate.Slot, _c_gate.ImageGate, _c_gate.Func, _c_gate.CallPolicy)
     Func.register(_c_gate.Func)
+
+
+# help(Func) shows how to get one, not the registry's internal constructor arguments
+# (pydoc omits a class's signature line when it is "()").
+Func.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
 
 
 def implementation() -> Implementation:

@@ -24,8 +24,10 @@ import logging
 import os
 import threading
 import time
+import inspect
+import typing
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 
 from . import affinity
 from . import gate as _gate
@@ -34,6 +36,12 @@ from .errors import (ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotL
                      ModuleUnloaded, NativeReloadError, SymbolError)
 from .image import Image, Interface
 from .workdir import Workdir, remove_stale, resolve_tmpdir
+
+from .gate import Func
+
+if TYPE_CHECKING:      # imported when used: serve() and watch_files() are optional
+    from .control.server import Server
+    from .watch import ModuleFileWatcher
 
 __all__ = ["ImageStatus", "Module", "ModuleStatus", "Registry"]
 
@@ -53,14 +61,19 @@ _KEEP = _Keep()
 
 
 class ImageStatus(NamedTuple):
-    """One image of a module, as status() saw it.
+    """One image of a module, as ``Registry.status()`` saw it.
 
-    state: "active" (new calls go here), "retired" (replaced; open while
-    anything below holds it), or "leaked" (closed, but the dynamic loader kept
-    it mapped). in_flight counts calls; pins, handles (bound handles by C type)
-    and pointer_results (leased pointer results still alive) are the objects
-    that hold an image open after its calls have returned. held_by says all of
-    that in words, e.g. "0 calls, 2 handles (sqlite3 *), 1 pin".
+    Attributes:
+        generation: which load made it (1 for the first).
+        state: "active" (new calls go here), "retired" (replaced; open while
+            anything below holds it), or "leaked" (closed, but the dynamic
+            loader kept it mapped).
+        in_flight: calls inside it at that moment.
+        copy_path: its private copy, the file that is mapped.
+        pins: pins held on it (``Module.pin()``).
+        handles: handles bound to it, by C type (``{"sqlite3 *": 2}``).
+        pointer_results: pointer results it returned that are still alive.
+        held_by: all of that in words, e.g. "0 calls, 2 handles (sqlite3 *), 1 pin".
     """
 
     generation: int
@@ -74,7 +87,14 @@ class ImageStatus(NamedTuple):
 
 
 class ModuleStatus(NamedTuple):
-    """A module and its images that are not yet closed (oldest first)."""
+    """A module, as ``Registry.status()`` saw it.
+
+    Attributes:
+        name: the module name.
+        path: the file its images are copied from.
+        generation: the current (or, once unloaded, the last) generation.
+        images: its images not yet closed, oldest first.
+    """
 
     name: str
     path: str
@@ -105,8 +125,8 @@ def _check_name(name: object) -> str:
 class Module:
     """A loaded module: a live handle whose calls always go to its current image.
 
-    Made by :meth:`Registry.load`; never construct one yourself.
-    ``module.SYMBOL`` is a :class:`Func` for a function the cdef declares
+    Made by ``Registry.load()`` (and returned by ``reload()``); not created
+    directly. ``module.SYMBOL`` is a :class:`Func` for a function the cdef declares
     (a name that collides with an attribute below needs ``module.func(name)``).
     After a reload the same object describes the new image; after unload its
     handles raise ModuleUnloaded.
@@ -118,6 +138,7 @@ class Module:
     """
 
     def __init__(self, name: str, path: str, interface: Interface, gate: _gate.Implementation) -> None:
+        """Internal: ``Registry.load()`` makes Modules."""
         self.name = name
         self.path = path
         self.generation = 0
@@ -152,8 +173,8 @@ class Module:
         state = "unloaded" if self._unloaded else f"generation {self.generation}"
         return f"<nativereload.Module {self.name!r} {state} from {self.path!r}>"
 
-    def func(self, symbol: str) -> Any:
-        """The reload-safe handle on ``symbol`` (the same object each time).
+    def func(self, symbol: str) -> Func:
+        """The reload-safe handle on ``symbol`` (the same object each time); ``module.SYMBOL`` does the same.
 
         Raises:
             ModuleUnloaded: the module has been unloaded (unless ``symbol`` takes a
@@ -360,6 +381,9 @@ class Registry:
                 given (``["sqlite3_close", "ZSTD_freeCCtx"]``); its binding, and
                 the hold on its image, end when the call returns.
 
+        Returns:
+            the Module, a live handle (``module.SYMBOL`` is a Func).
+
         Raises:
             ModuleNameError, ModuleNotFound, LoadError, SymbolError, InterfaceError,
             ModuleConflict: already loaded with another cdef or file.
@@ -486,11 +510,16 @@ class Registry:
 
     # -- calling ------------------------------------------------------------------------------
 
-    def func(self, qualname: str) -> Any:
+    def func(self, qualname: str) -> Func:
         """The reload-safe handle on ``"module.symbol"`` (split at the last dot).
 
+        The same Func object each time; it calls the module's current image,
+        across reloads.
+
         Raises:
-            ModuleNotLoaded, SymbolError, ModuleNameError.
+            ModuleNameError: ``qualname`` is not "module.symbol".
+            ModuleNotLoaded: the module is not loaded.
+            SymbolError: the module's cdef does not declare the symbol.
         """
         module_name, dot, symbol = qualname.rpartition(".") if isinstance(qualname, str) else ("", "", "")
         if not dot or not module_name or not symbol:
@@ -501,11 +530,13 @@ class Registry:
         return module.func(symbol)
 
     def call(self, qualname: str, *args: Any) -> Any:
-        """Call ``"module.symbol"`` with ``args`` on the module's current image.
+        """Call ``"module.symbol"`` with ``args`` on the module's current image; return its result.
 
         Raises:
-            ModuleNotLoaded, SymbolError, ModuleNameError; ModuleUnloaded if it
-            is unloaded meanwhile; whatever the call itself raises.
+            ModuleNameError, ModuleNotLoaded, SymbolError: as :meth:`func`.
+            ModuleUnloaded: the module was unloaded while the call was being made.
+            HandleError: handles bound to two different images in one call.
+            TypeError, OverflowError: cffi could not convert an argument.
         """
         return self.func(qualname)(*args)
 
@@ -535,7 +566,10 @@ class Registry:
     # -- status and draining -----------------------------------------------------------------
 
     def status(self) -> list[ModuleStatus]:
-        """A snapshot of every module with images not yet closed: loaded modules first, by name."""
+        """A snapshot of every module with images not yet closed: loaded modules first, by name.
+
+        An unloaded module is listed until its last image has drained.
+        """
         with self._state:
             modules = sorted(self._modules.values(), key=lambda m: m.name) + list(self._unloaded)
             images = [(module, list(module._images)) for module in modules]
@@ -604,14 +638,45 @@ class Registry:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def serve(self, socket_path: str | os.PathLike | None = None) -> Any:
-        """Answer the ``nativereload`` command line on a Unix socket (see control.py); returns the Server."""
+    def serve(self, socket_path: str | os.PathLike | None = None, *, name: str | None = None) -> Server:
+        """Answer the ``nativereload`` command line (status, reload, unload) on a Unix socket.
+
+        Serves from a daemon thread until ``server.close()``, ``close()`` or
+        interpreter exit, which remove the socket. The default path is
+        ``$XDG_RUNTIME_DIR/nativereload/<pid>.sock``, else
+        ``${TMPDIR:-/tmp}/nativereload-sockets-<uid>/<pid>.sock``, where the
+        command line finds it by itself.
+
+        Args:
+            socket_path: serve at this path instead (its directory must be
+                yours and writable by nobody else).
+            name: what ``nativereload ... --name NAME`` and ``nativereload ps``
+                call this process (default: the program's name).
+
+        Returns:
+            the Server (``.path``, ``.name``, ``.close()``).
+
+        Raises:
+            ControlError: the socket cannot be served there (unsafe directory,
+                path too long, a live server already answers at ``socket_path``).
+            ValueError: ``name`` is not 1-64 letters, digits and ``_.@:+-``.
+        """
         from . import control
 
-        return control.serve(self, socket_path)
+        return control.serve(self, socket_path, name=name)
 
-    def watch_files(self) -> Any:
-        """Reload each module when its file is replaced by a complete new build (see watch.py)."""
+    def watch_files(self) -> ModuleFileWatcher:
+        """Reload each module by itself when its file is replaced by a complete new build.
+
+        A daemon thread polls the loaded modules' files; a changed file is
+        reloaded once it is stable (unchanged at two polls) and a complete
+        ELF, so a library still being written is never loaded. A failed
+        reload is logged and the old image keeps serving. ``close()`` stops
+        it. Idempotent: the running watcher is returned.
+
+        Returns:
+            the watcher (``.close()`` stops it).
+        """
         from . import watch
 
         return watch.watch_module_files(self)
@@ -746,3 +811,14 @@ def _remove_workdirs_at_exit() -> None:
     for workdir in list(_open_workdirs):
         workdir.remove_at_exit()
     _open_workdirs.clear()
+
+
+# help(Module) shows how to get one, not the registry's internal constructor arguments
+# (pydoc omits a class's signature line when it is "()").
+Module.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
+# With ``from __future__ import annotations`` NamedTuple keeps its field types as
+# strings, which help() shows as ForwardRef('str'): give it the real types.
+for _status in (ImageStatus, ModuleStatus):
+    _status.__annotations__ = _status.__new__.__annotations__ = typing.get_type_hints(_status)
+del _status

@@ -14,9 +14,11 @@ poll, never loaded. A reload that fails is logged and not retried until the
 file changes again; the old image keeps serving.
 
 ``watch_sources(...)`` (``nativereload watch``): waits for changes under a
-CMake project (watchfiles when installed, else polling), builds, and reloads
-the modules whose output file changed in the target processes, through their
-control sockets. A failed build or reload is reported and the loop goes on.
+source directory (watchfiles when installed, else polling; editors'
+temporary files ignored), builds (a CMake project, or C files through
+``build.compile_sources``), and reloads the modules whose output file
+changed in the target processes, through their control sockets. A failed
+build or reload is reported and the loop goes on.
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ import dataclasses
 import logging
 import os
 import queue
+import re
 import sys
 import threading
+import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from . import elf
-from .build import file_signature
-from .errors import NativeReloadError
+from .build import BuildResult, file_signature
+from .errors import ControlError, NativeReloadError
+from .output import arrow
 
-__all__ = ["ModuleFileWatcher", "watch_module_files", "watch_sources"]
+__all__ = ["ModuleFileWatcher", "ignored_name", "watch_module_files", "watch_sources"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,17 +166,30 @@ def watch_module_files(registry: Any, interval: float = 0.2) -> ModuleFileWatche
 
 # --------------------------------------------------------------------------- sources -> build -> reload
 
-_IGNORED_NAMES = {"__pycache__", "node_modules"}
+# Files that editors and tools make beside the ones they save, and build
+# output: a change to one of them is not an edit of the sources.
+_IGNORED = re.compile(r"""^(?:
+      \..*                              # hidden: vim .swp, emacs .#lock, .goutputstream-*, x.partial
+    | .*~ | \#.*\#                       # backups, emacs autosave
+    | .*\.(?:swp|swx|swo|tmp|temp|bak|orig|rej|part|partial|crdownload|kate-swp|o|obj|d|pyc)
+    | sed[A-Za-z0-9]{6}                  # sed -i's temporary file
+    | \d+                                # vim's write test (4913)
+    | .*___jb_(?:tmp|old)___             # JetBrains' safe write
+    | __pycache__ | node_modules
+)$""", re.X)
+
+
+def ignored_name(name: str) -> bool:
+    """Is a file of this name an editor's or tool's temporary file, or build output (not a source)?"""
+    return bool(_IGNORED.match(name))
 
 
 def _ignored(path: Path, build_dir: Path) -> bool:
-    name = path.name
-    return (name.startswith(".") or name.endswith("~") or name.endswith((".swp", ".swx", ".tmp"))
-            or name in _IGNORED_NAMES or path == build_dir)
+    return ignored_name(path.name) or path == build_dir
 
 
 def _snapshot(source_dir: Path, build_dir: Path) -> dict[str, _Signature]:
-    """Signatures of the files under ``source_dir``, skipping build trees and hidden files."""
+    """Signatures of the files under ``source_dir``, skipping build trees and temporary files."""
     found = {}
     for root, dirs, files in os.walk(source_dir):
         here = Path(root)
@@ -214,8 +232,8 @@ def _poll_changes(source_dir: Path, build_dir: Path, interval: float,
     return changes()
 
 
-def _watchfiles_changes(watchfiles: Any, source_dir: Path, build_dir: Path,
-                        stop: threading.Event) -> Iterator[set[str]]:
+def _watchfiles_changes(watchfiles: Any, source_dir: Path, build_dir: Path, interval: float,
+                        stop: threading.Event, notify: Callable[[str], None]) -> Iterator[set[str]]:
     def keep(_change: Any, path: str) -> bool:
         p = Path(path)
         if p == build_dir or build_dir in p.parents:
@@ -245,24 +263,30 @@ def _watchfiles_changes(watchfiles: Any, source_dir: Path, build_dir: Path,
             if item is None:
                 return
             if isinstance(item, Exception):
-                raise item
+                # e.g. the inotify watch limit (fs.inotify.max_user_watches) is reached.
+                notify(f"inotify failed ({type(item).__name__}: {item}); polling every {interval:g} s instead")
+                yield from _poll_changes(source_dir, build_dir, interval, stop)
+                return
             yield item
 
     return changes()
 
 
-def _changes(source_dir: Path, build_dir: Path, interval: float, stop: threading.Event,
-             poll: bool) -> Iterator[set[str]]:
-    """Start watching now; return an iterator of the sets of paths changed since."""
-    if not poll:
+def _changes(source_dir: Path, build_dir: Path, interval: float, stop: threading.Event, poll: bool,
+             notify: Callable[[str], None]) -> tuple[Iterator[set[str]], str]:
+    """Start watching now; return an iterator of the sets of paths changed since, and how it watches."""
+    if poll:
+        how = f"polling every {interval:g} s (--poll)"
+    else:
         try:
             import watchfiles
         except ImportError:
-            logger.info("watchfiles is not installed (pip install nativereload[watch]); polling every %.1f s",
-                        interval)
+            how = (f"polling every {interval:g} s (watchfiles is not installed; pip install 'nativereload[watch]' "
+                   "to be notified through inotify instead)")
         else:
-            return _watchfiles_changes(watchfiles, source_dir, build_dir, stop)
-    return _poll_changes(source_dir, build_dir, interval, stop)
+            return _watchfiles_changes(watchfiles, source_dir, build_dir, interval, stop, notify), \
+                "notified through inotify (watchfiles)"
+    return _poll_changes(source_dir, build_dir, interval, stop), how
 
 
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -270,40 +294,49 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def watch_sources(source_dir: str | os.PathLike, build_dir: str | os.PathLike, *,
-                  targets: Callable[[], list[Any]], config: str = "RelWithDebInfo", interval: float = 0.5,
+                  targets: Callable[[], list[Any]], builder: Callable[[IO[str]], BuildResult] | None = None,
+                  what: str | None = None, config: str = "RelWithDebInfo", interval: float = 0.5,
                   poll: bool = False, stop: threading.Event | None = None, out: Any = None,
                   err: Any = None) -> None:
     """Build now, then after every change under ``source_dir``; reload what each build changed.
 
-    Runs until ``stop`` is set (or KeyboardInterrupt). ``targets()`` is
-    called at each round and returns control.Target objects: processes come
-    and go while a developer works. A module is reloaded in a process when the
-    process has it loaded from the file the build changed. ``poll`` forces
-    the polling fallback even when watchfiles is installed (file systems
-    without inotify, e.g. some network and container mounts).
+    Runs until ``stop`` is set (or KeyboardInterrupt). ``builder(output)``
+    builds and returns a BuildResult (default: the CMake project at
+    ``source_dir`` into ``build_dir``, with ``config``); ``what`` says what is
+    built, for the start-up line. ``targets()`` is called at each round and
+    returns control.Target objects: processes come and go while a developer
+    works. A module is reloaded in a process when the process has it loaded
+    from the file the build changed. ``poll`` forces the polling fallback
+    even when watchfiles is installed (file systems without inotify, e.g.
+    some network and container mounts). Each line it prints starts with the
+    time.
     """
-    from . import build, control
-    from .cli import arrow
+    from . import build
+    from .control import client
 
     source_dir = Path(source_dir).resolve()
     build_dir = Path(build_dir).resolve()
     stop = stop or threading.Event()
     out = out or sys.stdout
     err = err or sys.stderr
+    if builder is None:
+        def builder(output: IO[str]) -> BuildResult:
+            return build.build(source_dir, build_dir, config=config, output=output)
+        what = what or f"CMake project {source_dir} -> {build_dir}"
 
     def say(stream: Any, text: str) -> None:
-        print(text, file=stream, flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=stream, flush=True)
 
     def round_(reason: str) -> None:
-        say(err, f"nativereload watch: {reason}; building {source_dir}")
+        say(err, f"{reason}; building")
         try:
-            result = build.build(source_dir, build_dir, config=config, output=err)
+            result = builder(err)
         except build.BuildError as exc:
             say(err, f"error: {exc}")
             say(err, "hint: the running processes keep the old code; fix the error and save again")
             return
         if not result.built:
-            say(err, "nativereload watch: no module changed")
+            say(err, "no module changed")
             return
         for m in result.built:
             say(out, f"built {m.name}: {m.path}")
@@ -317,10 +350,10 @@ def watch_sources(source_dir: str | os.PathLike, build_dir: str | os.PathLike, *
             return
         reloads = 0
         for target in reachable:
-            label = f"pid {target.pid}" if target.pid is not None else str(target.path)
+            label = getattr(target, "label", None) or f"pid {target.pid}"
             try:
-                status = control.request(target.path, "status")
-            except control.ControlError as exc:
+                status = client.request(target.path, "status")
+            except ControlError as exc:
                 say(err, f"error: {label}: {exc}")
                 continue
             loaded = [mod for mod in status.get("modules", [])
@@ -330,8 +363,8 @@ def watch_sources(source_dir: str | os.PathLike, build_dir: str | os.PathLike, *
                     if not _same_file(mod["path"], m.path):
                         continue
                     try:
-                        reply = control.request(target.path, "reload", module=mod["name"])
-                    except control.ControlError as exc:
+                        reply = client.request(target.path, "reload", module=mod["name"])
+                    except ControlError as exc:
                         reply = {"ok": False, "error": {"type": "ControlError", "message": str(exc)}}
                     reloads += 1
                     if reply.get("ok"):
@@ -343,9 +376,10 @@ def watch_sources(source_dir: str | os.PathLike, build_dir: str | os.PathLike, *
                                  f"{e.get('message')}")
                         say(err, "hint: the old version keeps serving; fix it and save again")
         if not reloads:
-            say(err, "nativereload watch: no reachable process has these modules loaded")
+            say(err, "no reachable process has these modules loaded")
 
-    changes = _changes(source_dir, build_dir, interval, stop, poll)
+    changes, how = _changes(source_dir, build_dir, interval, stop, poll, lambda text: say(err, text))
+    say(err, f"nativereload watch: watching {source_dir} ({what}); {how}; Ctrl-C stops")
     try:
         round_("starting")
         for changed in changes:

@@ -7,6 +7,20 @@
     undef           v2 calling a function no library defines (dlopen fails)
     unique          a C++ library glibc keeps mapped after dlclose
     objects1, objects2  csrc/samples/objects.c (objects that cross reloads) with SAMPLE_VERSION 1 and 2
+  csrc/samples/contract.c, each with its interface (contract.h) embedded, so it
+  loads with no cdef; the variants change one declaration each:
+    contract        the baseline: contract_version() returns 1
+    contract_v2     new code, same interface: contract_version() returns 2
+    contract_return contract_version() returns double (2.5): refused
+    contract_param  contract_add(long, int), was (long, long): refused
+    contract_struct struct contract_point's y is a long, was an int (size 8 -> 16): refused
+    contract_enum   CONTRACT_SAFE is 3, was 2: refused
+    contract_drop   no contract_scaled(): refused
+    contract_add    adds contract_added(long) (returns x + 100): accepted
+    contract_abort  the baseline's interface, and a constructor that aborts the
+                    process: reading its interface must not load it (try it in
+                    a subprocess only)
+  (the contract variants other than contract/contract_v2 have contract_version() == 2)
 """
 
 from __future__ import annotations
@@ -21,6 +35,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytest_plugins = ["pytester"]      # test_testing.py runs the plugin on small user projects
 
 SAMPLE_CDEF = """
 int version(void);
@@ -50,13 +66,16 @@ long stream_push(struct stream *, long);
 int stream_end(struct stream *);
 """
 WRONG_IMAGE = -1000
+CONTRACT_VARIANTS = ("contract", "contract_v2", "contract_return", "contract_param", "contract_struct",
+                     "contract_enum", "contract_drop", "contract_add", "contract_abort")
 
 
 def cmake_build(source: Path, build: Path, *defines: str) -> Path:
     """Configure (once) and build the project at ``source`` into ``build``; return ``build/modules``."""
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    # NATIVERELOAD_PYTHON: this interpreter embeds the INTERFACE headers (it imports this checkout).
     subprocess.run(["cmake", "-S", str(source), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release",
-                    *defines], check=True, stdout=subprocess.DEVNULL)
+                    f"-DNATIVERELOAD_PYTHON={sys.executable}", *defines], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(build)], check=True, stdout=subprocess.DEVNULL)
     return build / "modules"
 
@@ -75,6 +94,8 @@ def samples(tmp_path_factory) -> dict[str, Path]:
             built["nosym"] = modules / "sample_nosym.so"
             built["undef"] = modules / "sample_undef.so"
             built["unique"] = modules / "unique.so"
+            for variant in CONTRACT_VARIANTS:
+                built[variant] = modules / f"{variant}.so"
     for path in built.values():
         assert path.is_file(), path
     return built

@@ -24,6 +24,11 @@ def nr(*args: str, runtime: Path, timeout: float = 60) -> subprocess.CompletedPr
                           env=child_env(runtime), timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def error_line(stderr: str) -> str:
+    """The CLI's own ``error:`` line (a dependency may print a warning before it)."""
+    return next((line for line in stderr.splitlines() if line.startswith("error: ")), "")
+
+
 def no_traceback(result: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
 
@@ -69,7 +74,7 @@ def test_socket_option_that_is_not_a_socket(runtime_dir, tmp_path, capsys):
 
 
 def test_watch_without_sources_fails_before_building(tmp_path, capsys):
-    assert cli.main(["watch", "--source-dir", str(tmp_path / "missing"), "--build-dir", str(tmp_path / "b")]) == 1
+    assert cli.main(["watch", "--source-dir", str(tmp_path / "missing"), "--build-dir", str(tmp_path / "b")]) == 2
     assert capsys.readouterr().err.startswith(f"error: source directory {tmp_path / 'missing'} does not exist")
     assert not (tmp_path / "b").exists()
 
@@ -110,7 +115,7 @@ def test_reload_and_status_end_to_end(spawn, samples, moddir, runtime_dir):
     install(samples["v2"], moddir / "sample.so")
     reload = nr("reload", "sample", runtime=runtime_dir)
     assert reload.returncode == 0, reload.stderr
-    assert f"pid {child.pid}: reloaded 'sample' generation 1 \u2192 2 in " in reload.stdout
+    assert f"pid {child.pid} [python]: reloaded 'sample' generation 1 \u2192 2 in " in reload.stdout
     assert reload.stdout.rstrip().endswith(" ms")
     calls = child.calls()
     assert calls["version"] == 2 and calls["failed"] == []
@@ -133,7 +138,8 @@ def test_failures_exit_1_and_child_keeps_serving(spawn, samples, moddir, runtime
     missing = nr("reload", "nosuch", runtime=runtime_dir)
     assert missing.returncode == 1
     no_traceback(missing)
-    assert missing.stderr.startswith(f"error: pid {child.pid}: reload of 'nosuch' failed: ModuleNotLoaded")
+    assert error_line(missing.stderr).startswith(f"error: pid {child.pid} [python]: reload of 'nosuch' failed: "
+                                                 "ModuleNotLoaded")
     assert "\nhint: " in missing.stderr
 
     install(samples["nosym"], moddir / "sample.so")
@@ -218,7 +224,7 @@ def test_unload_and_status_table(spawn, runtime_dir):
     first, second = spawn(), spawn()
     unload = nr("unload", "sample", "--pid", str(first.pid), runtime=runtime_dir)
     assert unload.returncode == 0, unload.stderr
-    assert f"pid {first.pid}: unloaded 'sample'" in unload.stdout
+    assert f"pid {first.pid} [python]: unloaded 'sample'" in unload.stdout
     table = nr("status", "--all", runtime=runtime_dir)
     assert table.returncode == 0
     blocks = table.stdout.split("\n\n")
@@ -228,3 +234,192 @@ def test_unload_and_status_table(spawn, runtime_dir):
     assert "active" not in by_pid[first.pid]
     again = nr("unload", "sample", "--pid", str(first.pid), runtime=runtime_dir)
     assert again.returncode == 1 and "ModuleNotLoaded" in again.stderr
+
+
+# ----------------------------------------------------------------------------- help, version, JSON on failure
+
+def test_version(capsys):
+    from nativereload import __version__
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"nativereload {__version__}"
+
+
+@pytest.mark.parametrize("command", ["build", "reload", "unload", "status", "ps", "watch", "demo", "cdef", "embed",
+                                     "check"])
+def test_each_subcommand_explains_itself(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    text = capsys.readouterr().out
+    usage, _, rest = text.partition("\n\n")
+    description = rest.split("\n\n")[0]
+    assert len(description.split()) >= 8, text         # a sentence, not a blank
+    assert "examples:\n  nativereload " + command in text
+    if command in ("reload", "unload", "status"):
+        assert "With none of them, the only live process of yours is used" in text
+        assert "--name NAME" in text
+
+
+def json_failure(argv: list[str], capsys, code: int = 1) -> dict:
+    """Run ``main(argv)``: it must fail with ``code``, one JSON document on stdout, ``error:`` on stderr."""
+    assert cli.main(argv) == code
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)             # exactly one document: json.loads refuses trailing text
+    assert doc["ok"] is False and set(doc["error"]) == {"type", "message", "hint"}
+    assert error_line(captured.err) == f"error: {doc['error']['message']}".splitlines()[0]
+    return doc
+
+
+def test_every_failure_prints_one_json_document(runtime_dir, tmp_path, monkeypatch, capsys):
+    for argv in (["status", "--json"], ["reload", "counter", "--json"], ["unload", "counter", "--json"],
+                 ["reload", "counter", "--all", "--json"], ["status", "--name", "api", "--json"],
+                 ["reload", "counter", "--pid", "1", "--json"]):
+        doc = json_failure(argv, capsys)
+        assert doc["error"]["type"] == "ControlError"
+        assert "no nativereload process" in doc["error"]["message"] or "process 1 has no live" in doc["error"]["message"]
+    doc = json_failure(["status", "--socket", str(tmp_path), "--json"], capsys)
+    assert "is not a socket" in doc["error"]["message"]
+    # Usage errors too, when --json is among the arguments.
+    doc = json_failure(["reload", "--json"], capsys, code=2)
+    assert doc["error"]["type"] == "UsageError"
+    doc = json_failure(["status", "--pid", "1", "--all", "--json"], capsys, code=2)
+    assert "one way" in doc["error"]["message"]
+    # build: no project and no files; a missing file; a compile error.
+    monkeypatch.chdir(tmp_path)
+    doc = json_failure(["build", "--json"], capsys)
+    assert doc["error"]["type"] == "BuildError" and "no CMakeLists.txt" in doc["error"]["message"]
+    assert "nativereload build FILE.c" in doc["error"]["hint"]
+    assert list(tmp_path.iterdir()) == []          # no empty build/ left behind
+    doc = json_failure(["build", "nope.c", "--json"], capsys)
+    assert "nope.c does not exist" in doc["error"]["message"]
+    (tmp_path / "bad.c").write_text("int f(void) { return nope; }\n")
+    doc = json_failure(["build", "bad.c", "--json"], capsys)
+    assert doc["error"]["type"] == "BuildError" and "compiling bad.c failed" in doc["error"]["message"]
+    assert not (tmp_path / "build" / "modules" / "bad.so").exists()
+
+
+def test_ps_with_nothing_serving(runtime_dir, capsys):
+    assert cli.main(["ps", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert cli.main(["ps"]) == 0
+    assert "no nativereload process of yours is serving" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- build FILE.c
+
+COUNTER = """
+#ifndef VERSION
+#define VERSION 1
+#endif
+#include "counter.h"
+long add(long a, long b) { return a + b; }
+int version(void) { return VERSION; }
+static int helper(void) { return 0; }
+"""
+
+
+def test_build_c_files_without_a_project(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "counter.h").write_text("#define UNUSED 1\n")
+    (tmp_path / "counter.c").write_text(COUNTER)
+    assert cli.main(["build", "counter.c", "-I", "include"]) == 0
+    so = tmp_path / "build" / "modules" / "counter.so"
+    assert capsys.readouterr().out == f"built counter: {so}\n"
+    from nativereload import Registry
+
+    with Registry(path=["build/modules"], tmpdir=tmp_path) as reg:
+        mod = reg.load("counter", cdef="long add(long, long); int version(void);")
+        assert mod.add(2, 3) == 5 and mod.version() == 1
+        # Nothing changed: nothing built, the file untouched.
+        before = so.stat()
+        assert cli.main(["build", "counter.c", "-I", "include", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["built"] == [] and doc["modules"] == [{"name": "counter", "path": str(so)}]
+        assert so.stat().st_ino == before.st_ino
+        # Another define is another build; so is an edited header.
+        assert cli.main(["build", "counter.c", "-I", "include", "-DVERSION=2"]) == 0
+        assert "built counter" in capsys.readouterr().out
+        assert so.stat().st_ino != before.st_ino
+        reg.reload("counter")
+        assert mod.version() == 2
+        assert cli.main(["build", "counter.c", "-I", "include", "-DVERSION=2"]) == 0
+        assert capsys.readouterr().out.startswith("up to date")
+        os.utime(tmp_path / "include" / "counter.h", ns=(1, 1))
+        assert cli.main(["build", "counter.c", "-I", "include", "-DVERSION=2"]) == 0
+        assert "built counter" in capsys.readouterr().out
+        # -o and --name; flags the CMake helper uses.
+        assert cli.main(["build", "counter.c", "-I", "include", "-o", "out", "--name", "other", "-lm", "-v"]) == 0
+        assert (tmp_path / "out" / "other.so").is_file()
+        dynamic = subprocess.run(["readelf", "-d", str(tmp_path / "out" / "other.so")], capture_output=True,
+                                 text=True).stdout
+        if dynamic:
+            assert "SYMBOLIC" in dynamic
+
+
+def test_build_reports_the_compilers_own_messages(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.c").write_text("int f(void)\n{\n    return nope;\n}\n")
+    assert cli.main(["build", "bad.c"]) == 1
+    err = capsys.readouterr().err
+    assert "bad.c:3:" in err and "nope" in err
+    assert error_line(err).startswith("error: compiling bad.c failed")
+
+
+# ----------------------------------------------------------------------------- named processes, ps
+
+@pytest.mark.timeout(120)
+def test_processes_by_name_and_ps(moddir, runtime_dir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    from test_control import ServingChild
+
+    children = [ServingChild(moddir, runtime_dir, process_name=n) for n in ("api", "worker", "worker")]
+    api, w1, w2 = children
+    try:
+        status = nr("status", "--name", "api", "--json", runtime=runtime_dir)
+        assert status.returncode == 0, status.stderr
+        doc = json.loads(status.stdout)
+        assert doc["pid"] == api.pid and doc["name"] == "api" and doc["argv"][:2] == [sys.executable, "-c"]
+        # Two workers share a name: ambiguous, and the error lists them with pid, name and command line.
+        ambiguous = nr("reload", "sample", "--name", "worker", runtime=runtime_dir)
+        assert ambiguous.returncode == 1
+        line = error_line(ambiguous.stderr)
+        for child in (w1, w2):
+            assert f"pid {child.pid} [worker] {sys.executable} -c" in line
+        assert "--name NAME --all" in ambiguous.stderr
+        install(samples["v2"], moddir / "sample.so")
+        both = nr("reload", "sample", "--name", "worker", "--all", runtime=runtime_dir)
+        assert both.returncode == 0, both.stderr
+        assert both.stdout.count("[worker]: reloaded 'sample' generation 1 \u2192 2") == 2
+        assert api.calls()["generation"] == 1 and w1.calls()["version"] == 2
+        # Without a target, several processes: the error lists all three.
+        everyone = nr("status", runtime=runtime_dir)
+        assert everyone.returncode == 1 and "3 processes are serving" in everyone.stderr
+        assert f"pid {api.pid} [api]" in everyone.stderr
+        unknown = nr("status", "--name", "nobody", runtime=runtime_dir)
+        assert unknown.returncode == 1 and "no live process is named 'nobody'" in unknown.stderr
+
+        ps = nr("ps", runtime=runtime_dir)
+        assert ps.returncode == 0, ps.stderr
+        lines = ps.stdout.splitlines()
+        assert lines[0].split() == ["PID", "NAME", "MODULES", "COMMAND"]
+        rows = {int(line.split()[0]): line.split(None, 3) for line in lines[1:]}
+        assert rows[api.pid][1:3] == ["api", "sample@1"] and rows[w2.pid][1:3] == ["worker", "sample@2"]
+        assert rows[api.pid][3].startswith(f"{sys.executable} -c")
+        as_json = json.loads(nr("ps", "--json", runtime=runtime_dir).stdout)
+        assert [(e["pid"], e["name"]) for e in as_json] == sorted((c.pid, n) for c, n in
+                                                                 zip(children, ("api", "worker", "worker")))
+        assert all(e["ok"] and e["modules"][0]["name"] == "sample" for e in as_json)
+    finally:
+        for child in children:
+            child.stop()
+
+
+def test_serve_name_is_checked_and_defaults_to_the_program(runtime_dir):
+    from nativereload import Registry, control
+
+    with Registry() as reg:
+        with pytest.raises(ValueError, match="invalid process name"):
+            reg.serve(name="no spaces")
+        server = reg.serve(name="api-1")
+        assert server.name == "api-1" and control.request(server.path, "ping")["name"] == "api-1"
+    assert control.server.program_name() == Path(sys.argv[0]).name.removesuffix(".py") or "python"

@@ -8,6 +8,7 @@ keeps a thread calling it, and answers "calls" / "quit" on stdin with JSON.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pwd
 import select
@@ -18,22 +19,25 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, SAMPLE_CDEF, install
 
-from nativereload import Registry, control
+from nativereload import Registry, cli, control
 
 CHILD = textwrap.dedent("""
     import json, sys, threading
     import nativereload
 
     moddir, socket_path, name, cdef = sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4]
+    process_name = sys.argv[5] if len(sys.argv) > 5 else None
     reg = nativereload.Registry(path=[moddir])
     mod = reg.load(name, cdef=cdef)
-    server = reg.serve(socket_path)
+    server = reg.serve(socket_path, name=process_name)
     served, failed, last = [0], [], [None]
     stop = threading.Event()
 
@@ -84,9 +88,10 @@ class ServingChild:
     """A child Python process hosting a Registry with ``serve()``; always reaped by ``stop()``."""
 
     def __init__(self, moddir: Path, runtime_dir: Path, *, socket_path: Path | None = None, name: str = "sample",
-                 cdef: str = SAMPLE_CDEF) -> None:
+                 cdef: str = SAMPLE_CDEF, process_name: str | None = None) -> None:
+        self.argv = [str(moddir), str(socket_path or ""), name, cdef, *([process_name] if process_name else [])]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(moddir), str(socket_path or ""), name, cdef],
+            [sys.executable, "-c", CHILD, *self.argv],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=child_env(runtime_dir))
         ready = self._line(timeout=30)
@@ -287,7 +292,7 @@ def test_stale_sockets_replaced_and_swept(runtime_dir):
     other.close()
     with Registry() as reg:
         server = reg.serve()
-        assert control.request(server.path, "ping") == {"ok": True, "pid": os.getpid()}
+        assert control.request(server.path, "ping")["pid"] == os.getpid()
         assert not (directory / f"{dead_pid}.sock").exists()
 
 
@@ -303,22 +308,69 @@ def test_live_socket_is_not_replaced(runtime_dir, short_tmp_path):
         assert (short_tmp_path / "file").read_text() == "not a socket"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory owned by another user")
-def test_refuses_directory_owned_by_someone_else(runtime_dir, short_tmp_path):
-    directory = runtime_dir / "nativereload"
-    directory.mkdir(mode=0o700)
-    os.chown(directory, 65534, 65534)
+@pytest.fixture
+def shared_tmp(short_tmp_path, monkeypatch) -> Path:
+    """A shared, sticky TMPDIR (like /tmp) and no XDG_RUNTIME_DIR: the place where names can be squatted."""
+    path = short_tmp_path / "tmp"
+    path.mkdir()
+    os.chmod(path, 0o1777)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(path))
+    return path
+
+
+def _check_serves_beside_a_squatted_dir(squatted: Path, caplog, others: tuple[str, ...] = ()) -> None:
+    caplog.set_level(logging.WARNING, logger="nativereload")
     with Registry() as reg:
-        with pytest.raises(control.ControlError, match="owned by uid 65534"):
-            reg.serve()
-        # An explicit path in a shared, world-writable directory owned by someone else.
+        server = reg.serve()
+        fallback = server.path.parent
+        assert fallback.parent == squatted.parent and fallback.name.startswith(squatted.name + ".")
+        st = os.lstat(fallback)
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700
+        assert control.request(server.path, "ping")["ok"]
+        assert control.discover() == [control.Target(os.getpid(), server.path)]
+        warning = "\n".join(r.getMessage() for r in caplog.records)
+        assert f"serving from {fallback} instead" in warning and f"have {squatted} removed" in warning
+        # The command line finds it too.
+        assert cli.main(["status", "--json"]) == 0
+        server.close()
+        # The next server reuses the fallback rather than making another.
+        again = reg.serve()
+        assert again.path.parent == fallback
+    assert sorted(p.name for p in squatted.parent.iterdir()) == sorted([squatted.name, fallback.name, *others])
+
+
+def test_a_squatted_socket_name_does_not_stop_serve(shared_tmp, caplog, capsys):
+    """Anyone can create the usual name first in a sticky /tmp; here, a file (no second user needed)."""
+    squatted = shared_tmp / f"nativereload-sockets-{os.getuid()}"
+    squatted.write_text("mine now")
+    _check_serves_beside_a_squatted_dir(squatted, caplog)
+    assert squatted.read_text() == "mine now"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory owned by another user")
+def test_a_socket_directory_owned_by_someone_else_is_never_used(shared_tmp, caplog, capsys):
+    squatted = shared_tmp / f"nativereload-sockets-{os.getuid()}"
+    squatted.mkdir(mode=0o777)
+    os.chown(squatted, 65534, 65534)
+    # A fallback-looking directory of the other user is not trusted either.
+    theirs = shared_tmp / f"nativereload-sockets-{os.getuid()}.aaaa"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    _check_serves_beside_a_squatted_dir(squatted, caplog, others=(theirs.name,))
+    assert list(squatted.iterdir()) == [] and list(theirs.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory owned by another user")
+def test_an_explicit_path_in_a_directory_of_someone_else_is_refused(runtime_dir, short_tmp_path):
+    with Registry() as reg:
         shared = short_tmp_path / "shared"
         shared.mkdir()
         os.chmod(shared, 0o1777)
         os.chown(shared, 65534, 65534)
         with pytest.raises(control.ControlError):
             reg.serve(shared / "x.sock")
-    assert list(directory.iterdir()) == []
+        assert list(shared.iterdir()) == []
 
 
 def test_explicit_path_parent_must_be_private(runtime_dir, short_tmp_path):
@@ -337,12 +389,14 @@ def test_explicit_path_parent_must_be_private(runtime_dir, short_tmp_path):
     assert list(shared.iterdir()) == []
 
 
-def test_refuses_symlinked_directory(runtime_dir, short_tmp_path):
+def test_a_symlinked_socket_directory_is_never_followed(runtime_dir, short_tmp_path):
     target = short_tmp_path / "elsewhere"
     target.mkdir(mode=0o700)
     (runtime_dir / "nativereload").symlink_to(target)
-    with Registry() as reg, pytest.raises(control.ControlError, match="not a directory"):
-        reg.serve()
+    with Registry() as reg:
+        server = reg.serve()
+        assert server.path.parent.name.startswith("nativereload.") and not server.path.parent.is_symlink()
+    assert list(target.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -350,7 +404,8 @@ def test_refuses_symlinked_directory(runtime_dir, short_tmp_path):
 @pytest.mark.timeout(60)
 def test_protocol_against_a_serving_child(spawn, samples, moddir):
     child = spawn()
-    assert control.request(child.socket, "ping") == {"ok": True, "pid": child.pid}
+    assert control.request(child.socket, "ping") == {"ok": True, "pid": child.pid, "name": "python",
+                                                     "argv": [sys.executable, "-c", CHILD, *child.argv]}
     status = control.request(child.socket, "status")
     assert status["ok"] and status["pid"] == child.pid
     (module,) = status["modules"]
@@ -476,15 +531,107 @@ def test_serves_in_a_process_with_descriptors_above_1024(moddir, samples, short_
 
 
 @pytest.mark.timeout(60)
-def test_idle_connection_is_dropped(runtime_dir, monkeypatch):
-    monkeypatch.setattr(control, "DEFAULT_IDLE_TIMEOUT", 0.5)
+def test_idle_connection_is_dropped(runtime_dir):
     with Registry() as reg:
-        server = reg.serve()
+        server = control.serve(reg, request_timeout=0.5)
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(30)
             s.connect(str(server.path))
-            assert s.recv(100) == b""  # the server hung up
+            assert s.recv(100) == b""  # the server hung up, with nothing to say to a silent client
         assert control.request(server.path, "ping")["ok"]
+
+
+@pytest.mark.timeout(60)
+def test_a_request_must_complete_within_the_deadline_not_just_an_idle_gap(runtime_dir):
+    """One byte every 0.2 s never leaves the connection idle for 1 s, but the whole request takes longer."""
+    with Registry() as reg:
+        server = control.serve(reg, request_timeout=1.0)
+        request = b'{"op": "ping", "pad": "' + b"x" * 40 + b'"}\n'
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(str(server.path))
+            started = time.monotonic()
+            received = b""
+            for byte in request:
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:      # the server closed: expected
+                    break
+                readable, _, _ = select.select([s], [], [], 0.2)
+                if readable:
+                    received = s.recv(4096)
+                    break
+            elapsed = time.monotonic() - started
+        (reply,) = [json.loads(line) for line in received.splitlines()]
+        assert reply["ok"] is False and "not complete within 1 s" in reply["error"]["message"]
+        assert 0.9 < elapsed < 3.0, elapsed
+        # A client that sends its requests promptly is served, one request after another.
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(server.path))
+            for _ in range(3):
+                time.sleep(0.6)       # 1.8 s on one connection: the deadline is per request
+                s.sendall(b'{"op": "ping"}\n')
+                assert json.loads(s.recv(4096))["ok"]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-32-be"])
+def test_requests_are_utf8_only(runtime_dir, encoding):
+    with Registry() as reg:
+        server = reg.serve()
+        replies = raw(server.path, '{"op": "ping"}'.encode(encoding) + b"\n" + b'{"op": "ping"}\n')
+        assert replies[0]["ok"] is False and replies[0]["error"]["type"] == "ProtocolError"
+        assert "UTF-8" in replies[0]["error"]["message"]
+        assert replies[-1]["ok"] and replies[-1]["pid"] == os.getpid()
+        # UTF-8 itself, non-ASCII included, is fine (an unknown module, named in the error).
+        (reply,) = raw(server.path, '{"op": "reload", "module": "m\u00f6d"}\n'.encode())
+        assert reply["error"]["type"] == "ModuleNotLoaded" and "m\u00f6d" in reply["error"]["message"]
+
+
+@pytest.mark.timeout(60)
+def test_a_reload_whose_client_is_gone_before_it_starts_is_not_run(runtime_dir, moddir, samples, monkeypatch,
+                                                                    caplog):
+    caplog.set_level(logging.INFO, logger="nativereload")
+    install(samples["v1"], moddir / "sample.so")
+    with Registry(path=[moddir]) as reg:
+        reg.load("sample", cdef=SAMPLE_CDEF)
+        server = reg.serve()
+        release, started, reloads = threading.Event(), threading.Event(), []
+        real_reload = reg.reload
+
+        def slow_reload(name, cdef=None):
+            reloads.append(name)
+            if len(reloads) == 1:
+                started.set()
+                release.wait(30)        # a slow reload: the next one queues behind it
+            return real_reload(name, cdef)
+
+        monkeypatch.setattr(reg, "reload", slow_reload)
+        first: list[dict] = []
+        waiter = threading.Thread(target=lambda: first.append(control.request(server.path, "reload",
+                                                                              module="sample")))
+        waiter.start()
+        assert started.wait(10)
+        # A second client asks for a reload, gives up (as the CLI does at its timeout) and hangs up.
+        with pytest.raises(control.ControlError, match="no reply"):
+            control.request(server.path, "reload", module="sample", timeout=0.5)
+        # A third client that hung up only its sending side still waits for its reply: it is served.
+        third = socket.socket(socket.AF_UNIX)
+        third.connect(str(server.path))
+        third.sendall(b'{"op": "unload", "module": "sample"}\n')
+        third.shutdown(socket.SHUT_WR)
+        release.set()
+        waiter.join(10)
+        assert first[0]["ok"] and first[0]["generation"] == 2
+        third.settimeout(10)
+        assert json.loads(third.recv(4096)) == {"ok": True, "pid": os.getpid(), "module": "sample",
+                                                "generation": 2}
+        third.close()
+        deadline = time.monotonic() + 10      # the lock does not say which waiter goes first
+        while not any("reload of 'sample' not run: its client hung up" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+        assert reloads == ["sample"]
 
 
 # ----------------------------------------------------------------------------- another user

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -203,3 +204,80 @@ def test_watch_builds_and_reloads_an_edited_source(tmp_path, runtime_dir, how):
         child.stop()
     assert watcher.returncode == 0, "".join(lines)
     assert "Traceback" not in "".join(lines)
+
+
+@pytest.mark.parametrize("name", ["sed5J3aPj", "sedAb12Cd", "4913", ".counter.c.swp", "counter.c~", "#counter.c#",
+                                  ".#counter.c", "counter.c.tmp", "counter.c___jb_tmp___", "counter.o", "counter.d",
+                                  ".goutputstream-XK2L1Z", "counter.c.orig"])
+def test_editor_and_tool_temporary_files_are_ignored(name):
+    from nativereload.watch import ignored_name
+
+    assert ignored_name(name)
+
+
+@pytest.mark.parametrize("name", ["counter.c", "counter.h", "CMakeLists.txt", "sed.c", "sedimentary", "v2.c",
+                                  "module.cmake", "Makefile"])
+def test_sources_are_not_ignored(name):
+    from nativereload.watch import ignored_name
+
+    assert not ignored_name(name)
+
+
+def test_watch_with_nothing_to_build_exits_2(tmp_path, capsys):
+    from nativereload import cli
+
+    assert cli.main(["watch", "--source-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: nothing to build: no CMakeLists.txt in {tmp_path} and no C files given")
+    assert "hint: nativereload watch FILE.c" in err
+    assert cli.main(["watch", str(tmp_path / "nope.c")]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.timeout(240)
+def test_watch_c_files_reloads_and_says_what_it_does(tmp_path, runtime_dir):
+    """`nativereload watch counter.c`: no project; timestamps; what it watches and how; temp files ignored."""
+    (tmp_path / "sample.c").write_text(SOURCE % ("1", "1"))
+    env = child_env(runtime_dir)
+    built = subprocess.run([sys.executable, "-m", "nativereload", "build", "sample.c"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=200)
+    assert built.returncode == 0, built.stderr
+    child = ServingChild(tmp_path / "build" / "modules", runtime_dir,
+                         cdef="int version(void); long add(long, long); long scaled(long);")
+    watcher = subprocess.Popen([sys.executable, "-m", "nativereload", "watch", "sample.c", "--poll", "--interval",
+                                "0.2"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(watcher.stdout.readline, "")), daemon=True)
+    reader.start()
+
+    def saw(text: str) -> bool:
+        return any(text in line for line in list(lines))
+
+    try:
+        wait_for(lambda: saw("no module changed"), timeout=60, context=lambda: "".join(lines))
+        start = next(line for line in lines if "watching" in line)
+        assert re.match(r"\[\d\d:\d\d:\d\d\] nativereload watch: watching ", start), start
+        assert f"sample.c -> {tmp_path / 'build' / 'modules' / 'sample.so'}" in start
+        assert "polling every 0.2 s (--poll)" in start
+        # An editor's temporary file beside the source is not a change.
+        (tmp_path / "sed5J3aPj").write_text("x")
+        (tmp_path / "4913").write_text("")
+        time.sleep(1.0)
+        assert not saw("changed:")
+        write_source(tmp_path, "2")
+        wait_for(lambda: child.calls()["version"] == 2, timeout=120, context=lambda: "".join(lines))
+        wait_for(lambda: saw("reloaded 'sample' generation 1 \u2192 2"), context=lambda: "".join(lines))
+        changed = next(line for line in lines if "changed:" in line)
+        assert re.match(r"\[\d\d:\d\d:\d\d\] changed: sample.c; building", changed), changed
+        assert "sed5J3aPj" not in "".join(lines)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        try:
+            watcher.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            watcher.kill()
+            watcher.wait()
+        reader.join(timeout=10)
+        child.stop()
+    assert watcher.returncode == 0, "".join(lines)

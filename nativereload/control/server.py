@@ -1,90 +1,56 @@
-"""The control socket: a running process's registry, reachable from a shell.
+"""The server side of the control socket: a running process's registry, reachable from a shell.
 
-Server side: ``serve(registry, socket_path=None) -> Server`` answers on a Unix
-domain socket from a daemon thread (``Registry.serve()`` calls it). Client
-side: ``discover()`` finds the sockets of this user's live processes and
-``request()`` sends one operation. The CLI uses only the client side.
+``serve(registry, socket_path=None) -> Server`` answers on a Unix domain
+socket from a daemon thread (``Registry.serve()`` calls it). Requests are
+decoded by ``protocol`` and carried out by ``handle()`` against the registry.
 
-Where the socket lives (found from the environment alone, so the CLI finds it
-without being told):
-    $XDG_RUNTIME_DIR/nativereload/<pid>.sock                 if XDG_RUNTIME_DIR is set
-    ${TMPDIR:-/tmp}/nativereload-sockets-<uid>/<pid>.sock    otherwise
-The directory is created 0700 and must be owned by us, else serve() refuses.
 The socket is bound inside a fresh 0700 directory, chmod 0600, and only then
 renamed into place: it is never reachable with wider permissions, and there is
 no moment at which the final path exists without a listener (so a client that
 gets ECONNREFUSED knows the socket is stale). Each connection's peer uid
 (SO_PEERCRED) must be ours or root's. The socket is removed by Server.close(),
-by Registry.close(), and at interpreter exit; sockets of dead pids are removed
-by the next serve() in the same directory and by the CLI. A child forked after
-serve() (a pre-fork server's worker) inherits no server: it never removes the
-parent's socket, and calls serve() itself to get its own.
+by Registry.close(), and at interpreter exit. A child forked after serve() (a
+pre-fork server's worker) inherits no server: it never removes the parent's
+socket, and calls serve() itself to get its own.
 
-Protocol: one JSON object per line (UTF-8), one JSON object per line back.
-
-    {"op": "ping"}                    -> {"ok": true, "pid": 123}
-    {"op": "status"}                  -> {"ok": true, "pid": 123, "modules": [{"name", "path",
-                                          "generation", "images": [{"generation", "state",
-                                          "in_flight"}]}]}
-    {"op": "reload", "module": NAME}  -> {"ok": true, "pid": 123, "module": NAME,
-                                          "generation_before": 1, "generation": 2, "seconds": 0.0004}
-    {"op": "unload", "module": NAME}  -> {"ok": true, "pid": 123, "module": NAME, "generation": 2}
-    failure                           -> {"ok": false, "error": {"type": "SymbolError", "message": "..."}}
-
-CLI forms: ``nativereload status``, ``nativereload reload NAME``,
-``nativereload unload NAME``; ping is what discovery uses.
-
-Only modules already loaded can be reloaded or unloaded, and reload re-reads
-the path the module was loaded from: nothing a client sends is ever used as a
-path, and nothing is evaluated. Invalid JSON, an unknown op, a wrong type or an
-unknown field gets an error reply on the same connection; a request line over
-64 KiB gets an error reply and the connection is closed. Each connection is
-served by its own thread, so a client that connects and never writes delays
-nobody; it is dropped after ``idle_timeout`` seconds.
+Each connection is served by its own thread, so a client that connects and
+never writes delays nobody. Each request must arrive complete within
+``request_timeout`` seconds of the connection being ready for it (accepted, or
+its previous reply sent): a silent connection is dropped, and a slow or
+trickling request gets an error reply before the connection is closed.
 """
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import errno
-import json
 import logging
 import os
+import re
 import select
 import socket
 import stat
 import struct
+import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .errors import ControlError, ModuleNotLoaded, NativeReloadError, ProtocolError
-from .workdir import pid_alive
+from ..errors import ControlError, ModuleNotLoaded, NativeReloadError
+from . import protocol
+from .discovery import check_private_dir, remove_if_stale, serving_dir, sweep
+from .protocol import MAX_REQUEST
 
-__all__ = [
-    "MAX_REQUEST",
-    "ControlError",
-    "ProtocolError",
-    "Server",
-    "Target",
-    "default_socket_dir",
-    "default_socket_path",
-    "discover",
-    "handle",
-    "request",
-    "serve",
-]
+__all__ = ["DEFAULT_REQUEST_TIMEOUT", "MAX_CONNECTIONS", "Server", "check_name", "handle", "program_name",
+           "serve"]
 
 logger = logging.getLogger(__name__)
 
-MAX_REQUEST = 64 * 1024
-"""Longest request line accepted, in bytes (without its newline)."""
-
-DEFAULT_IDLE_TIMEOUT = 10.0
-"""Seconds a connection may stay silent before it is dropped (read when serve() is called)."""
+DEFAULT_REQUEST_TIMEOUT = 10.0
+"""Seconds a connection has to deliver each complete request line (read when serve() is called)."""
 MAX_CONNECTIONS = 64
 """Connections served at once; at the limit, the one silent the longest is dropped to admit a new one."""
 # After refusing an oversized request: how long, and how much, to keep reading
@@ -100,53 +66,6 @@ _MAX_SOCKET_PATH = 107
 
 
 
-# --------------------------------------------------------------------------- paths
-
-def default_socket_dir() -> Path:
-    """The directory this user's sockets live in, from the environment alone."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "nativereload"
-    return Path(os.environ.get("TMPDIR") or "/tmp") / f"nativereload-sockets-{os.getuid()}"
-
-
-def default_socket_path(pid: int | None = None) -> Path:
-    """``default_socket_dir() / "<pid>.sock"`` (this process's pid by default)."""
-    return default_socket_dir() / f"{os.getpid() if pid is None else int(pid)}.sock"
-
-
-def _check_private_dir(path: Path, *, create: bool) -> None:
-    """Make sure ``path`` is a real directory, owned by us, mode 0700.
-
-    Created 0700 if missing (and ``create``). An existing one owned by someone
-    else, or a symlink, is refused: whoever owns it could swap our socket.
-    One of ours with wider permissions is tightened.
-    """
-    if create:
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise ControlError(f"cannot create the socket directory {path}: {exc.strerror}", path=path,
-                               hint="set XDG_RUNTIME_DIR or TMPDIR to a directory you can write") from None
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise ControlError(f"socket directory {path} does not exist", path=path) from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ControlError(f"socket directory {path} is not a directory (a symlink or a file); refusing it",
-                           path=path, hint=f"remove {path}, or set XDG_RUNTIME_DIR to a private directory")
-    if st.st_uid != os.geteuid():
-        raise ControlError(f"socket directory {path} is owned by uid {st.st_uid}, not by us (uid "
-                           f"{os.geteuid()}); refusing to use it", path=path,
-                           hint="another user may be trying to intercept the socket: remove the directory "
-                                "or set XDG_RUNTIME_DIR to a private directory")
-    if create and stat.S_IMODE(st.st_mode) & 0o077:
-        logger.warning("socket directory %s had mode %o; setting 0700", path, stat.S_IMODE(st.st_mode))
-        os.chmod(path, 0o700)
-
-
 def _check_explicit_parent(parent: Path) -> None:
     """An explicit socket path's parent must be ours and writable by nobody else.
 
@@ -157,7 +76,7 @@ def _check_explicit_parent(parent: Path) -> None:
     try:
         st = os.stat(parent)
     except FileNotFoundError:
-        _check_private_dir(parent, create=True)
+        check_private_dir(parent, create=True)
         return
     if not stat.S_ISDIR(st.st_mode):
         raise ControlError(f"{parent} is not a directory", path=parent)
@@ -166,61 +85,6 @@ def _check_explicit_parent(parent: Path) -> None:
                            f"{stat.S_IMODE(st.st_mode):o}, and must be owned by uid {os.geteuid()} and writable "
                            "by nobody else", path=parent,
                            hint="use a private directory for socket_path, or the default (serve() with no path)")
-
-
-def _listening(path: Path) -> bool:
-    """Does anything accept connections on the socket at ``path``?
-
-    ECONNREFUSED on a Unix socket means nobody listens on that inode; our
-    sockets only appear at their final path once listening, so it is stale.
-    """
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(2.0)
-    try:
-        s.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        # Busy, permission denied, timed out: something is there; leave it.
-        return True
-    finally:
-        s.close()
-    return True
-
-
-def _remove_if_stale(path: Path) -> bool:
-    """Remove the socket ``path`` if its pid is dead or nobody listens; True if removed."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return True
-    if not stat.S_ISSOCK(st.st_mode):
-        return False
-    stem = path.name[: -len(".sock")] if path.name.endswith(".sock") else ""
-    dead = stem.isdigit() and not pid_alive(int(stem))
-    if dead or not _listening(path):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        logger.info("removed stale socket %s", path)
-        return True
-    return False
-
-
-def _sweep(directory: Path) -> None:
-    """Remove the sockets of dead processes in ``directory`` (SIGKILLed servers leave them)."""
-    try:
-        entries = list(directory.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        if entry.name.endswith(".sock") and entry.name[:-5].isdigit():
-            try:
-                if not pid_alive(int(entry.name[:-5])):
-                    _remove_if_stale(entry)
-            except OSError as exc:
-                logger.debug("cannot check %s: %s", entry, exc)
 
 
 # --------------------------------------------------------------------------- server
@@ -246,9 +110,11 @@ def _forget_servers_in_child() -> None:
     It only drops its copies of the descriptors; a worker that wants its own
     socket calls serve() again, which binds <its pid>.sock.
     """
-    global _live_lock
-    # Another thread may have held the lock at fork time; it does not exist here.
+    global _live_lock, _op_locks_guard
+    # Another thread may have held these locks at fork time; it does not exist here.
     _live_lock = threading.Lock()
+    _op_locks_guard = threading.Lock()
+    _op_locks.clear()
     servers = list(_live_servers)
     _live_servers.clear()
     for server in servers:
@@ -263,19 +129,21 @@ class Server:
 
     Attributes:
         path: the socket's path.
+        name: the name the command line can address this process by (``--name``).
 
     ``close()`` is idempotent and thread-safe: it stops accepting, removes the
     socket (if it is still ours), and lets open connections finish their
     current request.
     """
 
-    def __init__(self, registry: Any, path: Path, listener: socket.socket, *,
-                 idle_timeout: float) -> None:
+    def __init__(self, registry: Any, path: Path, listener: socket.socket, *, name: str,
+                 request_timeout: float) -> None:
         self.path = path
+        self.name = name
         self._owner_pid = os.getpid()
         self._registry = registry
         self._listener = listener
-        self._idle_timeout = idle_timeout
+        self._request_timeout = request_timeout
         self._inode = os.stat(path).st_ino
         self._closed = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -292,7 +160,7 @@ class Server:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed.is_set() else "serving"
-        return f"<nativereload.control.Server {str(self.path)!r} {state}>"
+        return f"<nativereload.control.Server {self.name!r} at {str(self.path)!r} {state}>"
 
     @property
     def closed(self) -> bool:
@@ -426,21 +294,39 @@ class Server:
             uid = _peer_uid(conn)
             if uid is None or (uid != os.geteuid() and uid != 0):
                 logger.warning("control socket %s: refused a connection from uid %s", self.path, uid)
-                self._refuse(conn, _error_reply("PermissionError", f"uid {uid} may not use this socket; only "
+                self._refuse(conn, protocol.error_reply("PermissionError", f"uid {uid} may not use this socket; only "
                                                 f"uid {os.geteuid()} and root may"))
                 return
-            conn.settimeout(self._idle_timeout)
             buffer = b""
+            # Each request must be complete within request_timeout of the
+            # moment the connection was ready for it (accepted, or its previous
+            # reply sent): a per-recv() timeout alone would let a client that
+            # sends one byte every few seconds hold a thread for ever.
+            deadline = time.monotonic() + self._request_timeout
             while not self._closed.is_set():
                 newline = buffer.find(b"\n")
                 if newline < 0:
                     if len(buffer) > MAX_REQUEST:
                         self._refuse(conn, _TOO_LONG)
                         return
-                    try:
-                        chunk = conn.recv(65536)
-                    except socket.timeout:
-                        logger.debug("control socket %s: dropping an idle connection", self.path)
+                    left = deadline - time.monotonic()
+                    if left > 0:
+                        conn.settimeout(left)
+                        try:
+                            chunk = conn.recv(65536)
+                        except socket.timeout:
+                            chunk = None
+                    else:
+                        chunk = None
+                    if chunk is None:
+                        if buffer.strip():
+                            logger.debug("control socket %s: a request took over %g s; dropping it", self.path,
+                                         self._request_timeout)
+                            self._refuse(conn, protocol.error_reply(
+                                "ProtocolError", f"request not complete within {self._request_timeout:g} s; "
+                                "closing the connection"))
+                        else:
+                            logger.debug("control socket %s: dropping an idle connection", self.path)
                         return
                     if not chunk:
                         return
@@ -455,8 +341,10 @@ class Server:
                 with self._lock:
                     if conn in self._connections:
                         self._connections[conn] = time.monotonic()
-                if not _send(conn, self._handle_line(line)):
+                reply = self._handle_line(conn, line)
+                if reply is None or not _send(conn, reply):
                     return
+                deadline = time.monotonic() + self._request_timeout
         except OSError as exc:
             logger.debug("control socket %s: connection ended: %s", self.path, exc)
         finally:
@@ -491,20 +379,34 @@ class Server:
         except OSError:
             pass
 
-    def _handle_line(self, line: bytes) -> dict:
+    def _handle_line(self, conn: socket.socket, line: bytes) -> dict | None:
+        """The reply to one request line; None if its client hung up before it could start."""
+        req = None
         try:
-            req = json.loads(line)
-        except (UnicodeDecodeError, ValueError) as exc:
-            return _error_reply("ProtocolError", f"invalid JSON: {exc}")
-        except RecursionError:
-            return _error_reply("ProtocolError", "invalid JSON: nested too deeply")
-        try:
-            return handle(self._registry, req)
+            req = protocol.decode_request(line)
+            return handle(self._registry, req, name=self.name, still_wanted=lambda: not _peer_gone(conn))
+        except _ClientGone:
+            logger.info("control socket %s: %s of '%s' not run: its client hung up before it could start",
+                        self.path, req["op"], req["module"])
+            return None
         except NativeReloadError as exc:
-            return _error_reply(type(exc).__name__, str(exc))
+            return protocol.error_reply(type(exc).__name__, str(exc))
         except Exception as exc:
             logger.exception("control socket %s: request %r failed", self.path, req)
-            return _error_reply(type(exc).__name__, str(exc) or repr(exc))
+            return protocol.error_reply(type(exc).__name__, str(exc) or repr(exc))
+
+
+def _peer_gone(conn: socket.socket) -> bool:
+    """Has the client closed its end? (It may have given up waiting, e.g. the CLI's timeout.)
+
+    Linux reports POLLHUP on a Unix stream socket once the peer has closed
+    (net/unix/af_unix.c sets the survivor's sk_shutdown to SHUTDOWN_MASK); a
+    peer that only shut down its writing side still waits for the reply, and
+    gives POLLIN/POLLRDHUP, not POLLHUP.
+    """
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    return any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, events in poller.poll(0))
 
 
 def _peer_uid(conn: socket.socket) -> int | None:
@@ -516,22 +418,15 @@ def _peer_uid(conn: socket.socket) -> int | None:
     return uid
 
 
-def _error_reply(kind: str, message: str) -> dict:
-    return {"ok": False, "error": {"type": kind, "message": message}}
-
-
-_TOO_LONG = _error_reply("ProtocolError", f"request longer than {MAX_REQUEST} bytes; closing the connection")
+_TOO_LONG = protocol.error_reply("ProtocolError", f"request longer than {MAX_REQUEST} bytes; closing the connection")
 
 
 def _send(conn: socket.socket, reply: dict) -> bool:
     try:
-        conn.sendall(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        conn.sendall(protocol.encode(reply))
         return True
     except OSError:
         return False
-
-
-_FIELDS = {"ping": set(), "status": set(), "reload": {"module"}, "unload": {"module"}}
 
 
 def _module_status(registry: Any) -> list[dict]:
@@ -547,45 +442,97 @@ def _module_status(registry: Any) -> list[dict]:
     return modules
 
 
-def handle(registry: Any, req: Any) -> dict:
+class _ClientGone(Exception):
+    """A reload or unload whose client is gone: it is not run."""
+
+
+# Reloads and unloads that arrive over sockets run one at a time per registry,
+# each after checking that its client still waits for it: a reload queued
+# behind a slow one must not run later for a client that has given up (and
+# perhaps retried). Weak keys: a closed registry takes its lock along.
+_op_locks: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_op_locks_guard = threading.Lock()
+
+
+def _op_lock(registry: Any) -> threading.Lock:
+    with _op_locks_guard:
+        lock = _op_locks.get(registry)
+        if lock is None:
+            lock = _op_locks[registry] = threading.Lock()
+        return lock
+
+
+def handle(registry: Any, req: Any, *, name: str | None = None,
+           still_wanted: Callable[[], bool] | None = None) -> dict:
     """Carry out one decoded request against ``registry``; return the reply.
+
+    Args:
+        name: the serving process's name, for ping and status replies
+            (default: the program's name).
+        still_wanted: called when a reload or unload is about to start (it may
+            have waited for another to finish); if it returns False, the
+            operation is not run.
 
     Raises:
         ProtocolError: not an object, unknown op, wrong type, unknown field.
         NativeReloadError: whatever the registry raised (the old image still serves).
     """
-    if not isinstance(req, dict):
-        raise ProtocolError("a request must be a JSON object, e.g. {\"op\": \"status\"}")
-    op = req.get("op")
-    if not isinstance(op, str) or op not in _FIELDS:
-        raise ProtocolError(f"unknown op {op!r}; valid ops: {', '.join(sorted(_FIELDS))}")
-    extra = set(req) - {"op"} - _FIELDS[op]
-    if extra:
-        raise ProtocolError(f"op {op!r} takes no field(s) {', '.join(sorted(map(str, extra)))}")
+    req = protocol.check_request(req)
+    op = req["op"]
     pid = os.getpid()
     if op == "ping":
-        return {"ok": True, "pid": pid}
+        return {"ok": True, "pid": pid, "name": name or program_name(), "argv": _command_line()}
     if op == "status":
-        return {"ok": True, "pid": pid, "modules": _module_status(registry)}
-    name = req.get("module")
-    if not isinstance(name, str) or not name:
-        raise ProtocolError(f"op {op!r} needs \"module\": a module name (string)")
-    # Only modules this process already loaded: the registry re-reads the path
-    # it resolved at load, so nothing from the socket ever names a file.
-    # status() also lists unloaded modules still draining: only an active image counts.
-    loaded = {m.name: m for m in registry.status() if any(i.state == "active" for i in m.images)}
-    if name not in loaded:
-        raise ModuleNotLoaded(f"module {name!r} is not loaded in process {pid} (loaded: "
-                              f"{', '.join(sorted(loaded)) or 'none'})", module=name)
-    before = loaded[name].generation
-    if op == "unload":
-        registry.unload(name)
-        return {"ok": True, "pid": pid, "module": name, "generation": before}
-    started = time.perf_counter()
-    module = registry.reload(name)
-    seconds = time.perf_counter() - started
+        return {"ok": True, "pid": pid, "name": name or program_name(), "argv": _command_line(),
+                "modules": _module_status(registry)}
+    name = req["module"]
+    with _op_lock(registry):
+        if still_wanted is not None and not still_wanted():
+            raise _ClientGone(name)
+        # Only modules this process already loaded: the registry re-reads the path
+        # it resolved at load, so nothing from the socket ever names a file.
+        # status() also lists unloaded modules still draining: only an active image counts.
+        loaded = {m.name: m for m in registry.status() if any(i.state == "active" for i in m.images)}
+        if name not in loaded:
+            raise ModuleNotLoaded(f"module {name!r} is not loaded in process {pid} (loaded: "
+                                  f"{', '.join(sorted(loaded)) or 'none'})", module=name)
+        before = loaded[name].generation
+        if op == "unload":
+            registry.unload(name)
+            return {"ok": True, "pid": pid, "module": name, "generation": before}
+        started = time.perf_counter()
+        module = registry.reload(name)
+        seconds = time.perf_counter() - started
     return {"ok": True, "pid": pid, "module": name, "generation_before": before,
             "generation": module.generation, "seconds": seconds}
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.@:+-]{1,64}")
+
+
+def program_name() -> str:
+    """This process's default name: its script's or module's name (``serve.py`` -> ``serve``), else "python"."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if argv0 in ("", "-c", "-"):
+        return "python"
+    base = os.path.basename(argv0)
+    if base == "__main__.py":        # python -m package: the package's name
+        base = os.path.basename(os.path.dirname(os.path.abspath(argv0)))
+    base = base.removesuffix(".py")
+    return re.sub(r"[^A-Za-z0-9_.@:+-]", "_", base)[:64] or "python"
+
+
+def _command_line() -> list[str]:
+    # orig_argv: the interpreter and its options too, as ps shows it.
+    return list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name a serving process (1-64 of ``A-Z a-z 0-9 _ . @ : + -``), else ValueError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"invalid process name {name!r}: use 1 to 64 letters, digits and _.@:+- "
+                         "(e.g. serve(name=\"api\"))")
+    return name
 
 
 def _bind_private(path: Path) -> socket.socket:
@@ -616,142 +563,46 @@ def _bind_private(path: Path) -> socket.socket:
     return sock
 
 
-def serve(registry: Any, socket_path: str | os.PathLike | None = None, *,
-          idle_timeout: float | None = None) -> Server:
+def serve(registry: Any, socket_path: str | os.PathLike | None = None, *, name: str | None = None,
+          request_timeout: float | None = None) -> Server:
     """Serve ``registry`` on a Unix socket from a daemon thread; return the Server.
 
     Args:
-        socket_path: default ``default_socket_path()``. Its directory is checked
-            (see the module docstring); an existing socket there is replaced
-            only if stale (dead pid, or nobody listening).
-        idle_timeout: seconds a connection may stay silent before it is dropped
-            (default ``DEFAULT_IDLE_TIMEOUT``).
+        socket_path: default ``<pid>.sock`` in ``discovery.serving_dir()`` (the
+            usual directory, or a private fallback if someone else took its
+            name). An explicit path's directory must be ours and writable by
+            nobody else. An existing socket there is replaced only if stale
+            (dead pid, or nobody listening).
+        name: what the command line calls this process (``--name NAME``,
+            ``nativereload ps``); default: the program's name. Several
+            processes may share a name (the workers of one server).
+        request_timeout: seconds a connection has to deliver each complete
+            request, from when it was accepted or got its previous reply
+            (default ``DEFAULT_REQUEST_TIMEOUT``).
 
     Raises:
         ControlError: unsafe or unusable directory, path too long, or a live
             server already answers at ``socket_path``.
+        ValueError: ``name`` is not a valid name.
     """
+    name = program_name() if name is None else check_name(name)
     if socket_path is None:
-        directory = default_socket_dir()
-        _check_private_dir(directory, create=True)
+        directory = serving_dir()
         path = directory / f"{os.getpid()}.sock"
-        _sweep(directory)
+        sweep(directory)
     else:
         path = Path(socket_path).absolute()
         _check_explicit_parent(path.parent)
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH - 8:  # room for the staging name
         raise ControlError(f"socket path {path} is too long for a Unix socket (at most ~{_MAX_SOCKET_PATH - 8} "
                            "bytes)", path=path, hint="pass a shorter socket_path, or set XDG_RUNTIME_DIR")
-    if os.path.lexists(path) and not _remove_if_stale(path):
+    if os.path.lexists(path) and not remove_if_stale(path):
         raise ControlError(f"{path} is in use (a live server answers there, or it is not a socket)", path=path,
                            hint="close the other server first, or pass another socket_path")
     listener = _bind_private(path)
-    server = Server(registry, path, listener,
-                    idle_timeout=DEFAULT_IDLE_TIMEOUT if idle_timeout is None else idle_timeout)
+    server = Server(registry, path, listener, name=name,
+                    request_timeout=DEFAULT_REQUEST_TIMEOUT if request_timeout is None else request_timeout)
     server._start()
     registry._add_closer(server.close)     # registry.close() stops it first
-    logger.info("control socket serving at %s", path)
+    logger.info("control socket serving %r at %s", name, path)
     return server
-
-
-# --------------------------------------------------------------------------- client
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A process reachable through its control socket."""
-
-    pid: int | None
-    path: Path
-
-
-def _connect(sock: socket.socket, path: str | os.PathLike, timeout: float) -> None:
-    """connect(), retried while the server's listen backlog is full.
-
-    A Unix socket with a timeout fails at once with EAGAIN when the backlog
-    is full (it does not wait like a TCP connect): the server is busy
-    accepting, not gone.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            sock.connect(str(path))
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise socket.timeout(f"connect to {path} timed out (listen backlog full)") from None
-            time.sleep(0.01)
-
-
-def request(path: str | os.PathLike, op: str, *, timeout: float = 30.0, **fields: Any) -> dict:
-    """Send one operation to the socket at ``path``; return the decoded reply.
-
-    A reply with ``"ok": false`` is returned, not raised: it is the remote
-    registry's answer. Raises ControlError when the socket cannot be reached
-    or the reply is not a JSON object.
-    """
-    req = {"op": op, **fields}
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        try:
-            _connect(sock, path, timeout)
-        except FileNotFoundError:
-            raise ControlError(f"no control socket at {path}", path=path,
-                               hint="is the process running and did it call reg.serve()?") from None
-        except ConnectionRefusedError:
-            raise ControlError(f"nobody is listening on {path} (the process is gone)", path=path) from None
-        except PermissionError:
-            raise ControlError(f"permission denied connecting to {path}", path=path,
-                               hint="the process belongs to another user; run as that user") from None
-        sock.sendall(json.dumps(req).encode() + b"\n")
-        buffer = b""
-        while b"\n" not in buffer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            buffer += chunk
-    except socket.timeout:
-        raise ControlError(f"no reply from {path} within {timeout:g} s", path=path) from None
-    except OSError as exc:
-        if isinstance(exc, ControlError):
-            raise
-        raise ControlError(f"cannot talk to {path}: {exc}", path=path) from None
-    finally:
-        sock.close()
-    line = buffer.split(b"\n", 1)[0]
-    try:
-        reply = json.loads(line)
-    except ValueError:
-        reply = None
-    if not isinstance(reply, dict) or "ok" not in reply:
-        raise ControlError(f"unexpected reply from {path}: {line[:200]!r}", path=path)
-    return reply
-
-
-def discover(*, cleanup: bool = True) -> list[Target]:
-    """The sockets of this user's live processes in ``default_socket_dir()``, by pid.
-
-    Sockets of dead processes are removed on the way (``cleanup``). An absent
-    directory means no process serves. A directory owned by someone else is
-    refused (ControlError) rather than trusted.
-    """
-    directory = default_socket_dir()
-    if not os.path.lexists(directory):
-        return []
-    _check_private_dir(directory, create=False)
-    found = []
-    for entry in sorted(directory.iterdir()):
-        stem = entry.name[:-5] if entry.name.endswith(".sock") else ""
-        if not stem.isdigit():
-            continue
-        try:
-            is_sock = stat.S_ISSOCK(os.lstat(entry).st_mode)
-        except FileNotFoundError:
-            continue
-        if not is_sock:
-            continue
-        if cleanup and _remove_if_stale(entry):
-            continue
-        found.append(Target(int(stem), entry))
-    found.sort(key=lambda t: t.pid or 0)
-    return found

@@ -1,0 +1,974 @@
+"""Real C headers as cffi cdefs: ``nativereload cdef HEADER``.
+
+No real header parses as a cdef as it stands (``#include``, attributes,
+inline bodies, ``sizeof`` in array bounds, ...). This module lets the system
+compiler do the C: it preprocesses the header (``cc -E -dD``, with
+``NATIVERELOAD_CDEF`` defined, so a header can hide what cffi cannot take),
+then keeps, from the declarations the line markers attribute to that header:
+  - typedefs, struct/union/enum definitions, function prototypes and extern
+    variables, with attributes, ``__asm__`` labels, ``__extension__``,
+    ``__restrict``, ``inline`` and the like removed;
+  - the types they need from the other headers it includes (``zconf.h``'s
+    ``uLong``, glibc's ``off_t`` chain), except those cffi knows natively
+    (``size_t``, ``uint32_t``, ``FILE``, ...);
+  - every ``#define NAME VALUE`` whose value is an integer constant, computed
+    with C's arithmetic (``(0ULL - 1)`` is 18446744073709551615, as in C).
+
+and drops, with a one-line comment saying why, what cffi cannot take: inline
+function bodies, ``_Static_assert``, declarations using ``va_list``,
+``__int128`` or ``_Float128``. Array bounds and enum values that are not
+plain numbers (``sizeof(XXH128_hash_t)``) are replaced by their values, which
+the compiler computes. So is the size and alignment of every struct kept:
+one cffi would lay out differently from the compiler (``_Alignas``, packed)
+is declared opaque instead of wrong. Finally the result is parsed by cffi;
+a declaration cffi still refuses is dropped (with its error as the comment).
+
+``cdef_from_source(c_file)`` does the same for a C file's own non-static
+function *definitions*: their prototypes, plus the types they need.
+
+Nothing here loads or runs the library or the code being described.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import cffi
+
+from ._cexpr import NotConstant, evaluate
+from .errors import InterfaceError
+
+__all__ = ["Cdef", "cdef_from_header", "cdef_from_source", "compiler_command", "embed_header", "include_dir",
+           "unexported"]
+
+#: Defined (to 1) while a header is read for its interface.
+CDEF_MACRO = "NATIVERELOAD_CDEF"
+
+_KEYWORDS = frozenset("""
+auto break case char const continue default do double else enum extern float for goto if inline int long register
+restrict return short signed sizeof static struct switch typedef union unsigned void volatile while _Alignas _Alignof
+_Atomic _Bool _Complex _Generic _Imaginary _Noreturn _Static_assert _Thread_local
+""".split())
+_STORAGE = frozenset({"typedef", "extern", "static", "auto", "register"})
+_QUALIFIERS = frozenset({"const", "volatile"})
+_BASIC_TYPES = frozenset({"void", "char", "short", "int", "long", "float", "double", "signed", "unsigned", "_Bool",
+                          "_Complex"})
+# Spellings the compiler accepts that cffi's parser does not: removed, or renamed to the standard word.
+_REMOVED_WORDS = frozenset({"__extension__", "__restrict", "__restrict__", "restrict", "inline", "__inline",
+                            "__inline__", "_Noreturn", "noreturn", "__unaligned", "_Nullable", "_Nonnull",
+                            "_Null_unspecified", "__nullable", "__nonnull"})
+_RENAMED_WORDS = {"__const": "const", "__const__": "const", "__volatile": "volatile", "__volatile__": "volatile",
+                  "__signed": "signed", "__signed__": "signed"}
+# Words followed by a parenthesised argument that goes with them.
+_REMOVED_CALLS = frozenset({"__attribute__", "__attribute", "__declspec", "__asm__", "__asm", "asm", "_Alignas",
+                            "alignas"})
+# Declarations using one of these are dropped: cffi has no such type (or cannot call through it).
+_UNSUPPORTED = {
+    "__builtin_va_list": "va_list (cffi cannot pass one)", "__int128": "__int128", "__int128_t": "__int128",
+    "__uint128_t": "__int128", "_Float16": "_Float16", "_Float32": "_Float32", "_Float64": "_Float64",
+    "_Float128": "_Float128", "_Float32x": "_Float32x", "_Float64x": "_Float64x", "_Float128x": "_Float128x",
+    "__float128": "__float128", "__float80": "__float80", "__ibm128": "__ibm128", "__bf16": "__bf16",
+    "_Decimal32": "_Decimal32", "_Decimal64": "_Decimal64", "_Decimal128": "_Decimal128",
+    "_Atomic": "_Atomic", "__typeof__": "typeof", "__typeof": "typeof", "typeof": "typeof",
+    "__auto_type": "__auto_type", "_Thread_local": "a thread-local variable", "__thread": "a thread-local variable",
+}
+
+try:   # the type names cffi knows without a declaration (size_t, uint32_t, FILE, bool, ...)
+    from cffi import commontypes as _commontypes
+    from cffi import model as _model
+    _NATIVE_TYPES = frozenset(_commontypes.COMMON_TYPES) | frozenset(_model.PrimitiveType.ALL_PRIMITIVE_TYPES)
+except (ImportError, AttributeError):   # pragma: no cover - cffi moved them
+    _NATIVE_TYPES = frozenset("""bool FILE size_t ssize_t ptrdiff_t intptr_t uintptr_t wchar_t char16_t char32_t
+        int8_t int16_t int32_t int64_t uint8_t uint16_t uint32_t uint64_t intmax_t uintmax_t""".split())
+
+_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<ident>[A-Za-z_$][A-Za-z0-9_$]*)
+  | (?P<number>\.?[0-9](?:[eEpP][+-]|[A-Za-z0-9_.'])*)
+  | (?P<string>"(?:\\.|[^"\\\n])*")
+  | (?P<char>'(?:\\.|[^'\\\n])*')
+  | (?P<punct>\.\.\.|<<=|>>=|->|\+\+|--|<<|>>|<=|>=|==|!=|&&|\|\||[-+*/%&|^]=|\#\#|[{}\[\]();:,.<>=!~?*/%+\-&|^\#])
+  | (?P<other>.)
+""", re.X | re.S)
+_LINE_MARKER = re.compile(r'#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)"((?:\s+\d)*)')
+_DEFINE = re.compile(r"#\s*define\s+([A-Za-z_][A-Za-z0-9_]*)(\()?(.*)$", re.S)
+_UNDEF = re.compile(r"#\s*undef\s+([A-Za-z_][A-Za-z0-9_]*)")
+_CFFI_LITERAL = re.compile(r"-?(?:0[xX][0-9a-fA-F]+|[0-9]+)[uUlL]*$")
+_HEADER_GUARD = re.compile(r"(?:^|_)H(?:_[0-9A-Za-z]+)?_*$")
+_CFFI_LINE = re.compile(r"<cdef source string>:(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cdef:
+    """A generated cdef and what went into it.
+
+    Attributes:
+        text: the declarations, as ``ffi.cdef()`` takes them.
+        functions: the function names declared, in order.
+        dropped: (name, reason) of each declaration left out of the header's own.
+        files: every file the preprocessor read (for a build system's depfile).
+        ffi: the cffi.FFI that parsed ``text`` (so a caller need not parse it again).
+    """
+
+    text: str
+    functions: tuple[str, ...]
+    dropped: tuple[tuple[str, str], ...]
+    files: tuple[str, ...]
+    ffi: cffi.FFI = dataclasses.field(repr=False, compare=False)
+
+
+@dataclasses.dataclass
+class _Decl:
+    """One top-level declaration (or function definition) of the preprocessed text."""
+
+    tokens: list
+    file: str
+    index: int
+    body: bool = False                  # a function definition: tokens are its header, without the body
+    macro: tuple[str, int] | None = None   # (name, value) for a "#define NAME VALUE" pseudo-declaration
+    kind: str = ""                      # typedef, function, variable, type, other
+    names: tuple[str, ...] = ()         # identifiers it declares
+    tags: tuple[str, ...] = ()          # "struct X" it defines with a body
+    layout_names: tuple[str, ...] = ()  # how to name the struct it defines in C ("struct X" or a typedef name)
+    refs: frozenset = frozenset()       # identifiers it uses
+    tag_refs: frozenset = frozenset()   # "struct X" it needs complete (used by value)
+    tag_mentions: frozenset = frozenset()   # every "struct X" it names
+    storage: frozenset = frozenset()
+    inline: bool = False
+    drop: str | None = None             # why it is left out
+    note: str | None = None             # a comment to print above it
+
+    def label(self) -> str:
+        if self.macro:
+            return self.macro[0]
+        return (self.names or self.tags or ("declaration",))[0]
+
+
+def compiler_command(compiler: str | Sequence[str] | None = None) -> list[str]:
+    """The C compiler's argv: ``compiler``, else ``$CC``, else ``cc`` (``"ccache gcc"`` is split)."""
+    if compiler is None:
+        compiler = os.environ.get("CC") or "cc"
+    return shlex.split(compiler) if isinstance(compiler, str) else list(compiler)
+
+
+def include_dir() -> Path:
+    """The directory of the shipped ``nativereload.h`` (``nativereload --include-dir``)."""
+    return Path(__file__).resolve().parent / "include"
+
+
+def _flags(include_dirs: Iterable, defines: Iterable[str], cdef_view: bool) -> list[str]:
+    flags = [f"-D{CDEF_MACRO}=1"] if cdef_view else []
+    flags += [f"-I{d}" for d in include_dirs]
+    flags += [d if d.startswith("-D") else f"-D{d}" for d in defines]
+    # <nativereload.h> is found without a -I, after everything the caller gave.
+    flags += ["-idirafter", str(include_dir())]
+    return flags
+
+
+def _run_compiler(argv: list[str], what: str, path: Path) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise InterfaceError(f"cannot {what} {path}: the C compiler {argv[0]!r} is not installed — install one "
+                             "(apt-get install gcc) or set CC") from None
+    if proc.returncode != 0:
+        raise InterfaceError(f"cannot {what} {path}: {argv[0]} failed (exit status {proc.returncode}):\n"
+                             f"{proc.stderr.strip()}")
+    return proc.stdout
+
+
+# --------------------------------------------------------------------------- reading the preprocessed text
+
+def _scan(text: str) -> tuple[list[tuple[str, str]], list[tuple[int, str, str, list[str] | None]], list[str],
+                              set[str]]:
+    """Tokens with their file, the macro definitions (position, file, name, body or None for #undef), the
+    files read, and which of them are system headers (GCC's line-marker flag 3)."""
+    tokens: list[tuple[str, str]] = []
+    macros: list[tuple[int, str, str, list[str] | None]] = []
+    files: dict[str, None] = {}
+    system: set[str] = set()
+    current = ""
+    pending = ""
+    for line in text.split("\n"):
+        if pending:
+            line, pending = pending + line, ""
+        stripped = line.lstrip()
+        if stripped.startswith("#"):
+            if stripped.endswith("\\"):
+                pending = stripped[:-1]
+                continue
+            marker = _LINE_MARKER.match(stripped)
+            if marker:
+                current = marker.group(2).encode().decode("unicode_escape") if "\\" in marker.group(2) \
+                    else marker.group(2)
+                if not current.startswith("<"):
+                    files.setdefault(current)
+                if "3" in marker.group(3).split():
+                    system.add(current)
+                continue
+            define = _DEFINE.match(stripped)
+            if define:
+                # Function-like macros (NAME immediately followed by "(") have no value of their own.
+                body = None if define.group(2) else _tokens(define.group(3))
+                if body is not None:
+                    macros.append((len(tokens), current, define.group(1), body))
+                continue
+            undef = _UNDEF.match(stripped)
+            if undef:
+                macros.append((len(tokens), current, undef.group(1), None))
+            continue   # #pragma, #ident: nothing for cffi
+        for token in _tokens(line):
+            tokens.append((token, current))
+    return tokens, macros, list(files), system
+
+
+def _tokens(text: str) -> list[str]:
+    return [m.group() for m in _TOKEN.finditer(text) if m.lastgroup != "space"]
+
+
+def _skip_balanced(tokens: Sequence, start: int) -> int:
+    """Index after the bracket group opening at ``start``."""
+    pairs = {"(": ")", "[": "]", "{": "}"}
+    depth = 0
+    for i in range(start, len(tokens)):
+        t = tokens[i]
+        if t in pairs:
+            depth += 1
+        elif t in (")", "]", "}"):
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(tokens)
+
+
+def _strip_calls(tokens: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Remove ``__attribute__((...))``, ``__asm__("...")``, ``_Alignas(...)`` and the like with their arguments."""
+    out = []
+    i = 0
+    n = len(tokens)
+    while i < n:
+        t = tokens[i][0]
+        if t in _REMOVED_CALLS:
+            j = i + 1
+            while j < n and tokens[j][0] in ("volatile", "__volatile__", "goto", "inline"):
+                j += 1   # asm qualifiers
+            if j < n and tokens[j][0] == "(":
+                i = _after_group(tokens, j)
+                continue
+        out.append(tokens[i])
+        i += 1
+    return out
+
+
+def _after_group(tokens: list[tuple[str, str]], start: int) -> int:
+    depth = 0
+    for i in range(start, len(tokens)):
+        t = tokens[i][0]
+        if t in ("(", "[", "{"):
+            depth += 1
+        elif t in (")", "]", "}"):
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(tokens)
+
+
+def _split(tokens: list[tuple[str, str]]) -> list[_Decl]:
+    """Top-level declarations, each ending at ";", and function definitions (body skipped)."""
+    decls: list[_Decl] = []
+    current: list[str] = []
+    file = ""
+    depth = 0
+    body_start = -1   # depth-0 index in ``current`` where a function body began
+    has_equals = False
+    for index, (t, f) in enumerate(tokens):
+        if not current:
+            file, has_equals, body_start = f, False, -1
+        if depth == 0:
+            if t == ";":
+                if current:
+                    decls.append(_Decl(current, file, index))
+                current = []
+                continue
+            if t == "=":
+                has_equals = True
+            elif t == "{" and current and current[-1] == ")" and not has_equals:
+                body_start = len(current)
+        if t in ("(", "[", "{"):
+            depth += 1
+        elif t in (")", "]", "}"):
+            depth -= 1
+        current.append(t)
+        if depth == 0 and t == "}" and body_start >= 0:
+            decls.append(_Decl(current[:body_start], file, index, body=True))
+            current = []
+    return decls
+
+
+# --------------------------------------------------------------------------- understanding one declaration
+
+def _is_ident(t: str) -> bool:
+    return t[:1].isalpha() or t[:1] == "_" or t[:1] == "$"
+
+
+def _clean(decl: _Decl) -> None:
+    """Remove what cffi cannot parse (in place), or set ``decl.drop``."""
+    tokens = []
+    for t in decl.tokens:
+        if t in _UNSUPPORTED and decl.drop is None:
+            decl.drop = f"uses {_UNSUPPORTED[t]}"
+        if t in ("inline", "__inline", "__inline__"):
+            decl.inline = True
+        if t in _REMOVED_WORDS:
+            continue
+        tokens.append(_RENAMED_WORDS.get(t, t))
+    decl.tokens = tokens
+    if not tokens:
+        decl.drop = "empty"
+    elif decl.drop:
+        pass
+    elif tokens[0] in ("_Static_assert", "static_assert"):
+        decl.drop = "a static assertion"
+
+
+def _analyze(decl: _Decl, typedef_names: set[str]) -> None:
+    """Fill in kind, names, tags, refs and tag_refs from the tokens."""
+    toks = decl.tokens
+    n = len(toks)
+    i = 0
+    storage = set()
+    saw_type = False
+    tags = []
+    layout = []
+    anonymous_body = False
+    while i < n:
+        t = toks[i]
+        if t in _STORAGE:
+            storage.add(t)
+        elif t in _QUALIFIERS:
+            pass
+        elif t in _BASIC_TYPES:
+            saw_type = True
+        elif t in ("struct", "union", "enum"):
+            saw_type = True
+            tag = None
+            if i + 1 < n and _is_ident(toks[i + 1]) and toks[i + 1] not in _KEYWORDS:
+                tag = f"{t} {toks[i + 1]}"
+                i += 1
+            if i + 1 < n and toks[i + 1] == "{":
+                end = _skip_balanced(toks, i + 1)
+                if tag:
+                    tags.append(tag)
+                    if t != "enum":
+                        layout.append(tag)
+                elif t != "enum":
+                    anonymous_body = True
+                i = end
+                continue
+        elif _is_ident(t) and not saw_type and t not in _KEYWORDS:
+            saw_type = True   # a typedef name
+        else:
+            break
+        i += 1
+    names = []
+    is_function = False
+    for declarator in _split_commas(toks[i:]):
+        for j, t in enumerate(declarator):
+            if t == "=":
+                break
+            if _is_ident(t) and t not in _KEYWORDS:
+                names.append(t)
+                if j + 1 < len(declarator) and declarator[j + 1] == "(":
+                    is_function = True
+                break
+    if "typedef" in storage:
+        kind = "typedef"
+        if anonymous_body and names:
+            layout.append(names[0])
+    elif is_function:
+        kind = "function"
+    elif names:
+        kind = "variable"
+    else:
+        kind = "type"
+    decl.kind = kind
+    decl.names = tuple(names)
+    decl.tags = tuple(tags)
+    decl.layout_names = tuple(layout)
+    decl.storage = frozenset(storage)
+    own = set(names)
+    decl.refs = frozenset(t for t in toks if t in typedef_names and t not in own) if typedef_names else frozenset()
+    by_value = set()
+    mentions = set()
+    for j in range(len(toks) - 1):
+        if toks[j] in ("struct", "union", "enum") and _is_ident(toks[j + 1]):
+            follower = toks[j + 2] if j + 2 < len(toks) else ";"
+            tag = f"{toks[j]} {toks[j + 1]}"
+            if tag not in tags:
+                mentions.add(tag)
+                if follower not in ("*", "{"):
+                    by_value.add(tag)
+    decl.tag_refs = frozenset(by_value)
+    decl.tag_mentions = frozenset(mentions)
+
+
+def _split_commas(tokens: Sequence[str]) -> list[list[str]]:
+    parts: list[list[str]] = [[]]
+    depth = 0
+    for t in tokens:
+        if t in ("(", "[", "{"):
+            depth += 1
+        elif t in (")", "]", "}"):
+            depth -= 1
+        if t == "," and depth == 0:
+            parts.append([])
+        else:
+            parts[-1].append(t)
+    return [p for p in parts if p]
+
+
+# --------------------------------------------------------------------------- constants
+
+class _Query:
+    """A constant only the compiler can compute, standing in for its tokens until it has."""
+
+    def __init__(self, expression: str) -> None:
+        self.expression = expression
+        self.value: int | None = None
+
+
+def _fold_constants(decl: _Decl, enum_values: dict[str, int], queries: list[_Query]) -> None:
+    """Replace array bounds and enum values that are not plain numbers by their values (or a query)."""
+    toks = decl.tokens
+    out: list = []
+    i = 0
+    n = len(toks)
+    in_enum_body = []   # stack: True for an enum's {...}
+    next_value: list[int | None] = []
+    while i < n:
+        t = toks[i]
+        if t == "[":
+            end = _skip_balanced(toks, i)
+            inner = toks[i + 1:end - 1]
+            out.append("[")
+            if inner:
+                out.extend(_constant(inner, enum_values, queries))
+            out.append("]")
+            i = end
+            continue
+        if t == "{":
+            in_enum_body.append(i >= 2 and "enum" in toks[max(0, i - 2):i])
+            next_value.append(0)
+        elif t == "}":
+            in_enum_body.pop()
+            next_value.pop()
+        elif in_enum_body and in_enum_body[-1] and _is_ident(t) and (i == 0 or toks[i - 1] in ("{", ",")):
+            # An enumerator: NAME [= expression] up to the next "," or "}" of this body.
+            j = i + 1
+            depth = 0
+            while j < n and not (depth == 0 and toks[j] in (",", "}")):
+                depth += toks[j] in ("(", "[")
+                depth -= toks[j] in (")", "]")
+                j += 1
+            out.append(t)
+            if j > i + 1 and toks[i + 1] == "=":
+                folded = _constant(toks[i + 2:j], enum_values, queries)
+                out.append("=")
+                out.extend(folded)
+                value = folded[0] if len(folded) == 1 and isinstance(folded[0], str) else None
+                next_value[-1] = int(value) if value is not None else None
+            if next_value[-1] is not None:
+                enum_values[t] = next_value[-1]
+                next_value[-1] += 1
+            i = j
+            continue
+        out.append(t)
+        i += 1
+    decl.tokens = out
+
+
+def _constant(tokens: list, enum_values: dict[str, int], queries: list[_Query]) -> list:
+    if len(tokens) == 1 and isinstance(tokens[0], str) and _CFFI_LITERAL.match(tokens[0]):
+        try:
+            return [str(evaluate(tokens))]
+        except NotConstant:
+            pass
+    try:
+        return [str(evaluate(tokens, enum_values))]
+    except NotConstant:
+        query = _Query(_join(tokens))
+        queries.append(query)
+        return [query]
+
+
+def _compute(queries: Sequence[_Query], header: Path, flags: list[str], compiler: list[str]) -> str | None:
+    """Ask the compiler for the values of ``queries`` (one compile to assembly); None, or why it failed.
+
+    The values are read back from the data directives of the assembly the
+    compiler writes: nothing is linked or run.
+    """
+    if not queries:
+        return None
+    lines = [f'#include "{header}"', "#include <stddef.h>"]
+    for n, query in enumerate(queries):
+        lines.append(f"const unsigned long long __nativereload_q{n} = (unsigned long long)({query.expression});")
+        lines.append(f"const int __nativereload_n{n} = ({query.expression}) < 0;")
+    with tempfile.TemporaryDirectory(prefix="nativereload-cdef-") as tmp:
+        c_file = Path(tmp) / "query.c"
+        c_file.write_text("\n".join(lines) + "\n")
+        argv = [*compiler, "-S", "-O0", "-w", "-o", "-", *flags, "-x", "c", str(c_file)]
+        try:
+            # LC_ALL=C: the compiler's message may end up in a comment of the cdef: ASCII quotes, please.
+            proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL,
+                                  env={**os.environ, "LC_ALL": "C"})
+        except OSError as exc:
+            return str(exc)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        errors = [line for line in lines if "error" in line]
+        return (errors or lines or [f"exit status {proc.returncode}"])[0]
+    values = _data_values(proc.stdout)
+    for n, query in enumerate(queries):
+        unsigned = values.get(f"__nativereload_q{n}")
+        negative = values.get(f"__nativereload_n{n}")
+        if unsigned is None or negative is None:
+            return f"no value for {query.expression} in the compiler's output"
+        query.value = unsigned - (1 << 64) if negative else unsigned
+    return None
+
+
+_DATA = re.compile(r"\s*\.(quad|xword|8byte|dword|long|word|4byte|zero|skip|byte|value|short|2byte)\s+(\S+)")
+
+
+def _data_values(assembly: str) -> dict[str, int]:
+    """label -> the integer the data directives after it spell (little-endian, as laid out)."""
+    sizes = {"quad": 8, "xword": 8, "8byte": 8, "dword": 8, "long": 4, "word": 4, "4byte": 4, "value": 2,
+             "short": 2, "2byte": 2, "byte": 1}
+    values: dict[str, int] = {}
+    label = None
+    value = shift = 0
+    for line in assembly.splitlines():
+        stripped = line.strip()
+        if stripped.endswith(":") and not stripped.startswith("."):
+            if label is not None:
+                values[label] = value
+            label, value, shift = stripped[:-1], 0, 0
+            continue
+        if label is None:
+            continue
+        match = _DATA.match(line)
+        if not match:
+            if stripped.startswith(".") and not stripped.startswith((".align", ".p2align", ".balign")):
+                if shift:
+                    values[label] = value
+                    label = None
+            continue
+        kind, operand = match.groups()
+        if kind in ("zero", "skip"):
+            shift += int(operand.split(",")[0], 0) * 8
+            continue
+        word = int(operand, 0) & ((1 << (sizes[kind] * 8)) - 1)
+        value |= word << shift
+        shift += sizes[kind] * 8
+    if label is not None:
+        values[label] = value
+    return values
+
+
+# --------------------------------------------------------------------------- writing the cdef
+
+def _join(tokens: Iterable) -> str:
+    out: list[str] = []
+    prev = ""
+    for t in tokens:
+        t = str(t.value) if isinstance(t, _Query) else t
+        if out and _space_between(prev, t):
+            out.append(" ")
+        out.append(t)
+        prev = t
+    return "".join(out)
+
+
+def _space_between(prev: str, t: str) -> bool:
+    if t in (",", ";", ")", "]", "["):
+        return False
+    if prev in ("(", "[", "~", "!"):
+        return False
+    if t == "(" and (prev == ")" or (_is_ident(prev) and prev not in _KEYWORDS)):
+        return False
+    if prev == "*" and t not in _QUALIFIERS and (_is_ident(t) or t in ("*", ")", "(")):
+        return False
+    return True
+
+
+def _opaque(decl: _Decl) -> list:
+    """The declaration with its struct body removed (an anonymous struct gets its typedef name as tag)."""
+    toks = decl.tokens
+    for i, t in enumerate(toks):
+        if t in ("struct", "union") :
+            j = i + 1
+            tag: list = []
+            if j < len(toks) and _is_ident(toks[j]) and toks[j] not in _KEYWORDS:
+                tag = [toks[j]]
+                j += 1
+            if j < len(toks) and toks[j] == "{":
+                end = _skip_balanced(toks, j)
+                if not tag and decl.names:
+                    tag = [decl.names[0]]
+                return toks[:i + 1] + tag + toks[end:]
+    return toks
+
+
+# --------------------------------------------------------------------------- the whole job
+
+def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: list[str], system: set[str],
+              flags: list[str], compiler: list[str], *, source: bool, title: str) -> Cdef:
+    typedefs: dict[str, _Decl] = {}
+    tag_defs: dict[str, _Decl] = {}
+    for d in decls:
+        if d.kind == "typedef":
+            for name in d.names:
+                typedefs.setdefault(name, d)
+        for tag in d.tags:
+            tag_defs.setdefault(tag, d)
+
+    # The types own declarations need, from wherever they are declared.
+    keep: dict[int, _Decl] = {id(d): d for d in own}
+    queue = list(own)
+    while queue:
+        d = queue.pop()
+        wanted = [typedefs.get(r) for r in d.refs if r not in _NATIVE_TYPES]
+        wanted += [tag_defs.get(tag) for tag in d.tag_refs]
+        # A struct defined in the project's own headers (not a system header) comes along
+        # even when only pointed to: the caller may well want to allocate one (ffi.new).
+        wanted += [tag_defs.get(tag) for tag in d.tag_mentions
+                   if tag in tag_defs and tag_defs[tag].file not in system]
+        for other in wanted:
+            if other is not None and id(other) not in keep:
+                keep[id(other)] = other
+                queue.append(other)
+    kept = sorted(keep.values(), key=lambda d: d.index)
+    _propagate_drops(kept)
+
+    # Constants: array bounds and enum values, then #define NAME VALUE.
+    enum_values: dict[str, int] = {}
+    queries: list[_Query] = []
+    for d in kept:
+        if not d.drop and not d.macro:
+            _fold_constants(d, enum_values, queries)
+    layout_queries: list[tuple[_Decl, str, _Query, _Query]] = []
+    for d in kept:
+        for name in d.layout_names if not d.drop else ():
+            size, align = _Query(f"sizeof({name})"), _Query(f"__alignof__({name})")
+            layout_queries.append((d, name, size, align))
+            queries += [size, align]
+    if not source:
+        kept += _macro_constants(path, macros, kept, enum_values)
+        kept.sort(key=lambda d: d.index)
+    failure = _compute(queries, path, flags, compiler)
+    if failure:
+        for d in kept:
+            if any(isinstance(t, _Query) for t in d.tokens):
+                d.drop = d.drop or f"a constant only the compiler knows, and it could not say ({failure})"
+        layout_queries = []
+        title += f" */\n/* struct layouts NOT checked against the compiler: {_comment(failure)}"
+
+    # cffi has the last word: parse, drop what it refuses, and check layouts against the compiler's.
+    dropped_by_cffi: set[int] = set()
+    opaque_done: set[int] = set()
+    for _attempt in range(len(kept) + 2):
+        text, owners = _render(kept, title)
+        ffi = cffi.FFI()
+        try:
+            ffi.cdef(text)
+        except Exception as exc:   # cffi raises CDefError, FFIError, pycparser's ParseError
+            culprit = _culprit(exc, owners, kept)
+            if culprit is None or id(culprit) in dropped_by_cffi:
+                raise InterfaceError(f"cannot make a cdef of {path}: cffi refuses it: {exc}") from None
+            dropped_by_cffi.add(id(culprit))
+            culprit.drop = f"cffi cannot parse it: {_first_line(exc)}"
+            _propagate_drops(kept)
+            continue
+        changed = False
+        for d, name, size, align in layout_queries:
+            if d.drop or id(d) in opaque_done or size.value is None:
+                continue
+            try:
+                ours = (ffi.sizeof(name), ffi.alignof(name))
+            except Exception:   # incomplete: it holds a struct made opaque
+                ours = None
+            if ours != (size.value, align.value):
+                spelled = "unknown" if ours is None else f"{ours[0]} bytes aligned to {ours[1]}"
+                d.note = (f"{name}: opaque here: cffi would lay it out as {spelled}, the compiler as "
+                          f"{size.value} bytes aligned to {align.value} (alignment or packing cffi cannot express)")
+                d.tokens = _opaque(d)
+                opaque_done.add(id(d))
+                changed = True
+        if not changed:
+            break
+    functions = tuple(n for d in kept if not d.drop and d.kind == "function" for n in d.names)
+    own_ids = {id(d) for d in own}
+    dropped = tuple((d.label(), d.drop) for d in kept if d.drop and id(d) in own_ids)
+    return Cdef(text=text, functions=functions, dropped=dropped, files=tuple(files), ffi=ffi)
+
+
+def _propagate_drops(kept: list[_Decl]) -> None:
+    """A declaration that needs a dropped type is dropped too, saying which."""
+    while True:
+        gone = {}
+        for d in kept:
+            if d.drop and d.kind == "typedef":
+                gone.update({name: d for name in d.names})
+            if d.drop:
+                gone.update({tag: d for tag in d.tags})
+        changed = False
+        for d in kept:
+            if d.drop:
+                continue
+            for ref in list(d.refs) + list(d.tag_refs):
+                if ref in gone:
+                    d.drop = f"needs {ref}, which is left out: {gone[ref].drop}"
+                    changed = True
+                    break
+        if not changed:
+            return
+
+
+def _macro_constants(path: Path, macros, kept: list[_Decl], enum_values: dict[str, int]) -> list[_Decl]:
+    """``#define NAME VALUE`` pseudo-declarations for the header's integer-valued macros."""
+    bodies: dict[str, list[str]] = {}
+    own: dict[str, tuple[int, list[str]]] = {}
+    main = str(path)
+    for position, file, name, body in macros:
+        if body is None:
+            bodies.pop(name, None)
+            own.pop(name, None)
+            continue
+        bodies[name] = body
+        if file == main:
+            own[name] = (position, body)
+    declared = {n for d in kept for n in d.names} | set(enum_values)
+    names: dict = dict(bodies)
+    names.update(enum_values)
+    out = []
+    for name, (position, body) in own.items():
+        if name in declared or not body or (_HEADER_GUARD.search(name) and body in (["1"], [])):
+            continue
+        try:
+            value = evaluate(body, names)
+        except (NotConstant, RecursionError):
+            continue
+        out.append(_Decl([], main, position, macro=(name, value), kind="macro"))
+    return out
+
+
+def _render(kept: list[_Decl], title: str) -> tuple[str, dict[int, _Decl]]:
+    """The cdef text (one declaration per line) and which declaration each line holds."""
+    lines = [f"/* {title} */"]
+    owners: dict[int, _Decl] = {}
+    file = None
+    for d in kept:
+        if d.drop:
+            continue
+        if d.file != file:
+            file = d.file
+            lines.append(f"/* from {file} */")
+        if d.note:
+            lines.append(f"/* {d.note} */")
+        if d.macro:
+            lines.append(f"#define {d.macro[0]} {d.macro[1]}")
+        else:
+            lines.append(_join(d.tokens) + ";")
+        owners[len(lines)] = d
+    notes = [d for d in kept if d.drop]
+    if notes:
+        lines.append("/* left out: */")
+        lines += [f"/*   {d.label()}: {_comment(d.drop)} */" for d in notes]
+    return "\n".join(lines) + "\n", owners
+
+
+def _comment(text: str) -> str:
+    return text.replace("*/", "* /").replace("\n", " ")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    # cffi's ParseError text is 'cannot parse "LINE"' then the location: keep the location's message.
+    for line in reversed(text):
+        if line.strip():
+            return _CFFI_LINE.sub("line \\1", line.strip())
+    return type(exc).__name__
+
+
+def _culprit(exc: BaseException, owners: dict[int, _Decl], kept: list[_Decl]) -> _Decl | None:
+    match = _CFFI_LINE.search(str(exc))
+    if match:
+        return owners.get(int(match.group(1)))
+    # "multiple declarations of function f": no line, but a name.
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(exc)))
+    for d in reversed(kept):
+        if not d.drop and words & set(d.names):
+            return d
+    return None
+
+
+def _prepare(path: Path, include_dirs: Iterable, defines: Iterable[str], compiler, cdef_view: bool):
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise InterfaceError(f"cannot read {path}: no such file")
+    argv = compiler_command(compiler)
+    flags = _flags([Path(d).resolve() for d in include_dirs], list(defines), cdef_view)
+    text = _run_compiler([*argv, "-E", "-dD", *flags, "-x", "c", str(path)], "preprocess", path)
+    tokens, macros, files, system = _scan(text)
+    decls = _split(_strip_calls(tokens))
+    typedef_names = set()
+    for d in decls:
+        _clean(d)
+        if d.tokens and d.tokens[0] == "typedef":
+            _analyze(d, set())
+            typedef_names.update(d.names)
+    for d in decls:
+        if d.tokens:
+            _analyze(d, typedef_names)
+    return path, argv, flags, decls, macros, files, system
+
+
+def _integer_constant(decl: _Decl) -> bool:
+    """``static const int NAME = <literal>``: cffi declares it as an integer constant."""
+    toks = decl.tokens
+    if decl.kind != "variable" or "const" not in toks or "=" not in toks or len(decl.names) != 1:
+        return False
+    value = toks[toks.index("=") + 1:]
+    if value[:1] == ["-"]:
+        value = value[1:]
+    return (len(value) == 1 and isinstance(value[0], str) and bool(_CFFI_LITERAL.match(value[0]))
+            and all(t not in ("*", "[", "(") for t in toks))
+
+
+def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
+                     defines: Iterable[str] = (), *, compiler: str | Sequence[str] | None = None) -> Cdef:
+    """A cdef of ``header``'s own declarations, the types they need, and its integer constants.
+
+    Args:
+        include_dirs: ``-I`` directories.
+        defines: ``-D`` definitions, ``"NAME"`` or ``"NAME=VALUE"``; ``NATIVERELOAD_CDEF=1`` is always added.
+        compiler: the C compiler (default ``$CC``, else ``cc``).
+
+    Raises:
+        InterfaceError: the header is missing, the compiler failed on it, or
+            cffi refuses the result in a way no dropped declaration fixes.
+    """
+    path, argv, flags, decls, macros, files, system = _prepare(Path(header), include_dirs, defines, compiler, True)
+    main = str(path)
+    own = []
+    seen: set = set()
+    for d in decls:
+        if d.file != main:
+            continue
+        if d.body:
+            if "static" in d.storage or d.inline:
+                continue   # inline helpers exist only in the caller's compiled code
+            d.kind = "function"
+        elif d.drop is None and "static" in d.storage and d.kind in ("function", "variable") \
+                and not _integer_constant(d):
+            continue       # not exported: nothing for dlopen to find
+        key = (d.kind, d.names, d.tags) if (d.names or d.tags) else (d.kind, tuple(map(str, d.tokens)))
+        if key in seen:
+            continue       # declared twice (a prototype repeated): cffi refuses duplicates
+        seen.add(key)
+        own.append(d)
+    return _generate(path, decls, own, macros, files, system, flags, argv, source=False,
+                     title=f"cdef of {path.name}, made by nativereload from {path}")
+
+
+def cdef_from_source(c_file: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
+                     defines: Iterable[str] = (), *, compiler: str | Sequence[str] | None = None) -> str:
+    """A cdef declaring the non-static functions *defined* in ``c_file``, plus the types they need.
+
+    Meant for code that has no header (a notebook cell compiled into a
+    module): each definition becomes its prototype. ``static`` and ``inline``
+    functions are left out (a loaded library does not export them).
+
+    Raises:
+        InterfaceError: the file is missing, the compiler failed on it, or cffi
+            refuses the result.
+    """
+    path, argv, flags, decls, macros, files, system = _prepare(Path(c_file), include_dirs, defines, compiler, False)
+    main = str(path)
+    own = []
+    names: set[str] = set()
+    for d in decls:
+        if d.file == main and d.body and "static" not in d.storage and not d.inline and not d.drop:
+            d.kind = "function"
+            if d.names and d.names[0] not in names:
+                names.update(d.names)
+                own.append(d)
+    return _generate(path, decls, own, macros, files, system, flags, argv, source=True,
+                     title=f"functions defined in {path.name}, declared by nativereload").text
+
+
+def unexported(functions: Iterable[str], library: str | os.PathLike) -> list[str]:
+    """The names in ``functions`` that ``library`` does not export (read from its file; nothing is loaded).
+
+    Raises:
+        InterfaceError: the library cannot be read or is not an ELF shared library.
+    """
+    from .elf import defined_symbols
+
+    try:
+        exported = defined_symbols(library)
+    except (OSError, ValueError) as exc:
+        raise InterfaceError(f"cannot read the symbols of {library}: {exc}") from None
+    return [name for name in functions if name not in exported]
+
+
+def embed_header(header: str | os.PathLike, output: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
+                 defines: Iterable[str] = (), *, compiler: str | Sequence[str] | None = None,
+                 depfile: str | os.PathLike | None = None):
+    """Write ``output``: a C file that embeds ``header``'s interface in the library it is compiled into.
+
+    The interface is the header's cdef (:func:`cdef_from_header`, read with
+    ``NATIVERELOAD_CDEF`` defined); the file also includes the header so the
+    compiler checks cffi's struct layouts (see :func:`interface.embed_source`).
+    The file is replaced by rename, never seen half-written. With
+    ``depfile``, also writes a Makefile-style list of every file the header
+    read, so a build system re-runs this when any of them changes.
+
+    Returns:
+        The embedded :class:`~nativereload.interface.Interface`.
+
+    Raises:
+        InterfaceError: as :func:`cdef_from_header`.
+        OSError: ``output`` or ``depfile`` cannot be written.
+    """
+    from . import interface as interface_mod
+
+    cdef = cdef_from_header(header, include_dirs, defines, compiler=compiler)
+    embedded = interface_mod.from_ffi(cdef.ffi, cdef.text)
+    text = interface_mod.embed_source(embedded, header=header, output=output)
+    _write_atomically(Path(output), text)
+    if depfile is not None:
+        deps = " ".join(_make_escape(f) for f in cdef.files)
+        _write_atomically(Path(depfile), f"{_make_escape(str(output))}: {deps}\n")
+    return embedded
+
+
+def _make_escape(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(" ", "\\ ").replace("#", "\\#").replace("$", "$$")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

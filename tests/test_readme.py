@@ -1,0 +1,104 @@
+"""The README's Quickstart works as written: pasted line by line into an empty directory.
+
+Its blocks run in order in a fresh temporary directory: each ``sh`` block through
+bash reading it line by line (as a terminal would get a paste), each ``python``
+block line by line into one interactive interpreter that lives across the blocks
+(the user's session, while they rebuild in another terminal). A line whose
+comment starts with a value (``mod.add(2, 3)  # 5: ...``) must print that value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
+
+
+def section(title: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def blocks(title: str) -> list[tuple[str, str]]:
+    return [(lang, body) for lang, body in FENCE.findall(section(title))]
+
+
+# Runs in the temporary directory, in a fresh interpreter: the user's terminal and Python session.
+DRIVER = textwrap.dedent(r'''
+    import code, json, re, subprocess, sys
+
+    blocks = json.load(open(sys.argv[1]))
+    console = code.InteractiveConsole()
+    shown = []
+    sys.displayhook = lambda value: shown.append(value) if value is not None else None
+    errors = []
+    console.showtraceback = lambda: errors.append(__import__("traceback").format_exc())
+    console.showsyntaxerror = lambda filename=None, **kw: errors.append(__import__("traceback").format_exc())
+    EXPECTED = re.compile(r"#\s*(-?\d+|True|False)(?::|\s|$)")
+    for n, (lang, body) in enumerate(blocks, 1):
+        if lang == "sh":
+            done = subprocess.run(["bash", "-e"], input=body, text=True, capture_output=True)
+            if done.returncode:
+                sys.exit(f"block {n} (sh) failed with status {done.returncode}:\n{body}\n{done.stdout}{done.stderr}")
+            continue
+        more = False
+        for line in body.splitlines():
+            del shown[:]
+            more = console.push(line)
+            if errors:
+                sys.exit(f"block {n} (python), line {line!r} raised:\n{errors[0]}")
+            expected = EXPECTED.search(line.partition("#")[1] + line.partition("#")[2]) if "#" in line else None
+            if expected and not more:
+                value = eval(expected.group(1))
+                if not shown or shown[-1] != value:
+                    sys.exit(f"block {n} (python), line {line!r}: printed {shown!r}, the README says {value!r}")
+        if more:
+            console.push("")
+            if errors:
+                sys.exit(f"block {n} (python) raised at its end:\n{errors[0]}")
+    print("ok")
+''')
+
+
+@pytest.mark.timeout(180)
+def test_the_quickstart_works_pasted_into_an_empty_directory(tmp_path):
+    found = blocks("Quickstart")
+    assert [lang for lang, _ in found] == ["sh", "python", "sh", "python", "sh", "python"]
+    work = tmp_path / "empty"
+    work.mkdir()
+    # `nativereload` on PATH: this checkout's, whatever is installed.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "nativereload"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m nativereload "$@"\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
+    (tmp_path / "blocks.json").write_text(json.dumps(found))
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("NATIVERELOAD_PATH", None)
+    result = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "blocks.json")], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=160)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+    assert (work / "build" / "modules" / "counter.so").is_file()
+
+
+def test_the_readme_shows_every_command():
+    table = section("Command line and dev loop")
+    from nativereload import cli
+
+    commands = cli._parser()._subparsers._group_actions[0].choices
+    for command in commands:
+        assert f"| `nativereload {command}" in table, command
