@@ -34,7 +34,7 @@ from . import build as build_mod
 from .control import client, discovery
 from .control.discovery import Target
 from .errors import ControlError, NativeReloadError
-from .output import arrow, print_error
+from .output import arrow, dash, print_error
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -397,10 +397,10 @@ def _old_images_note(module: dict) -> str | None:
     closed = [g for g in range(1, newest) if g not in listed]
     draining = [i for i in images if i.get("state") == "retired"]
     parts = []
-    if draining:
-        calls = sum(i.get("in_flight") or 0 for i in draining)
-        parts.append(f"draining: generation {', '.join(str(i.get('generation')) for i in draining)} "
-                     f"({calls} call(s) in flight)")
+    for image in draining:
+        # e.g. "generation 1: retired — 0 calls, 2 handles (sqlite3 *), 1 pin"
+        held_by = image.get("held_by") or f"{image.get('in_flight') or 0} call(s)"
+        parts.append(f"generation {image.get('generation')}: retired {dash(sys.stdout)} {held_by}")
     if len(closed) == 1:
         parts.append(f"old image drained (generation {closed[0]})")
     elif closed:

@@ -10,16 +10,26 @@ from __future__ import annotations
 import sys
 from typing import IO, Any
 
-__all__ = ["arrow", "print_error", "say"]
+__all__ = ["arrow", "dash", "print_error", "say"]
+
+
+def _encodable(stream: Any, text: str, fallback: str) -> str:
+    """``text`` where ``stream`` can encode it, else ``fallback`` (PYTHONIOENCODING=ascii must not crash a report)."""
+    try:
+        text.encode(getattr(stream, "encoding", None) or "ascii")
+    except (LookupError, UnicodeEncodeError):
+        return fallback
+    return text
 
 
 def arrow(stream: Any) -> str:
-    """"\u2192" where ``stream`` can encode it, else "->" (PYTHONIOENCODING=ascii must not crash a report)."""
-    try:
-        "\u2192".encode(getattr(stream, "encoding", None) or "ascii")
-    except (LookupError, UnicodeEncodeError):
-        return "->"
-    return "\u2192"
+    """"\u2192" where ``stream`` can encode it, else "->"."""
+    return _encodable(stream, "\u2192", "->")
+
+
+def dash(stream: Any) -> str:
+    """"\u2014" where ``stream`` can encode it, else "-"."""
+    return _encodable(stream, "\u2014", "-")
 
 
 def say(stream: IO[str], text: str) -> None:

@@ -90,11 +90,15 @@ def test_status_table_says_what_became_of_old_images():
     assert "drained" not in table(module(1, (1, "active", 0)))
     assert "  m: old image drained (generation 1)" in table(module(2, (2, "active", 0)))
     assert "  m: old images drained (generations 1-3)" in table(module(4, (4, "active", 0)))
-    assert "  m: draining: generation 2 (3 call(s) in flight); old image drained (generation 1)" in table(
+    assert "  m: generation 2: retired — 3 call(s); old image drained (generation 1)" in table(
         module(3, (2, "retired", 3), (3, "active", 1)))
     # Unloaded: nothing active, the last image still draining.
-    assert "  m: draining: generation 2 (1 call(s) in flight); old image drained (generation 1)" in table(
+    assert "  m: generation 2: retired — 1 call(s); old image drained (generation 1)" in table(
         module(2, (2, "retired", 1)))
+    # What holds a retired image, in words (the registry's held_by).
+    held = module(2, (1, "retired", 0), (2, "active", 0))
+    held["images"][0]["held_by"] = "0 calls, 2 handles (sqlite3 *), 1 pin"
+    assert "  m: generation 1: retired — 0 calls, 2 handles (sqlite3 *), 1 pin" in table(held)
 
 
 # ----------------------------------------------------------------------------- against running processes

@@ -8,7 +8,8 @@ form:
             -> {"ok": true, "pid": 123, "name": "api", "argv": ["python", "serve.py"]}
     status  {"op": "status"}                          nativereload status, nativereload ps
             -> {"ok": true, "pid": 123, "name": "api", "argv": [...], "modules": [{"name",
-                "path", "generation", "images": [{"generation", "state", "in_flight"}]}]}
+                "path", "generation", "images": [{"generation", "state", "in_flight", "pins",
+                "handles": {C type: count}, "pointer_results", "held_by"}]}]}
     reload  {"op": "reload", "module": NAME}          nativereload reload NAME
             -> {"ok": true, "pid": 123, "module": NAME, "generation_before": 1,
                 "generation": 2, "seconds": 0.0004}

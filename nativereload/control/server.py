@@ -436,7 +436,8 @@ def _module_status(registry: Any) -> list[dict]:
             "name": m.name,
             "path": None if m.path is None else str(m.path),
             "generation": m.generation,
-            "images": [{"generation": i.generation, "state": i.state, "in_flight": i.in_flight}
+            "images": [{"generation": i.generation, "state": i.state, "in_flight": i.in_flight, "pins": i.pins,
+                        "handles": dict(i.handles), "pointer_results": i.pointer_results, "held_by": i.held_by}
                        for i in m.images],
         })
     return modules
