@@ -1,6 +1,7 @@
 """The benchmark's C libraries, generated and compiled into a temporary directory.
 
     sample        csrc/samples/sample.c as is: add, dot4, sum_bytes (call overhead)
+    objects       csrc/samples/objects.c as is: handles and static strings (objects across reloads)
     small         10 functions + a 40 KB read-only table: a ~50 KB library (reload latency)
     large         10 functions + a 20 MB read-only table (reload latency, file-size scaling)
     funcsN        N trivial functions, N = 10, 100, 1000 (reload time vs bound functions)
@@ -110,6 +111,7 @@ def build_all(directory: Path, *, large_bytes: int, funcs: tuple[int, ...]) -> d
     """Compile every library the benchmark loads through the registry; return name -> .so path."""
     libraries = {
         "sample": compile_shared(SAMPLE_SOURCE, directory / "sample.so"),
+        "objects": compile_shared(ROOT / "csrc" / "samples" / "objects.c", directory / "objects.so"),
         "small": build_table_library(directory, "small", 40_000),
         "large": build_table_library(directory, "large", large_bytes),
     }

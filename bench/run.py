@@ -33,6 +33,7 @@ import cffi  # noqa: E402
 import calls  # noqa: E402
 import contention  # noqa: E402
 import libs  # noqa: E402
+import objects  # noqa: E402
 import reloads  # noqa: E402
 from registries import available_gates  # noqa: E402
 from timing import Stat  # noqa: E402
@@ -109,7 +110,7 @@ def table(rows: Rows) -> str:
     return "\n".join(lines)
 
 
-def targets(rows: Rows, gates: list[str], contention_ratios: dict) -> list[dict]:
+def targets(rows: Rows, gates: list[str], contention_ratios: dict, object_ratios: dict) -> list[dict]:
     """The issue's targets, each with the measured figure and whether it was met.
 
     "Linear in file size" and "flat" have no number in the issue; we read
@@ -156,6 +157,12 @@ def targets(rows: Rows, gates: list[str], contention_ratios: dict) -> list[dict]
         target("p99 with reloader ≤ 1.5× without", contention_ratios[gate]["p99_ratio"], 1.5, "{:.2f}×",
                f"max {contention_ratios[gate]['max_busy_ns'] / 1e3:,.0f} µs with, "
                f"{contention_ratios[gate]['max_quiet_ns'] / 1e3:,.0f} µs without")
+    if gate in object_ratios:
+        measured = object_ratios[gate]
+        target(f"call with no pointer ≤ 1.10× plain cffi ({gate} gate)", measured["plain"], 1.10, "{:.2f}×")
+        target(f"call through a pin ≤ 1.05× plain cffi ({gate} gate)", measured["pin"], 1.05, "{:.2f}×")
+        target(f"call with a bound handle ≤ 1.3× plain cffi ({gate} gate)", measured["handle"], 1.3, "{:.2f}×")
+        target(f"call returning a pointer ≤ 1.5× plain cffi ({gate} gate)", measured["pointer"], 1.5, "{:.2f}×")
     growth = rows.get(f"rss.{gate}.growth")
     target("RSS growth < 5 MB over 10,000 reloads", growth and growth["median"] * (1 << 20) / 1e6, 5.0,
            "{:.2f} MB")
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     gates = available_gates()
     rows = Rows()
     contention_ratios = {}
+    object_ratios: dict = {}
     work = Path(tempfile.mkdtemp(prefix="nativereload-bench-"))
     try:
         progress("building libraries")
@@ -233,9 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         progress("5 memory")
         reloads.memory(rows, gate=gates[0], libraries=libraries, cycles=settings["rss_cycles"], warmup=200,
                        **common)
+        progress("6 objects across reloads")
+        object_ratios = objects.per_call(rows, objects=str(libraries["objects"]), sample=str(libraries["sample"]),
+                                         repeats=settings["call_repeats"], block_seconds=settings["block"],
+                                         **common)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    met = targets(rows, gates, contention_ratios)
+    met = targets(rows, gates, contention_ratios, object_ratios)
     elapsed = time.perf_counter() - started
 
     command = "python bench/run.py" + (" --quick" if args.quick else "")
