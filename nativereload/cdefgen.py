@@ -32,6 +32,7 @@ Nothing here loads or runs the library or the code being described.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import re
 import shlex
@@ -102,7 +103,7 @@ _DEFINE = re.compile(r"#\s*define\s+([A-Za-z_][A-Za-z0-9_]*)(\()?(.*)$", re.S)
 _UNDEF = re.compile(r"#\s*undef\s+([A-Za-z_][A-Za-z0-9_]*)")
 _CFFI_LITERAL = re.compile(r"-?(?:0[xX][0-9a-fA-F]+|[0-9]+)[uUlL]*$")
 _HEADER_GUARD = re.compile(r"(?:^|_)H(?:_[0-9A-Za-z]+)?_*$")
-_CFFI_LINE = re.compile(r"<cdef source string>:(\d+)")
+_CFFI_LINE = re.compile(r"(?:<cdef source string>|^):(\d+):", re.M)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +144,7 @@ class _Decl:
     storage: frozenset = frozenset()
     inline: bool = False
     drop: str | None = None             # why it is left out
+    cause: str | None = None            # the first reason in a chain of "needs X" drops
     note: str | None = None             # a comment to print above it
 
     def label(self) -> str:
@@ -464,7 +466,7 @@ def _fold_constants(decl: _Decl, enum_values: dict[str, int], queries: list[_Que
             i = end
             continue
         if t == "{":
-            in_enum_body.append(i >= 2 and "enum" in toks[max(0, i - 2):i])
+            in_enum_body.append("enum" in toks[max(0, i - 2):i])   # "enum {" or "enum TAG {"
             next_value.append(0)
         elif t == "}":
             in_enum_body.pop()
@@ -552,6 +554,7 @@ def _data_values(assembly: str) -> dict[str, int]:
     sizes = {"quad": 8, "xword": 8, "8byte": 8, "dword": 8, "long": 4, "word": 4, "4byte": 4, "value": 2,
              "short": 2, "2byte": 2, "byte": 1}
     values: dict[str, int] = {}
+    invalid: set[str] = set()
     label = None
     value = shift = 0
     for line in assembly.splitlines():
@@ -574,12 +577,16 @@ def _data_values(assembly: str) -> dict[str, int]:
         if kind in ("zero", "skip"):
             shift += int(operand.split(",")[0], 0) * 8
             continue
-        word = int(operand, 0) & ((1 << (sizes[kind] * 8)) - 1)
+        try:
+            word = int(operand, 0) & ((1 << (sizes[kind] * 8)) - 1)
+        except ValueError:      # a label or an expression, not a number: no value for this one
+            invalid.add(label)
+            continue
         value |= word << shift
         shift += sizes[kind] * 8
     if label is not None:
         values[label] = value
-    return values
+    return {k: v for k, v in values.items() if k not in invalid}
 
 
 # --------------------------------------------------------------------------- writing the cdef
@@ -629,7 +636,7 @@ def _opaque(decl: _Decl) -> list:
 # --------------------------------------------------------------------------- the whole job
 
 def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: list[str], system: set[str],
-              flags: list[str], compiler: list[str], *, source: bool, title: str) -> Cdef:
+              flags: list[str], compiler: list[str], *, source: bool, own_files: frozenset[str], title: str) -> Cdef:
     typedefs: dict[str, _Decl] = {}
     tag_defs: dict[str, _Decl] = {}
     for d in decls:
@@ -670,7 +677,7 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
             layout_queries.append((d, name, size, align))
             queries += [size, align]
     if not source:
-        kept += _macro_constants(path, macros, kept, enum_values)
+        kept += _macro_constants(own_files, macros, kept, enum_values)
         kept.sort(key=lambda d: d.index)
     failure = _compute(queries, path, flags, compiler)
     if failure:
@@ -679,23 +686,12 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
                 d.drop = d.drop or f"a constant only the compiler knows, and it could not say ({failure})"
         layout_queries = []
         title += f" */\n/* struct layouts NOT checked against the compiler: {_comment(failure)}"
+    header_lines = f"/* {title} */".split("\n")
 
     # cffi has the last word: parse, drop what it refuses, and check layouts against the compiler's.
-    dropped_by_cffi: set[int] = set()
     opaque_done: set[int] = set()
-    for _attempt in range(len(kept) + 2):
-        text, owners = _render(kept, title)
-        ffi = cffi.FFI()
-        try:
-            ffi.cdef(text)
-        except Exception as exc:   # cffi raises CDefError, FFIError, pycparser's ParseError
-            culprit = _culprit(exc, owners, kept)
-            if culprit is None or id(culprit) in dropped_by_cffi:
-                raise InterfaceError(f"cannot make a cdef of {path}: cffi refuses it: {exc}") from None
-            dropped_by_cffi.add(id(culprit))
-            culprit.drop = f"cffi cannot parse it: {_first_line(exc)}"
-            _propagate_drops(kept)
-            continue
+    for _attempt in range(len(layout_queries) + 2):
+        text, ffi = _parse_dropping_refused(kept, header_lines, path)
         changed = False
         for d, name, size, align in layout_queries:
             if d.drop or id(d) in opaque_done or size.value is None:
@@ -719,74 +715,138 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
     return Cdef(text=text, functions=functions, dropped=dropped, files=tuple(files), ffi=ffi)
 
 
-def _propagate_drops(kept: list[_Decl]) -> None:
-    """A declaration that needs a dropped type is dropped too, saying which."""
-    while True:
-        gone = {}
-        for d in kept:
-            if d.drop and d.kind == "typedef":
-                gone.update({name: d for name in d.names})
-            if d.drop:
-                gone.update({tag: d for tag in d.tags})
-        changed = False
-        for d in kept:
-            if d.drop:
-                continue
-            for ref in list(d.refs) + list(d.tag_refs):
-                if ref in gone:
-                    d.drop = f"needs {ref}, which is left out: {gone[ref].drop}"
-                    changed = True
-                    break
-        if not changed:
-            return
+def _propagate_drops(kept: list[_Decl], dropped: Iterable[_Decl] | None = None) -> None:
+    """A declaration that needs a dropped type is dropped too, saying which.
+
+    Args:
+        dropped: the declarations just dropped (default: every dropped one in ``kept``).
+    """
+    users: dict[str, list[_Decl]] = {}
+    for d in kept:
+        if not d.drop:
+            for ref in d.refs | d.tag_refs:
+                users.setdefault(ref, []).append(d)
+    queue = [d for d in (kept if dropped is None else dropped) if d.drop]
+    while queue:
+        gone = queue.pop()
+        cause = gone.cause or gone.drop
+        provided = (gone.names if gone.kind == "typedef" else ()) + gone.tags
+        for name in provided:
+            for d in users.get(name, ()):
+                if not d.drop:
+                    d.drop = f"needs {name}, which is left out: {cause}"
+                    d.cause = cause
+                    queue.append(d)
 
 
-def _macro_constants(path: Path, macros, kept: list[_Decl], enum_values: dict[str, int]) -> list[_Decl]:
+def _parse_dropping_refused(kept: list[_Decl], header_lines: list[str], path: Path) -> tuple[str, cffi.FFI]:
+    """The cdef text and the FFI that parsed it, after dropping each declaration cffi refuses.
+
+    One parse when cffi takes everything (the usual case). Otherwise the
+    declarations are fed to one FFI in chunks, restoring its parser's state
+    after a refused chunk, so that each refusal costs a chunk's parse and not
+    the whole text's (GL/glext.h leaves out thousands of declarations).
+    """
+    text, _owners = _render(kept, header_lines)
+    ffi = cffi.FFI()
+    try:
+        ffi.cdef(text)
+        return text, ffi
+    except Exception:   # cffi raises CDefError, FFIError, pycparser's ParseError
+        pass
+    probe = cffi.FFI()
+    parser = probe._parser
+
+    def attempt(decls: list[_Decl], keep: bool) -> tuple[Exception | None, dict[int, _Decl]]:
+        saved = dict(parser._declarations), dict(parser._int_constants)
+        chunk_text, owners = _render(decls, [])
+        try:
+            probe.cdef(chunk_text)
+        except Exception as exc:
+            parser._declarations, parser._int_constants = saved
+            return exc, owners
+        if not keep:
+            parser._declarations, parser._int_constants = saved
+        return None, owners
+
+    live = [d for d in kept if not d.drop]
+    step = 64
+    for start in range(0, len(live), step):
+        while True:
+            chunk = [d for d in live[start:start + step] if not d.drop]
+            if not chunk:
+                break
+            exc, owners = attempt(chunk, keep=True)
+            if exc is None:
+                break
+            culprit = _culprit(exc, owners, chunk)
+            if culprit is None:   # no line to go by: the shortest failing prefix ends with it
+                low, high = 0, len(chunk) - 1
+                while low < high:
+                    middle = (low + high) // 2
+                    if attempt(chunk[:middle + 1], keep=False)[0] is None:
+                        low = middle + 1
+                    else:
+                        high = middle
+                culprit = chunk[low]
+            culprit.drop = f"cffi cannot parse it: {_first_line(exc)}"
+            _propagate_drops(kept, [culprit])
+    text, _owners = _render(kept, header_lines)
+    ffi = cffi.FFI()
+    try:
+        ffi.cdef(text)
+    except Exception as exc:
+        raise InterfaceError(f"cannot make a cdef of {path}: cffi refuses it: {exc}") from None
+    return text, ffi
+
+
+def _macro_constants(own_files: frozenset[str], macros, kept: list[_Decl], enum_values: dict[str, int]) -> list[_Decl]:
     """``#define NAME VALUE`` pseudo-declarations for the header's integer-valued macros."""
     bodies: dict[str, list[str]] = {}
-    own: dict[str, tuple[int, list[str]]] = {}
-    main = str(path)
+    own: dict[str, tuple[int, str, list[str]]] = {}
     for position, file, name, body in macros:
         if body is None:
             bodies.pop(name, None)
             own.pop(name, None)
             continue
         bodies[name] = body
-        if file == main:
-            own[name] = (position, body)
+        if file in own_files:
+            own[name] = (position, file, body)
     declared = {n for d in kept for n in d.names} | set(enum_values)
     names: dict = dict(bodies)
     names.update(enum_values)
     out = []
-    for name, (position, body) in own.items():
+    for name, (position, file, body) in own.items():
         if name in declared or not body or (_HEADER_GUARD.search(name) and body in (["1"], [])):
             continue
         try:
             value = evaluate(body, names)
         except (NotConstant, RecursionError):
             continue
-        out.append(_Decl([], main, position, macro=(name, value), kind="macro"))
+        out.append(_Decl([], file, position, macro=(name, value), kind="macro"))
     return out
 
 
-def _render(kept: list[_Decl], title: str) -> tuple[str, dict[int, _Decl]]:
-    """The cdef text (one declaration per line) and which declaration each line holds."""
-    lines = [f"/* {title} */"]
+def _render(kept: list[_Decl], header_lines: list[str]) -> tuple[str, dict[int, _Decl]]:
+    """The cdef text (one declaration per line) and which declaration each line holds.
+
+    The ``#define`` constants come last: cffi's error messages count lines
+    wrongly after a ``#define`` line, and a refused declaration is found by
+    its line.
+    """
+    lines = list(header_lines)
     owners: dict[int, _Decl] = {}
-    file = None
-    for d in kept:
-        if d.drop:
-            continue
-        if d.file != file:
-            file = d.file
-            lines.append(f"/* from {file} */")
-        if d.note:
-            lines.append(f"/* {d.note} */")
-        if d.macro:
-            lines.append(f"#define {d.macro[0]} {d.macro[1]}")
-        else:
-            lines.append(_join(d.tokens) + ";")
-        owners[len(lines)] = d
+    live = [d for d in kept if not d.drop]
+    for group in ([d for d in live if not d.macro], [d for d in live if d.macro]):
+        file = None
+        for d in group:
+            if d.file != file:
+                file = d.file
+                lines.append(f"/* {'constants ' if d.macro else ''}from {file} */")
+            if d.note:
+                lines.append(f"/* {d.note} */")
+            lines.append(f"#define {d.macro[0]} {d.macro[1]}" if d.macro else _join(d.tokens) + ";")
+            owners[len(lines)] = d
     notes = [d for d in kept if d.drop]
     if notes:
         lines.append("/* left out: */")
@@ -799,11 +859,13 @@ def _comment(text: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
+    """cffi's complaint without its location (a line of the generated text would mean nothing to a reader)."""
     text = str(exc).strip().splitlines()
-    # cffi's ParseError text is 'cannot parse "LINE"' then the location: keep the location's message.
+    # cffi's ParseError text is 'cannot parse "LINE"' then the location and message: keep the message.
     for line in reversed(text):
-        if line.strip():
-            return _CFFI_LINE.sub("line \\1", line.strip())
+        message = re.sub(r"^(?:<cdef source string>)?(?::\d+)+:?\s*", "", line.strip())
+        if message:
+            return message
     return type(exc).__name__
 
 
@@ -853,24 +915,27 @@ def _integer_constant(decl: _Decl) -> bool:
 
 
 def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
-                     defines: Iterable[str] = (), *, compiler: str | Sequence[str] | None = None) -> Cdef:
+                     defines: Iterable[str] = (), *, compiler: str | Sequence[str] | None = None,
+                     also: Iterable[str] = ()) -> Cdef:
     """A cdef of ``header``'s own declarations, the types they need, and its integer constants.
 
     Args:
         include_dirs: ``-I`` directories.
         defines: ``-D`` definitions, ``"NAME"`` or ``"NAME=VALUE"``; ``NATIVERELOAD_CDEF=1`` is always added.
         compiler: the C compiler (default ``$CC``, else ``cc``).
+        also: glob patterns (``"z3_*.h"``, ``"*/glib/*.h"``) naming headers it includes whose
+            declarations count as its own too: for an umbrella header, whose API is in others.
 
     Raises:
         InterfaceError: the header is missing, the compiler failed on it, or
             cffi refuses the result in a way no dropped declaration fixes.
     """
     path, argv, flags, decls, macros, files, system = _prepare(Path(header), include_dirs, defines, compiler, True)
-    main = str(path)
+    own_files = _own_files(str(path), files, also)
     own = []
     seen: set = set()
     for d in decls:
-        if d.file != main:
+        if d.file not in own_files:
             continue
         if d.body:
             if "static" in d.storage or d.inline:
@@ -884,8 +949,15 @@ def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.
             continue       # declared twice (a prototype repeated): cffi refuses duplicates
         seen.add(key)
         own.append(d)
-    return _generate(path, decls, own, macros, files, system, flags, argv, source=False,
+    return _generate(path, decls, own, macros, files, system, flags, argv, source=False, own_files=own_files,
                      title=f"cdef of {path.name}, made by nativereload from {path}")
+
+
+def _own_files(main: str, files: Iterable[str], patterns: Iterable[str]) -> frozenset[str]:
+    patterns = list(patterns)
+    return frozenset([main] + [f for f in files
+                               if any(fnmatch.fnmatch(f, p) or fnmatch.fnmatch(os.path.basename(f), p)
+                                      for p in patterns)])
 
 
 def cdef_from_source(c_file: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
@@ -910,7 +982,7 @@ def cdef_from_source(c_file: str | os.PathLike, include_dirs: Iterable[str | os.
             if d.names and d.names[0] not in names:
                 names.update(d.names)
                 own.append(d)
-    return _generate(path, decls, own, macros, files, system, flags, argv, source=True,
+    return _generate(path, decls, own, macros, files, system, flags, argv, source=True, own_files=frozenset([main]),
                      title=f"functions defined in {path.name}, declared by nativereload").text
 
 
@@ -931,12 +1003,13 @@ def unexported(functions: Iterable[str], library: str | os.PathLike) -> list[str
 
 def embed_header(header: str | os.PathLike, output: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
                  defines: Iterable[str] = (), *, compiler: str | Sequence[str] | None = None,
-                 depfile: str | os.PathLike | None = None):
+                 depfile: str | os.PathLike | None = None, also: Iterable[str] = ()):
     """Write ``output``: a C file that embeds ``header``'s interface in the library it is compiled into.
 
     The interface is the header's cdef (:func:`cdef_from_header`, read with
     ``NATIVERELOAD_CDEF`` defined); the file also includes the header so the
     compiler checks cffi's struct layouts (see :func:`interface.embed_source`).
+    ``also`` is as for :func:`cdef_from_header`.
     The file is replaced by rename, never seen half-written. With
     ``depfile``, also writes a Makefile-style list of every file the header
     read, so a build system re-runs this when any of them changes.
@@ -950,7 +1023,7 @@ def embed_header(header: str | os.PathLike, output: str | os.PathLike, include_d
     """
     from . import interface as interface_mod
 
-    cdef = cdef_from_header(header, include_dirs, defines, compiler=compiler)
+    cdef = cdef_from_header(header, include_dirs, defines, compiler=compiler, also=also)
     embedded = interface_mod.from_ffi(cdef.ffi, cdef.text)
     text = interface_mod.embed_source(embedded, header=header, output=output)
     _write_atomically(Path(output), text)
