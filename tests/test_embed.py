@@ -146,6 +146,19 @@ def test_embed_cli_output_compiles_into_the_module(tmp_path):
     assert embedded is not None and set(embedded.functions) == {"counter_add", "counter_next"}
 
 
+@pytest.mark.parametrize("header", ["zlib.h", "zstd.h", "lz4.h", "sqlite3.h", "xxhash.h"])
+def test_real_headers_embed_and_their_layouts_hold(tmp_path, header):
+    """Every struct cffi lays out from a real header, the compiler lays out the same (checked at compile time)."""
+    path = Path("/usr/include") / header
+    if not path.is_file():
+        pytest.skip(f"{header} is not installed")
+    out = tmp_path / "interface.c"
+    embedded = cdefgen.embed_header(path, out)
+    subprocess.run(["cc", "-c", "-Wall", "-Wextra", "-Werror", "-pedantic", "-std=c11", "-o", str(tmp_path / "i.o"),
+                    str(out)], check=True)
+    assert "NATIVERELOAD_CHECK_(sizeof(" in out.read_text() and embedded.functions
+
+
 def test_layout_hidden_from_the_cdef_view_fails_the_build(tmp_path):
     header = tmp_path / "packed.h"
     header.write_text(textwrap.dedent("""
