@@ -14,20 +14,18 @@ from nativereload import cdefgen
 from nativereload._cexpr import NotConstant, evaluate
 from nativereload.errors import InterfaceError
 
-LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
+from conftest import SYSTEM_LIBDIR, require_real_library
+
+LIBDIR = SYSTEM_LIBDIR
 INCLUDE = Path("/usr/include")
 
 
 def _system(header: str, library: str) -> tuple[cdefgen.Cdef, cffi.FFI, object]:
-    if not (INCLUDE / header).is_file():
-        pytest.skip(f"{header} is not installed (apt-get install the -dev package)")
-    candidates = sorted(Path("/usr/lib").rglob(library)) if not (LIBDIR / library).exists() else [LIBDIR / library]
-    if not candidates:
-        pytest.skip(f"{library} is not installed")
+    require_real_library(INCLUDE / header, LIBDIR / library)
     cdef = cdefgen.cdef_from_header(INCLUDE / header)
     ffi = cffi.FFI()
     ffi.cdef(cdef.text)     # parses as it is
-    return cdef, ffi, ffi.dlopen(str(candidates[0]))
+    return cdef, ffi, ffi.dlopen(str(LIBDIR / library))
 
 
 def _resolvable(lib, names) -> list[str]:
