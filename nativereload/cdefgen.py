@@ -43,6 +43,7 @@ from typing import Iterable, Sequence
 
 import cffi
 
+from ._cdecl import Decl, analyze, clean, is_ident, join, opaque, scan, skip_balanced, split, strip_calls
 from ._cexpr import NotConstant, evaluate
 from .errors import InterfaceError
 
@@ -52,35 +53,6 @@ __all__ = ["Cdef", "cdef_from_header", "cdef_from_source", "compiler_command", "
 #: Defined (to 1) while a header is read for its interface.
 CDEF_MACRO = "NATIVERELOAD_CDEF"
 
-_KEYWORDS = frozenset("""
-auto break case char const continue default do double else enum extern float for goto if inline int long register
-restrict return short signed sizeof static struct switch typedef union unsigned void volatile while _Alignas _Alignof
-_Atomic _Bool _Complex _Generic _Imaginary _Noreturn _Static_assert _Thread_local
-""".split())
-_STORAGE = frozenset({"typedef", "extern", "static", "auto", "register"})
-_QUALIFIERS = frozenset({"const", "volatile"})
-_BASIC_TYPES = frozenset({"void", "char", "short", "int", "long", "float", "double", "signed", "unsigned", "_Bool",
-                          "_Complex"})
-# Spellings the compiler accepts that cffi's parser does not: removed, or renamed to the standard word.
-_REMOVED_WORDS = frozenset({"__extension__", "__restrict", "__restrict__", "restrict", "inline", "__inline",
-                            "__inline__", "_Noreturn", "noreturn", "__unaligned", "_Nullable", "_Nonnull",
-                            "_Null_unspecified", "__nullable", "__nonnull"})
-_RENAMED_WORDS = {"__const": "const", "__const__": "const", "__volatile": "volatile", "__volatile__": "volatile",
-                  "__signed": "signed", "__signed__": "signed"}
-# Words followed by a parenthesised argument that goes with them.
-_REMOVED_CALLS = frozenset({"__attribute__", "__attribute", "__declspec", "__asm__", "__asm", "asm", "_Alignas",
-                            "alignas"})
-# Declarations using one of these are dropped: cffi has no such type (or cannot call through it).
-_UNSUPPORTED = {
-    "__builtin_va_list": "va_list (cffi cannot pass one)", "__int128": "__int128", "__int128_t": "__int128",
-    "__uint128_t": "__int128", "_Float16": "_Float16", "_Float32": "_Float32", "_Float64": "_Float64",
-    "_Float128": "_Float128", "_Float32x": "_Float32x", "_Float64x": "_Float64x", "_Float128x": "_Float128x",
-    "__float128": "__float128", "__float80": "__float80", "__ibm128": "__ibm128", "__bf16": "__bf16",
-    "_Decimal32": "_Decimal32", "_Decimal64": "_Decimal64", "_Decimal128": "_Decimal128",
-    "_Atomic": "_Atomic", "__typeof__": "typeof", "__typeof": "typeof", "typeof": "typeof",
-    "__auto_type": "__auto_type", "_Thread_local": "a thread-local variable", "__thread": "a thread-local variable",
-}
-
 try:   # the type names cffi knows without a declaration (size_t, uint32_t, FILE, bool, ...)
     from cffi import commontypes as _commontypes
     from cffi import model as _model
@@ -89,18 +61,6 @@ except (ImportError, AttributeError):   # pragma: no cover - cffi moved them
     _NATIVE_TYPES = frozenset("""bool FILE size_t ssize_t ptrdiff_t intptr_t uintptr_t wchar_t char16_t char32_t
         int8_t int16_t int32_t int64_t uint8_t uint16_t uint32_t uint64_t intmax_t uintmax_t""".split())
 
-_TOKEN = re.compile(r"""
-    (?P<space>\s+)
-  | (?P<ident>[A-Za-z_$][A-Za-z0-9_$]*)
-  | (?P<number>\.?[0-9](?:[eEpP][+-]|[A-Za-z0-9_.'])*)
-  | (?P<string>"(?:\\.|[^"\\\n])*")
-  | (?P<char>'(?:\\.|[^'\\\n])*')
-  | (?P<punct>\.\.\.|<<=|>>=|->|\+\+|--|<<|>>|<=|>=|==|!=|&&|\|\||[-+*/%&|^]=|\#\#|[{}\[\]();:,.<>=!~?*/%+\-&|^\#])
-  | (?P<other>.)
-""", re.X | re.S)
-_LINE_MARKER = re.compile(r'#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)"((?:\s+\d)*)')
-_DEFINE = re.compile(r"#\s*define\s+([A-Za-z_][A-Za-z0-9_]*)(\()?(.*)$", re.S)
-_UNDEF = re.compile(r"#\s*undef\s+([A-Za-z_][A-Za-z0-9_]*)")
 _CFFI_LITERAL = re.compile(r"-?(?:0[xX][0-9a-fA-F]+|[0-9]+)[uUlL]*$")
 _HEADER_GUARD = re.compile(r"(?:^|_)H(?:_[0-9A-Za-z]+)?_*$")
 _CFFI_LINE = re.compile(r"(?:<cdef source string>|^):(\d+):", re.M)
@@ -123,34 +83,6 @@ class Cdef:
     dropped: tuple[tuple[str, str], ...]
     files: tuple[str, ...]
     ffi: cffi.FFI = dataclasses.field(repr=False, compare=False)
-
-
-@dataclasses.dataclass
-class _Decl:
-    """One top-level declaration (or function definition) of the preprocessed text."""
-
-    tokens: list
-    file: str
-    index: int
-    body: bool = False                  # a function definition: tokens are its header, without the body
-    macro: tuple[str, int] | None = None   # (name, value) for a "#define NAME VALUE" pseudo-declaration
-    kind: str = ""                      # typedef, function, variable, type, other
-    names: tuple[str, ...] = ()         # identifiers it declares
-    tags: tuple[str, ...] = ()          # "struct X" it defines with a body
-    layout_names: tuple[str, ...] = ()  # how to name the struct it defines in C ("struct X" or a typedef name)
-    refs: frozenset = frozenset()       # identifiers it uses
-    tag_refs: frozenset = frozenset()   # "struct X" it needs complete (used by value)
-    tag_mentions: frozenset = frozenset()   # every "struct X" it names
-    storage: frozenset = frozenset()
-    inline: bool = False
-    drop: str | None = None             # why it is left out
-    cause: str | None = None            # the first reason in a chain of "needs X" drops
-    note: str | None = None             # a comment to print above it
-
-    def label(self) -> str:
-        if self.macro:
-            return self.macro[0]
-        return (self.names or self.tags or ("declaration",))[0]
 
 
 def compiler_command(compiler: str | Sequence[str] | None = None) -> list[str]:
@@ -186,256 +118,6 @@ def _run_compiler(argv: list[str], what: str, path: Path) -> str:
     return proc.stdout
 
 
-# --------------------------------------------------------------------------- reading the preprocessed text
-
-def _scan(text: str) -> tuple[list[tuple[str, str]], list[tuple[int, str, str, list[str] | None]], list[str],
-                              set[str]]:
-    """Tokens with their file, the macro definitions (position, file, name, body or None for #undef), the
-    files read, and which of them are system headers (GCC's line-marker flag 3)."""
-    tokens: list[tuple[str, str]] = []
-    macros: list[tuple[int, str, str, list[str] | None]] = []
-    files: dict[str, None] = {}
-    system: set[str] = set()
-    current = ""
-    pending = ""
-    for line in text.split("\n"):
-        if pending:
-            line, pending = pending + line, ""
-        stripped = line.lstrip()
-        if stripped.startswith("#"):
-            if stripped.endswith("\\"):
-                pending = stripped[:-1]
-                continue
-            marker = _LINE_MARKER.match(stripped)
-            if marker:
-                current = marker.group(2).encode().decode("unicode_escape") if "\\" in marker.group(2) \
-                    else marker.group(2)
-                if not current.startswith("<"):
-                    files.setdefault(current)
-                if "3" in marker.group(3).split():
-                    system.add(current)
-                continue
-            define = _DEFINE.match(stripped)
-            if define:
-                # Function-like macros (NAME immediately followed by "(") have no value of their own.
-                body = None if define.group(2) else _tokens(define.group(3))
-                if body is not None:
-                    macros.append((len(tokens), current, define.group(1), body))
-                continue
-            undef = _UNDEF.match(stripped)
-            if undef:
-                macros.append((len(tokens), current, undef.group(1), None))
-            continue   # #pragma, #ident: nothing for cffi
-        for token in _tokens(line):
-            tokens.append((token, current))
-    return tokens, macros, list(files), system
-
-
-def _tokens(text: str) -> list[str]:
-    return [m.group() for m in _TOKEN.finditer(text) if m.lastgroup != "space"]
-
-
-def _skip_balanced(tokens: Sequence, start: int) -> int:
-    """Index after the bracket group opening at ``start``."""
-    pairs = {"(": ")", "[": "]", "{": "}"}
-    depth = 0
-    for i in range(start, len(tokens)):
-        t = tokens[i]
-        if t in pairs:
-            depth += 1
-        elif t in (")", "]", "}"):
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(tokens)
-
-
-def _strip_calls(tokens: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Remove ``__attribute__((...))``, ``__asm__("...")``, ``_Alignas(...)`` and the like with their arguments."""
-    out = []
-    i = 0
-    n = len(tokens)
-    while i < n:
-        t = tokens[i][0]
-        if t in _REMOVED_CALLS:
-            j = i + 1
-            while j < n and tokens[j][0] in ("volatile", "__volatile__", "goto", "inline"):
-                j += 1   # asm qualifiers
-            if j < n and tokens[j][0] == "(":
-                i = _after_group(tokens, j)
-                continue
-        out.append(tokens[i])
-        i += 1
-    return out
-
-
-def _after_group(tokens: list[tuple[str, str]], start: int) -> int:
-    depth = 0
-    for i in range(start, len(tokens)):
-        t = tokens[i][0]
-        if t in ("(", "[", "{"):
-            depth += 1
-        elif t in (")", "]", "}"):
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(tokens)
-
-
-def _split(tokens: list[tuple[str, str]]) -> list[_Decl]:
-    """Top-level declarations, each ending at ";", and function definitions (body skipped)."""
-    decls: list[_Decl] = []
-    current: list[str] = []
-    file = ""
-    depth = 0
-    body_start = -1   # depth-0 index in ``current`` where a function body began
-    has_equals = False
-    for index, (t, f) in enumerate(tokens):
-        if not current:
-            file, has_equals, body_start = f, False, -1
-        if depth == 0:
-            if t == ";":
-                if current:
-                    decls.append(_Decl(current, file, index))
-                current = []
-                continue
-            if t == "=":
-                has_equals = True
-            elif t == "{" and current and current[-1] == ")" and not has_equals:
-                body_start = len(current)
-        if t in ("(", "[", "{"):
-            depth += 1
-        elif t in (")", "]", "}"):
-            depth -= 1
-        current.append(t)
-        if depth == 0 and t == "}" and body_start >= 0:
-            decls.append(_Decl(current[:body_start], file, index, body=True))
-            current = []
-    return decls
-
-
-# --------------------------------------------------------------------------- understanding one declaration
-
-def _is_ident(t: str) -> bool:
-    return t[:1].isalpha() or t[:1] == "_" or t[:1] == "$"
-
-
-def _clean(decl: _Decl) -> None:
-    """Remove what cffi cannot parse (in place), or set ``decl.drop``."""
-    tokens = []
-    for t in decl.tokens:
-        if t in _UNSUPPORTED and decl.drop is None:
-            decl.drop = f"uses {_UNSUPPORTED[t]}"
-        if t in ("inline", "__inline", "__inline__"):
-            decl.inline = True
-        if t in _REMOVED_WORDS:
-            continue
-        tokens.append(_RENAMED_WORDS.get(t, t))
-    decl.tokens = tokens
-    if not tokens:
-        decl.drop = "empty"
-    elif decl.drop:
-        pass
-    elif tokens[0] in ("_Static_assert", "static_assert"):
-        decl.drop = "a static assertion"
-
-
-def _analyze(decl: _Decl, typedef_names: set[str]) -> None:
-    """Fill in kind, names, tags, refs and tag_refs from the tokens."""
-    toks = decl.tokens
-    n = len(toks)
-    i = 0
-    storage = set()
-    saw_type = False
-    tags = []
-    layout = []
-    anonymous_body = False
-    while i < n:
-        t = toks[i]
-        if t in _STORAGE:
-            storage.add(t)
-        elif t in _QUALIFIERS:
-            pass
-        elif t in _BASIC_TYPES:
-            saw_type = True
-        elif t in ("struct", "union", "enum"):
-            saw_type = True
-            tag = None
-            if i + 1 < n and _is_ident(toks[i + 1]) and toks[i + 1] not in _KEYWORDS:
-                tag = f"{t} {toks[i + 1]}"
-                i += 1
-            if i + 1 < n and toks[i + 1] == "{":
-                end = _skip_balanced(toks, i + 1)
-                if tag:
-                    tags.append(tag)
-                    if t != "enum":
-                        layout.append(tag)
-                elif t != "enum":
-                    anonymous_body = True
-                i = end
-                continue
-        elif _is_ident(t) and not saw_type and t not in _KEYWORDS:
-            saw_type = True   # a typedef name
-        else:
-            break
-        i += 1
-    names = []
-    is_function = False
-    for declarator in _split_commas(toks[i:]):
-        for j, t in enumerate(declarator):
-            if t == "=":
-                break
-            if _is_ident(t) and t not in _KEYWORDS:
-                names.append(t)
-                if j + 1 < len(declarator) and declarator[j + 1] == "(":
-                    is_function = True
-                break
-    if "typedef" in storage:
-        kind = "typedef"
-        if anonymous_body and names:
-            layout.append(names[0])
-    elif is_function:
-        kind = "function"
-    elif names:
-        kind = "variable"
-    else:
-        kind = "type"
-    decl.kind = kind
-    decl.names = tuple(names)
-    decl.tags = tuple(tags)
-    decl.layout_names = tuple(layout)
-    decl.storage = frozenset(storage)
-    own = set(names)
-    decl.refs = frozenset(t for t in toks if t in typedef_names and t not in own) if typedef_names else frozenset()
-    by_value = set()
-    mentions = set()
-    for j in range(len(toks) - 1):
-        if toks[j] in ("struct", "union", "enum") and _is_ident(toks[j + 1]):
-            follower = toks[j + 2] if j + 2 < len(toks) else ";"
-            tag = f"{toks[j]} {toks[j + 1]}"
-            if tag not in tags:
-                mentions.add(tag)
-                if follower not in ("*", "{"):
-                    by_value.add(tag)
-    decl.tag_refs = frozenset(by_value)
-    decl.tag_mentions = frozenset(mentions)
-
-
-def _split_commas(tokens: Sequence[str]) -> list[list[str]]:
-    parts: list[list[str]] = [[]]
-    depth = 0
-    for t in tokens:
-        if t in ("(", "[", "{"):
-            depth += 1
-        elif t in (")", "]", "}"):
-            depth -= 1
-        if t == "," and depth == 0:
-            parts.append([])
-        else:
-            parts[-1].append(t)
-    return [p for p in parts if p]
-
-
 # --------------------------------------------------------------------------- constants
 
 class _Query:
@@ -446,7 +128,7 @@ class _Query:
         self.value: int | None = None
 
 
-def _fold_constants(decl: _Decl, enum_values: dict[str, int], queries: list[_Query]) -> None:
+def _fold_constants(decl: Decl, enum_values: dict[str, int], queries: list[_Query]) -> None:
     """Replace array bounds and enum values that are not plain numbers by their values (or a query)."""
     toks = decl.tokens
     out: list = []
@@ -457,7 +139,7 @@ def _fold_constants(decl: _Decl, enum_values: dict[str, int], queries: list[_Que
     while i < n:
         t = toks[i]
         if t == "[":
-            end = _skip_balanced(toks, i)
+            end = skip_balanced(toks, i)
             inner = toks[i + 1:end - 1]
             out.append("[")
             if inner:
@@ -471,7 +153,7 @@ def _fold_constants(decl: _Decl, enum_values: dict[str, int], queries: list[_Que
         elif t == "}":
             in_enum_body.pop()
             next_value.pop()
-        elif in_enum_body and in_enum_body[-1] and _is_ident(t) and (i == 0 or toks[i - 1] in ("{", ",")):
+        elif in_enum_body and in_enum_body[-1] and is_ident(t) and (i == 0 or toks[i - 1] in ("{", ",")):
             # An enumerator: NAME [= expression] up to the next "," or "}" of this body.
             j = i + 1
             depth = 0
@@ -505,7 +187,7 @@ def _constant(tokens: list, enum_values: dict[str, int], queries: list[_Query]) 
     try:
         return [str(evaluate(tokens, enum_values))]
     except NotConstant:
-        query = _Query(_join(tokens))
+        query = _Query(join(tokens))
         queries.append(query)
         return [query]
 
@@ -591,54 +273,12 @@ def _data_values(assembly: str) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- writing the cdef
 
-def _join(tokens: Iterable) -> str:
-    out: list[str] = []
-    prev = ""
-    for t in tokens:
-        t = str(t.value) if isinstance(t, _Query) else t
-        if out and _space_between(prev, t):
-            out.append(" ")
-        out.append(t)
-        prev = t
-    return "".join(out)
-
-
-def _space_between(prev: str, t: str) -> bool:
-    if t in (",", ";", ")", "]", "["):
-        return False
-    if prev in ("(", "[", "~", "!"):
-        return False
-    if t == "(" and (prev == ")" or (_is_ident(prev) and prev not in _KEYWORDS)):
-        return False
-    if prev == "*" and t not in _QUALIFIERS and (_is_ident(t) or t in ("*", ")", "(")):
-        return False
-    return True
-
-
-def _opaque(decl: _Decl) -> list:
-    """The declaration with its struct body removed (an anonymous struct gets its typedef name as tag)."""
-    toks = decl.tokens
-    for i, t in enumerate(toks):
-        if t in ("struct", "union") :
-            j = i + 1
-            tag: list = []
-            if j < len(toks) and _is_ident(toks[j]) and toks[j] not in _KEYWORDS:
-                tag = [toks[j]]
-                j += 1
-            if j < len(toks) and toks[j] == "{":
-                end = _skip_balanced(toks, j)
-                if not tag and decl.names:
-                    tag = [decl.names[0]]
-                return toks[:i + 1] + tag + toks[end:]
-    return toks
-
-
 # --------------------------------------------------------------------------- the whole job
 
-def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: list[str], system: set[str],
+def _generate(path: Path, decls: list[Decl], own: list[Decl], macros, files: list[str], system: set[str],
               flags: list[str], compiler: list[str], *, source: bool, own_files: frozenset[str], title: str) -> Cdef:
-    typedefs: dict[str, _Decl] = {}
-    tag_defs: dict[str, _Decl] = {}
+    typedefs: dict[str, Decl] = {}
+    tag_defs: dict[str, Decl] = {}
     for d in decls:
         if d.kind == "typedef":
             for name in d.names:
@@ -647,7 +287,7 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
             tag_defs.setdefault(tag, d)
 
     # The types own declarations need, from wherever they are declared.
-    keep: dict[int, _Decl] = {id(d): d for d in own}
+    keep: dict[int, Decl] = {id(d): d for d in own}
     queue = list(own)
     while queue:
         d = queue.pop()
@@ -670,7 +310,7 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
     for d in kept:
         if not d.drop and not d.macro:
             _fold_constants(d, enum_values, queries)
-    layout_queries: list[tuple[_Decl, str, _Query, _Query]] = []
+    layout_queries: list[tuple[Decl, str, _Query, _Query]] = []
     for d in kept:
         for name in d.layout_names if not d.drop else ():
             size, align = _Query(f"sizeof({name})"), _Query(f"__alignof__({name})")
@@ -704,7 +344,7 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
                 spelled = "unknown" if ours is None else f"{ours[0]} bytes aligned to {ours[1]}"
                 d.note = (f"{name}: opaque here: cffi would lay it out as {spelled}, the compiler as "
                           f"{size.value} bytes aligned to {align.value} (alignment or packing cffi cannot express)")
-                d.tokens = _opaque(d)
+                d.tokens = opaque(d)
                 opaque_done.add(id(d))
                 changed = True
         if not changed:
@@ -715,13 +355,13 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
     return Cdef(text=text, functions=functions, dropped=dropped, files=tuple(files), ffi=ffi)
 
 
-def _propagate_drops(kept: list[_Decl], dropped: Iterable[_Decl] | None = None) -> None:
+def _propagate_drops(kept: list[Decl], dropped: Iterable[Decl] | None = None) -> None:
     """A declaration that needs a dropped type is dropped too, saying which.
 
     Args:
         dropped: the declarations just dropped (default: every dropped one in ``kept``).
     """
-    users: dict[str, list[_Decl]] = {}
+    users: dict[str, list[Decl]] = {}
     for d in kept:
         if not d.drop:
             for ref in d.refs | d.tag_refs:
@@ -739,7 +379,7 @@ def _propagate_drops(kept: list[_Decl], dropped: Iterable[_Decl] | None = None) 
                     queue.append(d)
 
 
-def _parse_dropping_refused(kept: list[_Decl], header_lines: list[str], path: Path) -> tuple[str, cffi.FFI]:
+def _parse_dropping_refused(kept: list[Decl], header_lines: list[str], path: Path) -> tuple[str, cffi.FFI]:
     """The cdef text and the FFI that parsed it, after dropping each declaration cffi refuses.
 
     One parse when cffi takes everything (the usual case). Otherwise the
@@ -757,7 +397,7 @@ def _parse_dropping_refused(kept: list[_Decl], header_lines: list[str], path: Pa
     probe = cffi.FFI()
     parser = probe._parser
 
-    def attempt(decls: list[_Decl], keep: bool) -> tuple[Exception | None, dict[int, _Decl]]:
+    def attempt(decls: list[Decl], keep: bool) -> tuple[Exception | None, dict[int, Decl]]:
         saved = dict(parser._declarations), dict(parser._int_constants)
         chunk_text, owners = _render(decls, [])
         try:
@@ -800,7 +440,7 @@ def _parse_dropping_refused(kept: list[_Decl], header_lines: list[str], path: Pa
     return text, ffi
 
 
-def _macro_constants(own_files: frozenset[str], macros, kept: list[_Decl], enum_values: dict[str, int]) -> list[_Decl]:
+def _macro_constants(own_files: frozenset[str], macros, kept: list[Decl], enum_values: dict[str, int]) -> list[Decl]:
     """``#define NAME VALUE`` pseudo-declarations for the header's integer-valued macros."""
     bodies: dict[str, list[str]] = {}
     own: dict[str, tuple[int, str, list[str]]] = {}
@@ -823,11 +463,11 @@ def _macro_constants(own_files: frozenset[str], macros, kept: list[_Decl], enum_
             value = evaluate(body, names)
         except (NotConstant, RecursionError):
             continue
-        out.append(_Decl([], file, position, macro=(name, value), kind="macro"))
+        out.append(Decl([], file, position, macro=(name, value), kind="macro"))
     return out
 
 
-def _render(kept: list[_Decl], header_lines: list[str]) -> tuple[str, dict[int, _Decl]]:
+def _render(kept: list[Decl], header_lines: list[str]) -> tuple[str, dict[int, Decl]]:
     """The cdef text (one declaration per line) and which declaration each line holds.
 
     The ``#define`` constants come last: cffi's error messages count lines
@@ -835,7 +475,7 @@ def _render(kept: list[_Decl], header_lines: list[str]) -> tuple[str, dict[int, 
     its line.
     """
     lines = list(header_lines)
-    owners: dict[int, _Decl] = {}
+    owners: dict[int, Decl] = {}
     live = [d for d in kept if not d.drop]
     for group in ([d for d in live if not d.macro], [d for d in live if d.macro]):
         file = None
@@ -845,7 +485,7 @@ def _render(kept: list[_Decl], header_lines: list[str]) -> tuple[str, dict[int, 
                 lines.append(f"/* {'constants ' if d.macro else ''}from {file} */")
             if d.note:
                 lines.append(f"/* {d.note} */")
-            lines.append(f"#define {d.macro[0]} {d.macro[1]}" if d.macro else _join(d.tokens) + ";")
+            lines.append(f"#define {d.macro[0]} {d.macro[1]}" if d.macro else join(d.tokens) + ";")
             owners[len(lines)] = d
     notes = [d for d in kept if d.drop]
     if notes:
@@ -869,7 +509,7 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _culprit(exc: BaseException, owners: dict[int, _Decl], kept: list[_Decl]) -> _Decl | None:
+def _culprit(exc: BaseException, owners: dict[int, Decl], kept: list[Decl]) -> Decl | None:
     match = _CFFI_LINE.search(str(exc))
     if match:
         return owners.get(int(match.group(1)))
@@ -888,21 +528,21 @@ def _prepare(path: Path, include_dirs: Iterable, defines: Iterable[str], compile
     argv = compiler_command(compiler)
     flags = _flags([Path(d).resolve() for d in include_dirs], list(defines), cdef_view)
     text = _run_compiler([*argv, "-E", "-dD", *flags, "-x", "c", str(path)], "preprocess", path)
-    tokens, macros, files, system = _scan(text)
-    decls = _split(_strip_calls(tokens))
+    tokens, macros, files, system = scan(text)
+    decls = split(strip_calls(tokens))
     typedef_names = set()
     for d in decls:
-        _clean(d)
+        clean(d)
         if d.tokens and d.tokens[0] == "typedef":
-            _analyze(d, set())
+            analyze(d, set())
             typedef_names.update(d.names)
     for d in decls:
         if d.tokens:
-            _analyze(d, typedef_names)
+            analyze(d, typedef_names)
     return path, argv, flags, decls, macros, files, system
 
 
-def _integer_constant(decl: _Decl) -> bool:
+def _integer_constant(decl: Decl) -> bool:
     """``static const int NAME = <literal>``: cffi declares it as an integer constant."""
     toks = decl.tokens
     if decl.kind != "variable" or "const" not in toks or "=" not in toks or len(decl.names) != 1:

@@ -11,6 +11,7 @@ import cffi
 import pytest
 
 from nativereload import cdefgen
+from nativereload._cdecl import lex
 from nativereload._cexpr import NotConstant, evaluate
 from nativereload.errors import InterfaceError
 
@@ -320,14 +321,14 @@ def test_cdef_from_source_declares_defined_functions(tmp_path):
     ("'A' + 1", 66), ("(int)(2147483647 + 1u)", -2**31), ("~0u", 2**32 - 1), ("~0UL", 2**64 - 1),
 ])
 def test_evaluate(expression, value):
-    assert evaluate(cdefgen._tokens(expression)) == value
+    assert evaluate(lex(expression)) == value
 
 
 @pytest.mark.parametrize("expression", ["sizeof(int)", "(void *)0", "x + 1", '"s"', "1 / 0", "1.5",
                                         "((sqlite3_destructor_type)-1)"])
 def test_evaluate_refuses_non_constants(expression):
     with pytest.raises(NotConstant):
-        evaluate(cdefgen._tokens(expression))
+        evaluate(lex(expression))
 
 
 def test_evaluate_expands_macros_without_looping():
