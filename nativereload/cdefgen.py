@@ -32,6 +32,7 @@ Nothing here loads or runs the library or the code being described.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import re
 import shlex
@@ -42,6 +43,7 @@ from typing import Iterable, Sequence
 
 import cffi
 
+from ._cdecl import Decl, analyze, clean, is_ident, join, opaque, scan, skip_balanced, split, strip_calls
 from ._cexpr import NotConstant, evaluate
 from .errors import InterfaceError
 
@@ -51,35 +53,6 @@ __all__ = ["Cdef", "cdef_from_header", "cdef_from_source", "compiler_command", "
 #: Defined (to 1) while a header is read for its interface.
 CDEF_MACRO = "NATIVERELOAD_CDEF"
 
-_KEYWORDS = frozenset("""
-auto break case char const continue default do double else enum extern float for goto if inline int long register
-restrict return short signed sizeof static struct switch typedef union unsigned void volatile while _Alignas _Alignof
-_Atomic _Bool _Complex _Generic _Imaginary _Noreturn _Static_assert _Thread_local
-""".split())
-_STORAGE = frozenset({"typedef", "extern", "static", "auto", "register"})
-_QUALIFIERS = frozenset({"const", "volatile"})
-_BASIC_TYPES = frozenset({"void", "char", "short", "int", "long", "float", "double", "signed", "unsigned", "_Bool",
-                          "_Complex"})
-# Spellings the compiler accepts that cffi's parser does not: removed, or renamed to the standard word.
-_REMOVED_WORDS = frozenset({"__extension__", "__restrict", "__restrict__", "restrict", "inline", "__inline",
-                            "__inline__", "_Noreturn", "noreturn", "__unaligned", "_Nullable", "_Nonnull",
-                            "_Null_unspecified", "__nullable", "__nonnull"})
-_RENAMED_WORDS = {"__const": "const", "__const__": "const", "__volatile": "volatile", "__volatile__": "volatile",
-                  "__signed": "signed", "__signed__": "signed"}
-# Words followed by a parenthesised argument that goes with them.
-_REMOVED_CALLS = frozenset({"__attribute__", "__attribute", "__declspec", "__asm__", "__asm", "asm", "_Alignas",
-                            "alignas"})
-# Declarations using one of these are dropped: cffi has no such type (or cannot call through it).
-_UNSUPPORTED = {
-    "__builtin_va_list": "va_list (cffi cannot pass one)", "__int128": "__int128", "__int128_t": "__int128",
-    "__uint128_t": "__int128", "_Float16": "_Float16", "_Float32": "_Float32", "_Float64": "_Float64",
-    "_Float128": "_Float128", "_Float32x": "_Float32x", "_Float64x": "_Float64x", "_Float128x": "_Float128x",
-    "__float128": "__float128", "__float80": "__float80", "__ibm128": "__ibm128", "__bf16": "__bf16",
-    "_Decimal32": "_Decimal32", "_Decimal64": "_Decimal64", "_Decimal128": "_Decimal128",
-    "_Atomic": "_Atomic", "__typeof__": "typeof", "__typeof": "typeof", "typeof": "typeof",
-    "__auto_type": "__auto_type", "_Thread_local": "a thread-local variable", "__thread": "a thread-local variable",
-}
-
 try:   # the type names cffi knows without a declaration (size_t, uint32_t, FILE, bool, ...)
     from cffi import commontypes as _commontypes
     from cffi import model as _model
@@ -88,21 +61,9 @@ except (ImportError, AttributeError):   # pragma: no cover - cffi moved them
     _NATIVE_TYPES = frozenset("""bool FILE size_t ssize_t ptrdiff_t intptr_t uintptr_t wchar_t char16_t char32_t
         int8_t int16_t int32_t int64_t uint8_t uint16_t uint32_t uint64_t intmax_t uintmax_t""".split())
 
-_TOKEN = re.compile(r"""
-    (?P<space>\s+)
-  | (?P<ident>[A-Za-z_$][A-Za-z0-9_$]*)
-  | (?P<number>\.?[0-9](?:[eEpP][+-]|[A-Za-z0-9_.'])*)
-  | (?P<string>"(?:\\.|[^"\\\n])*")
-  | (?P<char>'(?:\\.|[^'\\\n])*')
-  | (?P<punct>\.\.\.|<<=|>>=|->|\+\+|--|<<|>>|<=|>=|==|!=|&&|\|\||[-+*/%&|^]=|\#\#|[{}\[\]();:,.<>=!~?*/%+\-&|^\#])
-  | (?P<other>.)
-""", re.X | re.S)
-_LINE_MARKER = re.compile(r'#\s*(?:line\s+)?(\d+)\s+"((?:\\.|[^"\\])*)"((?:\s+\d)*)')
-_DEFINE = re.compile(r"#\s*define\s+([A-Za-z_][A-Za-z0-9_]*)(\()?(.*)$", re.S)
-_UNDEF = re.compile(r"#\s*undef\s+([A-Za-z_][A-Za-z0-9_]*)")
 _CFFI_LITERAL = re.compile(r"-?(?:0[xX][0-9a-fA-F]+|[0-9]+)[uUlL]*$")
 _HEADER_GUARD = re.compile(r"(?:^|_)H(?:_[0-9A-Za-z]+)?_*$")
-_CFFI_LINE = re.compile(r"<cdef source string>:(\d+)")
+_CFFI_LINE = re.compile(r"(?:<cdef source string>|^):(\d+):", re.M)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,33 +83,6 @@ class Cdef:
     dropped: tuple[tuple[str, str], ...]
     files: tuple[str, ...]
     ffi: cffi.FFI = dataclasses.field(repr=False, compare=False)
-
-
-@dataclasses.dataclass
-class _Decl:
-    """One top-level declaration (or function definition) of the preprocessed text."""
-
-    tokens: list
-    file: str
-    index: int
-    body: bool = False                  # a function definition: tokens are its header, without the body
-    macro: tuple[str, int] | None = None   # (name, value) for a "#define NAME VALUE" pseudo-declaration
-    kind: str = ""                      # typedef, function, variable, type, other
-    names: tuple[str, ...] = ()         # identifiers it declares
-    tags: tuple[str, ...] = ()          # "struct X" it defines with a body
-    layout_names: tuple[str, ...] = ()  # how to name the struct it defines in C ("struct X" or a typedef name)
-    refs: frozenset = frozenset()       # identifiers it uses
-    tag_refs: frozenset = frozenset()   # "struct X" it needs complete (used by value)
-    tag_mentions: frozenset = frozenset()   # every "struct X" it names
-    storage: frozenset = frozenset()
-    inline: bool = False
-    drop: str | None = None             # why it is left out
-    note: str | None = None             # a comment to print above it
-
-    def label(self) -> str:
-        if self.macro:
-            return self.macro[0]
-        return (self.names or self.tags or ("declaration",))[0]
 
 
 def compiler_command(compiler: str | Sequence[str] | None = None) -> list[str]:
@@ -184,256 +118,6 @@ def _run_compiler(argv: list[str], what: str, path: Path) -> str:
     return proc.stdout
 
 
-# --------------------------------------------------------------------------- reading the preprocessed text
-
-def _scan(text: str) -> tuple[list[tuple[str, str]], list[tuple[int, str, str, list[str] | None]], list[str],
-                              set[str]]:
-    """Tokens with their file, the macro definitions (position, file, name, body or None for #undef), the
-    files read, and which of them are system headers (GCC's line-marker flag 3)."""
-    tokens: list[tuple[str, str]] = []
-    macros: list[tuple[int, str, str, list[str] | None]] = []
-    files: dict[str, None] = {}
-    system: set[str] = set()
-    current = ""
-    pending = ""
-    for line in text.split("\n"):
-        if pending:
-            line, pending = pending + line, ""
-        stripped = line.lstrip()
-        if stripped.startswith("#"):
-            if stripped.endswith("\\"):
-                pending = stripped[:-1]
-                continue
-            marker = _LINE_MARKER.match(stripped)
-            if marker:
-                current = marker.group(2).encode().decode("unicode_escape") if "\\" in marker.group(2) \
-                    else marker.group(2)
-                if not current.startswith("<"):
-                    files.setdefault(current)
-                if "3" in marker.group(3).split():
-                    system.add(current)
-                continue
-            define = _DEFINE.match(stripped)
-            if define:
-                # Function-like macros (NAME immediately followed by "(") have no value of their own.
-                body = None if define.group(2) else _tokens(define.group(3))
-                if body is not None:
-                    macros.append((len(tokens), current, define.group(1), body))
-                continue
-            undef = _UNDEF.match(stripped)
-            if undef:
-                macros.append((len(tokens), current, undef.group(1), None))
-            continue   # #pragma, #ident: nothing for cffi
-        for token in _tokens(line):
-            tokens.append((token, current))
-    return tokens, macros, list(files), system
-
-
-def _tokens(text: str) -> list[str]:
-    return [m.group() for m in _TOKEN.finditer(text) if m.lastgroup != "space"]
-
-
-def _skip_balanced(tokens: Sequence, start: int) -> int:
-    """Index after the bracket group opening at ``start``."""
-    pairs = {"(": ")", "[": "]", "{": "}"}
-    depth = 0
-    for i in range(start, len(tokens)):
-        t = tokens[i]
-        if t in pairs:
-            depth += 1
-        elif t in (")", "]", "}"):
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(tokens)
-
-
-def _strip_calls(tokens: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Remove ``__attribute__((...))``, ``__asm__("...")``, ``_Alignas(...)`` and the like with their arguments."""
-    out = []
-    i = 0
-    n = len(tokens)
-    while i < n:
-        t = tokens[i][0]
-        if t in _REMOVED_CALLS:
-            j = i + 1
-            while j < n and tokens[j][0] in ("volatile", "__volatile__", "goto", "inline"):
-                j += 1   # asm qualifiers
-            if j < n and tokens[j][0] == "(":
-                i = _after_group(tokens, j)
-                continue
-        out.append(tokens[i])
-        i += 1
-    return out
-
-
-def _after_group(tokens: list[tuple[str, str]], start: int) -> int:
-    depth = 0
-    for i in range(start, len(tokens)):
-        t = tokens[i][0]
-        if t in ("(", "[", "{"):
-            depth += 1
-        elif t in (")", "]", "}"):
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(tokens)
-
-
-def _split(tokens: list[tuple[str, str]]) -> list[_Decl]:
-    """Top-level declarations, each ending at ";", and function definitions (body skipped)."""
-    decls: list[_Decl] = []
-    current: list[str] = []
-    file = ""
-    depth = 0
-    body_start = -1   # depth-0 index in ``current`` where a function body began
-    has_equals = False
-    for index, (t, f) in enumerate(tokens):
-        if not current:
-            file, has_equals, body_start = f, False, -1
-        if depth == 0:
-            if t == ";":
-                if current:
-                    decls.append(_Decl(current, file, index))
-                current = []
-                continue
-            if t == "=":
-                has_equals = True
-            elif t == "{" and current and current[-1] == ")" and not has_equals:
-                body_start = len(current)
-        if t in ("(", "[", "{"):
-            depth += 1
-        elif t in (")", "]", "}"):
-            depth -= 1
-        current.append(t)
-        if depth == 0 and t == "}" and body_start >= 0:
-            decls.append(_Decl(current[:body_start], file, index, body=True))
-            current = []
-    return decls
-
-
-# --------------------------------------------------------------------------- understanding one declaration
-
-def _is_ident(t: str) -> bool:
-    return t[:1].isalpha() or t[:1] == "_" or t[:1] == "$"
-
-
-def _clean(decl: _Decl) -> None:
-    """Remove what cffi cannot parse (in place), or set ``decl.drop``."""
-    tokens = []
-    for t in decl.tokens:
-        if t in _UNSUPPORTED and decl.drop is None:
-            decl.drop = f"uses {_UNSUPPORTED[t]}"
-        if t in ("inline", "__inline", "__inline__"):
-            decl.inline = True
-        if t in _REMOVED_WORDS:
-            continue
-        tokens.append(_RENAMED_WORDS.get(t, t))
-    decl.tokens = tokens
-    if not tokens:
-        decl.drop = "empty"
-    elif decl.drop:
-        pass
-    elif tokens[0] in ("_Static_assert", "static_assert"):
-        decl.drop = "a static assertion"
-
-
-def _analyze(decl: _Decl, typedef_names: set[str]) -> None:
-    """Fill in kind, names, tags, refs and tag_refs from the tokens."""
-    toks = decl.tokens
-    n = len(toks)
-    i = 0
-    storage = set()
-    saw_type = False
-    tags = []
-    layout = []
-    anonymous_body = False
-    while i < n:
-        t = toks[i]
-        if t in _STORAGE:
-            storage.add(t)
-        elif t in _QUALIFIERS:
-            pass
-        elif t in _BASIC_TYPES:
-            saw_type = True
-        elif t in ("struct", "union", "enum"):
-            saw_type = True
-            tag = None
-            if i + 1 < n and _is_ident(toks[i + 1]) and toks[i + 1] not in _KEYWORDS:
-                tag = f"{t} {toks[i + 1]}"
-                i += 1
-            if i + 1 < n and toks[i + 1] == "{":
-                end = _skip_balanced(toks, i + 1)
-                if tag:
-                    tags.append(tag)
-                    if t != "enum":
-                        layout.append(tag)
-                elif t != "enum":
-                    anonymous_body = True
-                i = end
-                continue
-        elif _is_ident(t) and not saw_type and t not in _KEYWORDS:
-            saw_type = True   # a typedef name
-        else:
-            break
-        i += 1
-    names = []
-    is_function = False
-    for declarator in _split_commas(toks[i:]):
-        for j, t in enumerate(declarator):
-            if t == "=":
-                break
-            if _is_ident(t) and t not in _KEYWORDS:
-                names.append(t)
-                if j + 1 < len(declarator) and declarator[j + 1] == "(":
-                    is_function = True
-                break
-    if "typedef" in storage:
-        kind = "typedef"
-        if anonymous_body and names:
-            layout.append(names[0])
-    elif is_function:
-        kind = "function"
-    elif names:
-        kind = "variable"
-    else:
-        kind = "type"
-    decl.kind = kind
-    decl.names = tuple(names)
-    decl.tags = tuple(tags)
-    decl.layout_names = tuple(layout)
-    decl.storage = frozenset(storage)
-    own = set(names)
-    decl.refs = frozenset(t for t in toks if t in typedef_names and t not in own) if typedef_names else frozenset()
-    by_value = set()
-    mentions = set()
-    for j in range(len(toks) - 1):
-        if toks[j] in ("struct", "union", "enum") and _is_ident(toks[j + 1]):
-            follower = toks[j + 2] if j + 2 < len(toks) else ";"
-            tag = f"{toks[j]} {toks[j + 1]}"
-            if tag not in tags:
-                mentions.add(tag)
-                if follower not in ("*", "{"):
-                    by_value.add(tag)
-    decl.tag_refs = frozenset(by_value)
-    decl.tag_mentions = frozenset(mentions)
-
-
-def _split_commas(tokens: Sequence[str]) -> list[list[str]]:
-    parts: list[list[str]] = [[]]
-    depth = 0
-    for t in tokens:
-        if t in ("(", "[", "{"):
-            depth += 1
-        elif t in (")", "]", "}"):
-            depth -= 1
-        if t == "," and depth == 0:
-            parts.append([])
-        else:
-            parts[-1].append(t)
-    return [p for p in parts if p]
-
-
 # --------------------------------------------------------------------------- constants
 
 class _Query:
@@ -444,7 +128,7 @@ class _Query:
         self.value: int | None = None
 
 
-def _fold_constants(decl: _Decl, enum_values: dict[str, int], queries: list[_Query]) -> None:
+def _fold_constants(decl: Decl, enum_values: dict[str, int], queries: list[_Query]) -> None:
     """Replace array bounds and enum values that are not plain numbers by their values (or a query)."""
     toks = decl.tokens
     out: list = []
@@ -455,7 +139,7 @@ def _fold_constants(decl: _Decl, enum_values: dict[str, int], queries: list[_Que
     while i < n:
         t = toks[i]
         if t == "[":
-            end = _skip_balanced(toks, i)
+            end = skip_balanced(toks, i)
             inner = toks[i + 1:end - 1]
             out.append("[")
             if inner:
@@ -464,12 +148,12 @@ def _fold_constants(decl: _Decl, enum_values: dict[str, int], queries: list[_Que
             i = end
             continue
         if t == "{":
-            in_enum_body.append(i >= 2 and "enum" in toks[max(0, i - 2):i])
+            in_enum_body.append("enum" in toks[max(0, i - 2):i])   # "enum {" or "enum TAG {"
             next_value.append(0)
         elif t == "}":
             in_enum_body.pop()
             next_value.pop()
-        elif in_enum_body and in_enum_body[-1] and _is_ident(t) and (i == 0 or toks[i - 1] in ("{", ",")):
+        elif in_enum_body and in_enum_body[-1] and is_ident(t) and (i == 0 or toks[i - 1] in ("{", ",")):
             # An enumerator: NAME [= expression] up to the next "," or "}" of this body.
             j = i + 1
             depth = 0
@@ -503,7 +187,7 @@ def _constant(tokens: list, enum_values: dict[str, int], queries: list[_Query]) 
     try:
         return [str(evaluate(tokens, enum_values))]
     except NotConstant:
-        query = _Query(_join(tokens))
+        query = _Query(join(tokens))
         queries.append(query)
         return [query]
 
@@ -552,6 +236,7 @@ def _data_values(assembly: str) -> dict[str, int]:
     sizes = {"quad": 8, "xword": 8, "8byte": 8, "dword": 8, "long": 4, "word": 4, "4byte": 4, "value": 2,
              "short": 2, "2byte": 2, "byte": 1}
     values: dict[str, int] = {}
+    invalid: set[str] = set()
     label = None
     value = shift = 0
     for line in assembly.splitlines():
@@ -574,64 +259,26 @@ def _data_values(assembly: str) -> dict[str, int]:
         if kind in ("zero", "skip"):
             shift += int(operand.split(",")[0], 0) * 8
             continue
-        word = int(operand, 0) & ((1 << (sizes[kind] * 8)) - 1)
+        try:
+            word = int(operand, 0) & ((1 << (sizes[kind] * 8)) - 1)
+        except ValueError:      # a label or an expression, not a number: no value for this one
+            invalid.add(label)
+            continue
         value |= word << shift
         shift += sizes[kind] * 8
     if label is not None:
         values[label] = value
-    return values
+    return {k: v for k, v in values.items() if k not in invalid}
 
 
 # --------------------------------------------------------------------------- writing the cdef
 
-def _join(tokens: Iterable) -> str:
-    out: list[str] = []
-    prev = ""
-    for t in tokens:
-        t = str(t.value) if isinstance(t, _Query) else t
-        if out and _space_between(prev, t):
-            out.append(" ")
-        out.append(t)
-        prev = t
-    return "".join(out)
-
-
-def _space_between(prev: str, t: str) -> bool:
-    if t in (",", ";", ")", "]", "["):
-        return False
-    if prev in ("(", "[", "~", "!"):
-        return False
-    if t == "(" and (prev == ")" or (_is_ident(prev) and prev not in _KEYWORDS)):
-        return False
-    if prev == "*" and t not in _QUALIFIERS and (_is_ident(t) or t in ("*", ")", "(")):
-        return False
-    return True
-
-
-def _opaque(decl: _Decl) -> list:
-    """The declaration with its struct body removed (an anonymous struct gets its typedef name as tag)."""
-    toks = decl.tokens
-    for i, t in enumerate(toks):
-        if t in ("struct", "union") :
-            j = i + 1
-            tag: list = []
-            if j < len(toks) and _is_ident(toks[j]) and toks[j] not in _KEYWORDS:
-                tag = [toks[j]]
-                j += 1
-            if j < len(toks) and toks[j] == "{":
-                end = _skip_balanced(toks, j)
-                if not tag and decl.names:
-                    tag = [decl.names[0]]
-                return toks[:i + 1] + tag + toks[end:]
-    return toks
-
-
 # --------------------------------------------------------------------------- the whole job
 
-def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: list[str], system: set[str],
-              flags: list[str], compiler: list[str], *, source: bool, title: str) -> Cdef:
-    typedefs: dict[str, _Decl] = {}
-    tag_defs: dict[str, _Decl] = {}
+def _generate(path: Path, decls: list[Decl], own: list[Decl], macros, files: list[str], system: set[str],
+              flags: list[str], compiler: list[str], *, source: bool, own_files: frozenset[str], title: str) -> Cdef:
+    typedefs: dict[str, Decl] = {}
+    tag_defs: dict[str, Decl] = {}
     for d in decls:
         if d.kind == "typedef":
             for name in d.names:
@@ -640,7 +287,7 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
             tag_defs.setdefault(tag, d)
 
     # The types own declarations need, from wherever they are declared.
-    keep: dict[int, _Decl] = {id(d): d for d in own}
+    keep: dict[int, Decl] = {id(d): d for d in own}
     queue = list(own)
     while queue:
         d = queue.pop()
@@ -663,14 +310,14 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
     for d in kept:
         if not d.drop and not d.macro:
             _fold_constants(d, enum_values, queries)
-    layout_queries: list[tuple[_Decl, str, _Query, _Query]] = []
+    layout_queries: list[tuple[Decl, str, _Query, _Query]] = []
     for d in kept:
         for name in d.layout_names if not d.drop else ():
             size, align = _Query(f"sizeof({name})"), _Query(f"__alignof__({name})")
             layout_queries.append((d, name, size, align))
             queries += [size, align]
     if not source:
-        kept += _macro_constants(path, macros, kept, enum_values)
+        kept += _macro_constants(own_files, macros, kept, enum_values)
         kept.sort(key=lambda d: d.index)
     failure = _compute(queries, path, flags, compiler)
     if failure:
@@ -679,23 +326,12 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
                 d.drop = d.drop or f"a constant only the compiler knows, and it could not say ({failure})"
         layout_queries = []
         title += f" */\n/* struct layouts NOT checked against the compiler: {_comment(failure)}"
+    header_lines = f"/* {title} */".split("\n")
 
     # cffi has the last word: parse, drop what it refuses, and check layouts against the compiler's.
-    dropped_by_cffi: set[int] = set()
     opaque_done: set[int] = set()
-    for _attempt in range(len(kept) + 2):
-        text, owners = _render(kept, title)
-        ffi = cffi.FFI()
-        try:
-            ffi.cdef(text)
-        except Exception as exc:   # cffi raises CDefError, FFIError, pycparser's ParseError
-            culprit = _culprit(exc, owners, kept)
-            if culprit is None or id(culprit) in dropped_by_cffi:
-                raise InterfaceError(f"cannot make a cdef of {path}: cffi refuses it: {exc}") from None
-            dropped_by_cffi.add(id(culprit))
-            culprit.drop = f"cffi cannot parse it: {_first_line(exc)}"
-            _propagate_drops(kept)
-            continue
+    for _attempt in range(len(layout_queries) + 2):
+        text, ffi = _parse_dropping_refused(kept, header_lines, path)
         changed = False
         for d, name, size, align in layout_queries:
             if d.drop or id(d) in opaque_done or size.value is None:
@@ -708,7 +344,7 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
                 spelled = "unknown" if ours is None else f"{ours[0]} bytes aligned to {ours[1]}"
                 d.note = (f"{name}: opaque here: cffi would lay it out as {spelled}, the compiler as "
                           f"{size.value} bytes aligned to {align.value} (alignment or packing cffi cannot express)")
-                d.tokens = _opaque(d)
+                d.tokens = opaque(d)
                 opaque_done.add(id(d))
                 changed = True
         if not changed:
@@ -719,74 +355,138 @@ def _generate(path: Path, decls: list[_Decl], own: list[_Decl], macros, files: l
     return Cdef(text=text, functions=functions, dropped=dropped, files=tuple(files), ffi=ffi)
 
 
-def _propagate_drops(kept: list[_Decl]) -> None:
-    """A declaration that needs a dropped type is dropped too, saying which."""
-    while True:
-        gone = {}
-        for d in kept:
-            if d.drop and d.kind == "typedef":
-                gone.update({name: d for name in d.names})
-            if d.drop:
-                gone.update({tag: d for tag in d.tags})
-        changed = False
-        for d in kept:
-            if d.drop:
-                continue
-            for ref in list(d.refs) + list(d.tag_refs):
-                if ref in gone:
-                    d.drop = f"needs {ref}, which is left out: {gone[ref].drop}"
-                    changed = True
-                    break
-        if not changed:
-            return
+def _propagate_drops(kept: list[Decl], dropped: Iterable[Decl] | None = None) -> None:
+    """A declaration that needs a dropped type is dropped too, saying which.
+
+    Args:
+        dropped: the declarations just dropped (default: every dropped one in ``kept``).
+    """
+    users: dict[str, list[Decl]] = {}
+    for d in kept:
+        if not d.drop:
+            for ref in d.refs | d.tag_refs:
+                users.setdefault(ref, []).append(d)
+    queue = [d for d in (kept if dropped is None else dropped) if d.drop]
+    while queue:
+        gone = queue.pop()
+        cause = gone.cause or gone.drop
+        provided = (gone.names if gone.kind == "typedef" else ()) + gone.tags
+        for name in provided:
+            for d in users.get(name, ()):
+                if not d.drop:
+                    d.drop = f"needs {name}, which is left out: {cause}"
+                    d.cause = cause
+                    queue.append(d)
 
 
-def _macro_constants(path: Path, macros, kept: list[_Decl], enum_values: dict[str, int]) -> list[_Decl]:
+def _parse_dropping_refused(kept: list[Decl], header_lines: list[str], path: Path) -> tuple[str, cffi.FFI]:
+    """The cdef text and the FFI that parsed it, after dropping each declaration cffi refuses.
+
+    One parse when cffi takes everything (the usual case). Otherwise the
+    declarations are fed to one FFI in chunks, restoring its parser's state
+    after a refused chunk, so that each refusal costs a chunk's parse and not
+    the whole text's (GL/glext.h leaves out thousands of declarations).
+    """
+    text, _owners = _render(kept, header_lines)
+    ffi = cffi.FFI()
+    try:
+        ffi.cdef(text)
+        return text, ffi
+    except Exception:   # cffi raises CDefError, FFIError, pycparser's ParseError
+        pass
+    probe = cffi.FFI()
+    parser = probe._parser
+
+    def attempt(decls: list[Decl], keep: bool) -> tuple[Exception | None, dict[int, Decl]]:
+        saved = dict(parser._declarations), dict(parser._int_constants)
+        chunk_text, owners = _render(decls, [])
+        try:
+            probe.cdef(chunk_text)
+        except Exception as exc:
+            parser._declarations, parser._int_constants = saved
+            return exc, owners
+        if not keep:
+            parser._declarations, parser._int_constants = saved
+        return None, owners
+
+    live = [d for d in kept if not d.drop]
+    step = 64
+    for start in range(0, len(live), step):
+        while True:
+            chunk = [d for d in live[start:start + step] if not d.drop]
+            if not chunk:
+                break
+            exc, owners = attempt(chunk, keep=True)
+            if exc is None:
+                break
+            culprit = _culprit(exc, owners, chunk)
+            if culprit is None:   # no line to go by: the shortest failing prefix ends with it
+                low, high = 0, len(chunk) - 1
+                while low < high:
+                    middle = (low + high) // 2
+                    if attempt(chunk[:middle + 1], keep=False)[0] is None:
+                        low = middle + 1
+                    else:
+                        high = middle
+                culprit = chunk[low]
+            culprit.drop = f"cffi cannot parse it: {_first_line(exc)}"
+            _propagate_drops(kept, [culprit])
+    text, _owners = _render(kept, header_lines)
+    ffi = cffi.FFI()
+    try:
+        ffi.cdef(text)
+    except Exception as exc:
+        raise InterfaceError(f"cannot make a cdef of {path}: cffi refuses it: {exc}") from None
+    return text, ffi
+
+
+def _macro_constants(own_files: frozenset[str], macros, kept: list[Decl], enum_values: dict[str, int]) -> list[Decl]:
     """``#define NAME VALUE`` pseudo-declarations for the header's integer-valued macros."""
     bodies: dict[str, list[str]] = {}
-    own: dict[str, tuple[int, list[str]]] = {}
-    main = str(path)
+    own: dict[str, tuple[int, str, list[str]]] = {}
     for position, file, name, body in macros:
         if body is None:
             bodies.pop(name, None)
             own.pop(name, None)
             continue
         bodies[name] = body
-        if file == main:
-            own[name] = (position, body)
+        if file in own_files:
+            own[name] = (position, file, body)
     declared = {n for d in kept for n in d.names} | set(enum_values)
     names: dict = dict(bodies)
     names.update(enum_values)
     out = []
-    for name, (position, body) in own.items():
+    for name, (position, file, body) in own.items():
         if name in declared or not body or (_HEADER_GUARD.search(name) and body in (["1"], [])):
             continue
         try:
             value = evaluate(body, names)
         except (NotConstant, RecursionError):
             continue
-        out.append(_Decl([], main, position, macro=(name, value), kind="macro"))
+        out.append(Decl([], file, position, macro=(name, value), kind="macro"))
     return out
 
 
-def _render(kept: list[_Decl], title: str) -> tuple[str, dict[int, _Decl]]:
-    """The cdef text (one declaration per line) and which declaration each line holds."""
-    lines = [f"/* {title} */"]
-    owners: dict[int, _Decl] = {}
-    file = None
-    for d in kept:
-        if d.drop:
-            continue
-        if d.file != file:
-            file = d.file
-            lines.append(f"/* from {file} */")
-        if d.note:
-            lines.append(f"/* {d.note} */")
-        if d.macro:
-            lines.append(f"#define {d.macro[0]} {d.macro[1]}")
-        else:
-            lines.append(_join(d.tokens) + ";")
-        owners[len(lines)] = d
+def _render(kept: list[Decl], header_lines: list[str]) -> tuple[str, dict[int, Decl]]:
+    """The cdef text (one declaration per line) and which declaration each line holds.
+
+    The ``#define`` constants come last: cffi's error messages count lines
+    wrongly after a ``#define`` line, and a refused declaration is found by
+    its line.
+    """
+    lines = list(header_lines)
+    owners: dict[int, Decl] = {}
+    live = [d for d in kept if not d.drop]
+    for group in ([d for d in live if not d.macro], [d for d in live if d.macro]):
+        file = None
+        for d in group:
+            if d.file != file:
+                file = d.file
+                lines.append(f"/* {'constants ' if d.macro else ''}from {file} */")
+            if d.note:
+                lines.append(f"/* {d.note} */")
+            lines.append(f"#define {d.macro[0]} {d.macro[1]}" if d.macro else join(d.tokens) + ";")
+            owners[len(lines)] = d
     notes = [d for d in kept if d.drop]
     if notes:
         lines.append("/* left out: */")
@@ -799,15 +499,17 @@ def _comment(text: str) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
+    """cffi's complaint without its location (a line of the generated text would mean nothing to a reader)."""
     text = str(exc).strip().splitlines()
-    # cffi's ParseError text is 'cannot parse "LINE"' then the location: keep the location's message.
+    # cffi's ParseError text is 'cannot parse "LINE"' then the location and message: keep the message.
     for line in reversed(text):
-        if line.strip():
-            return _CFFI_LINE.sub("line \\1", line.strip())
+        message = re.sub(r"^(?:<cdef source string>)?(?::\d+)+:?\s*", "", line.strip())
+        if message:
+            return message
     return type(exc).__name__
 
 
-def _culprit(exc: BaseException, owners: dict[int, _Decl], kept: list[_Decl]) -> _Decl | None:
+def _culprit(exc: BaseException, owners: dict[int, Decl], kept: list[Decl]) -> Decl | None:
     match = _CFFI_LINE.search(str(exc))
     if match:
         return owners.get(int(match.group(1)))
@@ -826,21 +528,21 @@ def _prepare(path: Path, include_dirs: Iterable, defines: Iterable[str], compile
     argv = compiler_command(compiler)
     flags = _flags([Path(d).resolve() for d in include_dirs], list(defines), cdef_view)
     text = _run_compiler([*argv, "-E", "-dD", *flags, "-x", "c", str(path)], "preprocess", path)
-    tokens, macros, files, system = _scan(text)
-    decls = _split(_strip_calls(tokens))
+    tokens, macros, files, system = scan(text)
+    decls = split(strip_calls(tokens))
     typedef_names = set()
     for d in decls:
-        _clean(d)
+        clean(d)
         if d.tokens and d.tokens[0] == "typedef":
-            _analyze(d, set())
+            analyze(d, set())
             typedef_names.update(d.names)
     for d in decls:
         if d.tokens:
-            _analyze(d, typedef_names)
+            analyze(d, typedef_names)
     return path, argv, flags, decls, macros, files, system
 
 
-def _integer_constant(decl: _Decl) -> bool:
+def _integer_constant(decl: Decl) -> bool:
     """``static const int NAME = <literal>``: cffi declares it as an integer constant."""
     toks = decl.tokens
     if decl.kind != "variable" or "const" not in toks or "=" not in toks or len(decl.names) != 1:
@@ -853,24 +555,27 @@ def _integer_constant(decl: _Decl) -> bool:
 
 
 def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
-                     defines: Iterable[str] = (), *, compiler: str | Sequence[str] | None = None) -> Cdef:
+                     defines: Iterable[str] = (), *, compiler: str | Sequence[str] | None = None,
+                     also: Iterable[str] = ()) -> Cdef:
     """A cdef of ``header``'s own declarations, the types they need, and its integer constants.
 
     Args:
         include_dirs: ``-I`` directories.
         defines: ``-D`` definitions, ``"NAME"`` or ``"NAME=VALUE"``; ``NATIVERELOAD_CDEF=1`` is always added.
         compiler: the C compiler (default ``$CC``, else ``cc``).
+        also: glob patterns (``"z3_*.h"``, ``"*/glib/*.h"``) naming headers it includes whose
+            declarations count as its own too: for an umbrella header, whose API is in others.
 
     Raises:
         InterfaceError: the header is missing, the compiler failed on it, or
             cffi refuses the result in a way no dropped declaration fixes.
     """
     path, argv, flags, decls, macros, files, system = _prepare(Path(header), include_dirs, defines, compiler, True)
-    main = str(path)
+    own_files = _own_files(str(path), files, also)
     own = []
     seen: set = set()
     for d in decls:
-        if d.file != main:
+        if d.file not in own_files:
             continue
         if d.body:
             if "static" in d.storage or d.inline:
@@ -884,8 +589,15 @@ def cdef_from_header(header: str | os.PathLike, include_dirs: Iterable[str | os.
             continue       # declared twice (a prototype repeated): cffi refuses duplicates
         seen.add(key)
         own.append(d)
-    return _generate(path, decls, own, macros, files, system, flags, argv, source=False,
+    return _generate(path, decls, own, macros, files, system, flags, argv, source=False, own_files=own_files,
                      title=f"cdef of {path.name}, made by nativereload from {path}")
+
+
+def _own_files(main: str, files: Iterable[str], patterns: Iterable[str]) -> frozenset[str]:
+    patterns = list(patterns)
+    return frozenset([main] + [f for f in files
+                               if any(fnmatch.fnmatch(f, p) or fnmatch.fnmatch(os.path.basename(f), p)
+                                      for p in patterns)])
 
 
 def cdef_from_source(c_file: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
@@ -910,7 +622,7 @@ def cdef_from_source(c_file: str | os.PathLike, include_dirs: Iterable[str | os.
             if d.names and d.names[0] not in names:
                 names.update(d.names)
                 own.append(d)
-    return _generate(path, decls, own, macros, files, system, flags, argv, source=True,
+    return _generate(path, decls, own, macros, files, system, flags, argv, source=True, own_files=frozenset([main]),
                      title=f"functions defined in {path.name}, declared by nativereload").text
 
 
@@ -931,12 +643,13 @@ def unexported(functions: Iterable[str], library: str | os.PathLike) -> list[str
 
 def embed_header(header: str | os.PathLike, output: str | os.PathLike, include_dirs: Iterable[str | os.PathLike] = (),
                  defines: Iterable[str] = (), *, compiler: str | Sequence[str] | None = None,
-                 depfile: str | os.PathLike | None = None):
+                 depfile: str | os.PathLike | None = None, also: Iterable[str] = ()):
     """Write ``output``: a C file that embeds ``header``'s interface in the library it is compiled into.
 
     The interface is the header's cdef (:func:`cdef_from_header`, read with
     ``NATIVERELOAD_CDEF`` defined); the file also includes the header so the
     compiler checks cffi's struct layouts (see :func:`interface.embed_source`).
+    ``also`` is as for :func:`cdef_from_header`.
     The file is replaced by rename, never seen half-written. With
     ``depfile``, also writes a Makefile-style list of every file the header
     read, so a build system re-runs this when any of them changes.
@@ -950,7 +663,7 @@ def embed_header(header: str | os.PathLike, output: str | os.PathLike, include_d
     """
     from . import interface as interface_mod
 
-    cdef = cdef_from_header(header, include_dirs, defines, compiler=compiler)
+    cdef = cdef_from_header(header, include_dirs, defines, compiler=compiler, also=also)
     embedded = interface_mod.from_ffi(cdef.ffi, cdef.text)
     text = interface_mod.embed_source(embedded, header=header, output=output)
     _write_atomically(Path(output), text)

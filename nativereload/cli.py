@@ -233,6 +233,9 @@ def _add_interface_parsers(sub: Any) -> None:
                             help="define a macro while reading the header (repeatable)")
         parser.add_argument("--compiler", metavar="CC", help="the C compiler that preprocesses (default: $CC, "
                             "else cc)")
+        parser.add_argument("--also", action="append", default=[], metavar="GLOB",
+                            help="the declarations of included headers matching GLOB (a path or file name "
+                                 "pattern, e.g. 'z3_*.h') count as the header's own too (repeatable)")
 
     c = _subcommand(sub, "cdef", "print a cffi cdef made from a C header (a third-party library's)",
                     "Make a cdef cffi parses from a real C header: the compiler preprocesses it, and what cffi "
@@ -544,7 +547,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_cdef(args: argparse.Namespace) -> int:
     from . import cdefgen
 
-    result = cdefgen.cdef_from_header(args.header, args.include_dirs, args.defines, compiler=args.compiler)
+    result = cdefgen.cdef_from_header(args.header, args.include_dirs, args.defines, compiler=args.compiler,
+                                      also=args.also)
     if args.output:
         cdefgen._write_atomically(Path(args.output), result.text)
     else:
@@ -569,7 +573,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from . import cdefgen
 
     embedded = cdefgen.embed_header(args.header, args.output, args.include_dirs, args.defines,
-                                    compiler=args.compiler, depfile=args.depfile)
+                                    compiler=args.compiler, depfile=args.depfile, also=args.also)
     print(f"wrote {args.output}: the interface of {args.header} ({len(embedded.functions)} function(s), "
           f"{len(embedded.types)} type(s), {len(embedded.constants)} constant(s); digest {embedded.digest[:12]})")
     return EXIT_OK

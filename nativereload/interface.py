@@ -48,7 +48,7 @@ from cffi import model
 from .errors import InterfaceError
 
 __all__ = ["FORMAT", "SECTION", "Change", "Diff", "Field", "Function", "Interface", "Type", "diff", "embed_source",
-           "from_ffi", "parse", "read", "read_fd"]
+           "from_ffi", "from_section", "parse", "read", "read_fd"]
 
 #: The ELF section an embedded interface lives in.
 SECTION = ".nativereload.interface"

@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -191,3 +192,32 @@ def run_python(code: str, *, env: dict | None = None, timeout: float = 60) -> su
         full_env.update(env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                           env=full_env)
+
+
+def _system_libdir() -> Path:
+    """Where Debian puts the system's libraries: /usr/lib/<multiarch triplet>."""
+    triplet = sysconfig.get_config_var("MULTIARCH")
+    if not triplet:
+        try:
+            triplet = subprocess.run(["cc", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            triplet = ""
+    return Path("/usr/lib") / triplet if triplet else Path("/usr/lib")
+
+
+SYSTEM_LIBDIR = _system_libdir()
+
+
+def require_real_library(*paths: str | Path) -> None:
+    """Skip unless every path exists (a system header or library); in CI, fail instead.
+
+    CI sets NATIVERELOAD_REAL_LIBRARIES=required after installing the -dev
+    packages (libsqlite3-dev zlib1g-dev libzstd-dev liblz4-dev libxxhash-dev),
+    so the real-library tests cannot silently skip there.
+    """
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        message = f"not installed: {', '.join(missing)} (apt-get install the -dev package)"
+        if os.environ.get("NATIVERELOAD_REAL_LIBRARIES") == "required":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)

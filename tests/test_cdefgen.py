@@ -11,23 +11,22 @@ import cffi
 import pytest
 
 from nativereload import cdefgen
+from nativereload._cdecl import lex
 from nativereload._cexpr import NotConstant, evaluate
 from nativereload.errors import InterfaceError
 
-LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
+from conftest import SYSTEM_LIBDIR, require_real_library
+
+LIBDIR = SYSTEM_LIBDIR
 INCLUDE = Path("/usr/include")
 
 
 def _system(header: str, library: str) -> tuple[cdefgen.Cdef, cffi.FFI, object]:
-    if not (INCLUDE / header).is_file():
-        pytest.skip(f"{header} is not installed (apt-get install the -dev package)")
-    candidates = sorted(Path("/usr/lib").rglob(library)) if not (LIBDIR / library).exists() else [LIBDIR / library]
-    if not candidates:
-        pytest.skip(f"{library} is not installed")
+    require_real_library(INCLUDE / header, LIBDIR / library)
     cdef = cdefgen.cdef_from_header(INCLUDE / header)
     ffi = cffi.FFI()
     ffi.cdef(cdef.text)     # parses as it is
-    return cdef, ffi, ffi.dlopen(str(candidates[0]))
+    return cdef, ffi, ffi.dlopen(str(LIBDIR / library))
 
 
 def _resolvable(lib, names) -> list[str]:
@@ -142,6 +141,8 @@ def test_strips_what_cffi_cannot_parse(tmp_path):
         static int private_counter;
         struct s { char buf[sizeof(long) * 2]; int n; };
         enum e { E_A = 1 << 4, E_B, E_C = sizeof(struct s) };
+        enum
+        { ANON = ((3) < 8 ? ((1 << (3)) << 8) : 0) };
         #define BIG (0ULL - 1)
         #define SHIFTED (1u << 31)
         #define NEG (-5)
@@ -167,7 +168,7 @@ def test_strips_what_cffi_cannot_parse(tmp_path):
     lib = ffi.dlopen(None)
     assert (lib.BIG, lib.SHIFTED, lib.NEG, lib.ONLY_IN_CDEF_VIEW) == (2**64 - 1, 2**31, -5, 1)
     assert lib.SCONST == 42 and "private_counter" not in cdef.text
-    assert (lib.E_A, lib.E_B, lib.E_C) == (16, 17, 20)
+    assert (lib.E_A, lib.E_B, lib.E_C, lib.ANON) == (16, 17, 20, 2048)
     for name in ("STR", "FLT", "FN", "only_for_the_compiler"):
         assert name not in cdef.text
 
@@ -222,6 +223,33 @@ def test_needed_types_from_other_headers_come_along(tmp_path):
     assert "struct by_pointer { int b; };" in text and "struct tm {" not in text
     assert "uint32_t;" not in text      # cffi knows it natively
     assert str(tmp_path / "other.h") in cdef.files
+
+
+@pytest.mark.parametrize("by_line", [True, False])
+def test_many_refused_declarations(tmp_path, monkeypatch, by_line):
+    """A header that is not self-contained (it uses types another header defines): each use is left out."""
+    lines = [f"typedef void (*callback{i}_t)(undefined_t value, int n);" for i in range(300)]
+    lines += ["typedef int fine_t;", "fine_t works(fine_t);", "undefined_t broken(void);"]
+    header = _header(tmp_path, "\n".join(lines) + "\n")
+    if not by_line:   # an error that names no line: found by bisection
+        monkeypatch.setattr(cdefgen, "_culprit", lambda exc, owners, kept: None)
+    cdef = cdefgen.cdef_from_header(header)
+    assert cdef.functions == ("works",)
+    dropped = dict(cdef.dropped)
+    assert len(dropped) == 301 and "broken" in dropped and "callback299_t" in dropped
+    cffi.FFI().cdef(cdef.text)
+
+
+def test_umbrella_header_with_also(tmp_path):
+    _header(tmp_path, "int part_one(void);\n#define PART_ONE 1\n", "lib_one.h")
+    _header(tmp_path, "int part_two(void);\n", "lib_two.h")
+    _header(tmp_path, "int elsewhere(void);\n", "other.h")
+    umbrella = _header(tmp_path, '#include "lib_one.h"\n#include "lib_two.h"\n#include "other.h"\nint top(void);\n',
+                       "lib.h")
+    assert cdefgen.cdef_from_header(umbrella).functions == ("top",)
+    cdef = cdefgen.cdef_from_header(umbrella, also=["lib_*.h"])
+    assert cdef.functions == ("part_one", "part_two", "top") and "#define PART_ONE 1" in cdef.text
+    assert cdefgen.cdef_from_header(umbrella, also=[str(tmp_path / "other.h")]).functions == ("elsewhere", "top")
 
 
 def test_missing_header_and_compiler_errors(tmp_path):
@@ -293,14 +321,14 @@ def test_cdef_from_source_declares_defined_functions(tmp_path):
     ("'A' + 1", 66), ("(int)(2147483647 + 1u)", -2**31), ("~0u", 2**32 - 1), ("~0UL", 2**64 - 1),
 ])
 def test_evaluate(expression, value):
-    assert evaluate(cdefgen._tokens(expression)) == value
+    assert evaluate(lex(expression)) == value
 
 
 @pytest.mark.parametrize("expression", ["sizeof(int)", "(void *)0", "x + 1", '"s"', "1 / 0", "1.5",
                                         "((sqlite3_destructor_type)-1)"])
 def test_evaluate_refuses_non_constants(expression):
     with pytest.raises(NotConstant):
-        evaluate(cdefgen._tokens(expression))
+        evaluate(lex(expression))
 
 
 def test_evaluate_expands_macros_without_looping():

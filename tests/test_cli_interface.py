@@ -13,7 +13,7 @@ import pytest
 from nativereload import interface
 from nativereload.cli import main
 
-from conftest import ROOT
+from conftest import ROOT, SYSTEM_LIBDIR, require_real_library
 
 
 def test_include_dir(capsys):
@@ -78,9 +78,8 @@ def test_check_end_to_end(samples):
 
 
 def test_cdef_command_with_library(capsys, tmp_path):
-    if not Path("/usr/include/sqlite3.h").is_file():
-        pytest.skip("sqlite3.h not installed")
-    library = "/usr/lib/x86_64-linux-gnu/libsqlite3.so.0"
+    library = str(SYSTEM_LIBDIR / "libsqlite3.so.0")
+    require_real_library("/usr/include/sqlite3.h", library)
     assert main(["cdef", "/usr/include/sqlite3.h", "--library", library]) == 0
     out, err = capsys.readouterr()
     ffi = cffi.FFI()

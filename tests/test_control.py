@@ -411,7 +411,9 @@ def test_protocol_against_a_serving_child(spawn, samples, moddir):
     (module,) = status["modules"]
     assert module["name"] == "sample" and module["generation"] == 1
     assert module["path"] == str(moddir / "sample.so")
-    assert module["images"] == [{"generation": 1, "state": "active", "in_flight": module["images"][0]["in_flight"]}]
+    image = module["images"][0]
+    assert module["images"] == [{"generation": 1, "state": "active", "in_flight": image["in_flight"], "pins": 0,
+                                 "handles": {}, "pointer_results": 0, "held_by": image["held_by"]}]
 
     install(samples["v2"], moddir / "sample.so")
     reply = control.request(child.socket, "reload", module="sample")

@@ -14,7 +14,7 @@ import pytest
 from nativereload import build, cdefgen, interface
 from nativereload.errors import InterfaceError
 
-from conftest import ROOT
+from conftest import ROOT, require_real_library
 
 HEADER = """
 #ifndef COUNTER_H
@@ -144,6 +144,18 @@ def test_embed_cli_output_compiles_into_the_module(tmp_path):
                     "-o", str(library), str(project / "counter.c"), str(out)], check=True)
     embedded = interface.read(library)
     assert embedded is not None and set(embedded.functions) == {"counter_add", "counter_next"}
+
+
+@pytest.mark.parametrize("header", ["zlib.h", "zstd.h", "lz4.h", "sqlite3.h", "xxhash.h"])
+def test_real_headers_embed_and_their_layouts_hold(tmp_path, header):
+    """Every struct cffi lays out from a real header, the compiler lays out the same (checked at compile time)."""
+    path = Path("/usr/include") / header
+    require_real_library(path)
+    out = tmp_path / "interface.c"
+    embedded = cdefgen.embed_header(path, out)
+    subprocess.run(["cc", "-c", "-Wall", "-Wextra", "-Werror", "-pedantic", "-std=c11", "-o", str(tmp_path / "i.o"),
+                    str(out)], check=True)
+    assert "NATIVERELOAD_CHECK_(sizeof(" in out.read_text() and embedded.functions
 
 
 def test_layout_hidden_from_the_cdef_view_fails_the_build(tmp_path):
