@@ -31,9 +31,10 @@ def make_leftover(tmpdir, pid, with_lock=True):
 
 def test_stale_directory_of_dead_process_is_removed_at_start(tmpdir_for_copies):
     leftover = make_leftover(tmpdir_for_copies, dead_pid())
+    # Without its lock file a directory is not certainly ours: it stays.
     no_lock = make_leftover(tmpdir_for_copies, dead_pid(), with_lock=False)
     Registry(tmpdir=tmpdir_for_copies).close()
-    assert not leftover.exists() and not no_lock.exists()
+    assert not leftover.exists() and no_lock.exists()
 
 
 def test_directories_of_live_processes_are_left_alone(tmpdir_for_copies):
@@ -104,8 +105,9 @@ def test_no_directory_is_left_while_no_image_is_loaded(moddir, samples, tmpdir_f
 
 def test_stale_directory_with_any_suffix_is_removed(tmpdir_for_copies):
     leftover = tmpdir_for_copies / f"nativereload-{dead_pid()}-left-over.d"
-    leftover.mkdir()
+    leftover.mkdir(mode=0o700)
     (leftover / "x.so").write_bytes(b"x")
+    (leftover / ".lock").write_bytes(b"")
     sockets = tmpdir_for_copies / "nativereload-sockets-0"
     sockets.mkdir()
     Registry(tmpdir=tmpdir_for_copies).close()
