@@ -30,6 +30,7 @@ from . import gate as _gate
 from .errors import (ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
                      ModuleUnloaded, NativeReloadError, SymbolError)
 from .image import Image, Interface
+from .trust import Trust, TrustedHashes
 from .workdir import Workdir, remove_stale, resolve_tmpdir
 
 __all__ = ["ImageStatus", "Module", "ModuleStatus", "Registry"]
@@ -44,12 +45,15 @@ class ImageStatus(NamedTuple):
 
     state: "active" (new calls go here), "retired" (replaced, calls still in
     flight), or "leaked" (closed, but the dynamic loader kept it mapped).
+    copy_deleted: its private copy is gone from disk (a tmp cleaner removed
+    it); the image still runs from its mapping.
     """
 
     generation: int
     state: str
     in_flight: int
     copy_path: str
+    copy_deleted: bool = False
 
 
 class ModuleStatus(NamedTuple):
@@ -191,16 +195,21 @@ class Registry:
         tmpdir: where the private copies go; default $TMPDIR, else /tmp, read at each load.
         auto_reload: watch each module's file and reload it when it is replaced
             (see :meth:`watch_files`).
+        trust_writable: load files that another user could have written (refused by default; see trust.py).
+        trusted_hashes: the SHA-256 digests (hex) a loaded file may have, or a callable
+            ``(path, digest) -> bool``; None allows any content.
 
     Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, path: Iterable[str | os.PathLike] | str | os.PathLike = (),
-                 tmpdir: str | os.PathLike | None = None, *, auto_reload: bool = False) -> None:
+                 tmpdir: str | os.PathLike | None = None, *, auto_reload: bool = False,
+                 trust_writable: bool = False, trusted_hashes: TrustedHashes = None) -> None:
         if isinstance(path, (str, os.PathLike)):
             path = [path]
         self._path = [os.fspath(entry) for entry in path]
         self._tmpdir = tmpdir
+        self._trust = Trust(trust_writable, trusted_hashes)
         self._gate = _gate.implementation()
         self._admin = threading.Lock()
         self._state = threading.Condition(threading.Lock())
@@ -393,7 +402,7 @@ class Registry:
             return [ModuleStatus(module.name, module.path, module.generation,
                                  [ImageStatus(image.generation, _image_state(module, image),
                                               image.gate.in_flight if image.state != "leaked" else 0,
-                                              image.copy_path)
+                                              image.copy_path, not os.path.lexists(image.copy_path))
                                   for image in module._images])
                     for module in modules]
 
@@ -488,12 +497,20 @@ class Registry:
         return Image.load(module=module.name, generation=generation, source=module.path,
                           directory=self._workdir(module.name).path, interface=interface,
                           gate_type=self._gate.ImageGate,
-                          on_closed=functools.partial(self._image_closed, module), refused=refused)
+                          on_closed=functools.partial(self._image_closed, module), refused=refused,
+                          trust=self._trust)
 
     def _workdir(self, module: str) -> Workdir:
         """This registry's directory in the current tmpdir (made, after a stale-directory sweep, on first use)."""
         tmpdir = resolve_tmpdir(self._tmpdir)
         workdir = self._workdirs.get(tmpdir)
+        if workdir is not None and workdir.owner == os.getpid() and not workdir.intact():
+            # Deleted while we served (a tmp cleaner): images in it still run
+            # from their mappings; new copies need a new directory.
+            logger.warning("%s was deleted while in use; making a new one", workdir.path)
+            workdir.remove()
+            _open_workdirs.discard(workdir)
+            workdir = None
         if workdir is None or workdir.owner != os.getpid():     # none yet, or the parent's (we forked)
             remove_stale(tmpdir)
             workdir = Workdir(tmpdir, module)
