@@ -95,7 +95,7 @@ _LIBRARY_TAGS = {_DT_NEEDED, _DT_AUXILIARY, _DT_FILTER}
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 _STB_WEAK = 2
 _LOCAL_BINDING = re.compile(rb"[\x00-\x0f]")                       # st_info >> 4 == STB_LOCAL
-_LOCAL_VISIBILITY = re.compile(b"[" + bytes(v for v in range(256) if v & 3 in (1, 2)) + b"]", re.DOTALL)
+_LOCAL_VISIBILITY = re.compile(b"[" + b"".join(re.escape(bytes([v])) for v in range(256) if v & 3 in (1, 2)) + b"]")
 _SHN_UNDEF = 0
 _SHF_WRITE, _SHF_ALLOC, _SHF_EXECINSTR, _SHF_TLS = 0x1, 0x2, 0x4, 0x400
 _SHT_DYNAMIC, _SHT_NOBITS = 6, 8
@@ -310,8 +310,10 @@ def _check_program_headers(f: _File, table: bytes, ph_format: str, e_phoff: int,
     if not any(s.flags & _PF_X and s.filesz for s in f.loads):
         raise _corrupt("program headers: no executable loadable segment")
     dynamics = [h for h in headers if h[1] == _PT_DYNAMIC]
-    if len(dynamics) != 1 or dynamics[0][5] == 0:
+    if len(dynamics) != 1:
         raise _corrupt(f"program headers: {len(dynamics)} dynamic segments (a shared library has one)")
+    if dynamics[0][5] == 0:
+        raise _corrupt("program headers: the dynamic segment is empty")
     for index, p_type, p_flags, p_offset, p_vaddr, p_filesz, p_memsz, p_align in headers:
         if p_type == _PT_PHDR:
             # ld.so reads the program headers back from this address (dl_iterate_phdr, notes).
@@ -593,7 +595,8 @@ def _check_versions(f: _File, d: _Dynamic, nsyms: int, strtab: bytes) -> None:
         for count in range(_MAX_VERSION_ENTRIES):
             version, _cnt, file, aux, next_entry = struct.unpack(f.order + "HHIII", f.read_at(entry, 16, what))
             if version != 1 and count == 0:
-                break                       # ld.so refuses it with an error of its own (it checks the first only)
+                # ld.so refuses it (and checks the first entry only)
+                raise _corrupt(f"{what}: version {version} of the structure (1 expected)")
             if file >= strsz or _string(strtab, file) not in needed:
                 raise _corrupt(f"{what}: a version of a file that is not a DT_NEEDED entry")
             item = entry + aux
@@ -673,8 +676,8 @@ def _function_start(f: _File, address: int, symbols: _Symbols | None) -> bool | 
     Known starts: executable sections (.init, .fini), exported functions, and
     the functions the unwind tables index (PT_GNU_EH_FRAME, the .eh_frame_hdr
     binary-search table, in the encoding GCC and LLVM use). Inside .init or
-    .fini (one function each) is known not to be a start; elsewhere, with no
-    unwind index, nobody can tell.
+    .fini (one function each) is known not to be a start; elsewhere, without
+    both the unwind index and the section headers, nobody can tell.
     """
     if f.code_starts and address in f.code_starts:
         return True
@@ -682,7 +685,9 @@ def _function_start(f: _File, address: int, symbols: _Symbols | None) -> bool | 
         return True
     if any(start < address < end for start, end in f.function_ranges):
         return False
-    if f.eh_frame_hdr is None:
+    # .init and .fini have no unwind entry: without section headers to say
+    # where they start, the unwind index cannot tell a start from a middle.
+    if f.eh_frame_hdr is None or f.code_starts is None:
         return None
     try:
         header = f.read_at(f.eh_frame_hdr, 12, "unwind table index")
