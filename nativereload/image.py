@@ -20,8 +20,10 @@ byte-for-byte copy under a new name is a new image and is ours alone.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -31,6 +33,7 @@ import cffi
 
 from . import dynamic, elf
 from .errors import InterfaceError, LoadError, ModuleNotFound, SymbolError
+from .trust import Trust
 
 __all__ = ["Image", "Interface"]
 
@@ -115,12 +118,14 @@ class Image:
 
     @classmethod
     def load(cls, *, module: str, generation: int, source: str, directory: str, interface: Interface,
-             gate_type: type, on_closed: Callable[["Image"], None], refused: str) -> "Image":
+             gate_type: type, on_closed: Callable[["Image"], None], refused: str,
+             trust: Trust | None = None) -> "Image":
         """Copy ``source`` into ``directory``, check it, dlopen it and resolve every declared function.
 
         Args:
             refused: what a failure means for the caller, appended to every
                 error message (e.g. "reload refused; generation 3 still serving").
+            trust: who may have written the file, and which contents may load (trust.py).
             on_closed: called once, with this image, after :meth:`close`.
 
         Raises:
@@ -145,7 +150,7 @@ class Image:
         self._lock = threading.Lock()
         self._owner = os.getpid()          # a forked child never deletes its parent's copy
         started = time.perf_counter()
-        self.copy_path = self._copy(directory, refused)
+        self.copy_path = self._copy(directory, refused, trust)
         try:
             self._dlopen(refused)
             functions = self._resolve(refused)
@@ -158,10 +163,15 @@ class Image:
 
     # -- loading --------------------------------------------------------------------------
 
-    def _copy(self, directory: str, refused: str) -> str:
+    def _copy(self, directory: str, refused: str, trust: Trust | None = None) -> str:
         """Copy the source to a new file in ``directory`` and check it is a complete ELF; return its path."""
         try:
-            source_fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
+            # Never block: O_NONBLOCK opens a FIFO without waiting for a
+            # writer; a device or a directory is refused before it is read.
+            kind = os.stat(self.source).st_mode
+            if not stat.S_ISREG(kind):
+                raise self._not_regular(kind, refused)
+            source_fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise ModuleNotFound(
                 f"module '{self.module}': {self.source} does not exist ({refused}) — build it, or check the "
@@ -171,7 +181,12 @@ class Image:
         copy_fd = None
         copy_path = None
         try:
-            size = os.fstat(source_fd).st_size
+            st = os.fstat(source_fd)
+            if not stat.S_ISREG(st.st_mode):            # replaced between the stat and the open
+                raise self._not_regular(st.st_mode, refused)
+            if trust is not None:
+                trust.check_source(self.source, source_fd, module=self.module, refused=refused)
+            size = st.st_size
             # mkstemp: O_CREAT|O_EXCL, mode 0600, a fresh name (so a fresh
             # inode glibc has never seen) inside the registry's 0700 directory.
             copy_fd, copy_path = tempfile.mkstemp(prefix=f"{self.module}.g{self.generation}.", suffix=".so",
@@ -183,6 +198,8 @@ class Image:
                     break          # the source shrank while we copied: the check below rejects it
                 copied += sent
             elf.check_fd(copy_fd)
+            if trust is not None:
+                trust.check_content(self.source, copy_fd, module=self.module, refused=refused)
             # Not findable by its soname: a dlopen("libfoo.so.1") elsewhere in the
             # process must get the system's library, never this copy.
             self.soname = dynamic.make_soname_private(copy_fd)
@@ -191,14 +208,27 @@ class Image:
             raise self._load_error(str(exc), refused, exc) from None
         except OSError as exc:
             self._remove_partial(copy_fd, copy_path)
-            raise self._load_error(
-                f"cannot copy it into {directory}: {exc.strerror or exc}", refused, exc,
-                hint="free space there, or point nativereload at another directory with TMPDIR or "
-                     "Registry(tmpdir=...)") from None
+            # Only a full or unwritable directory is the directory's fault.
+            hint = None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                hint = ("free space there, or point nativereload at another directory with TMPDIR or "
+                        "Registry(tmpdir=...)")
+            elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and copy_fd is None:
+                hint = "point nativereload at a writable directory with TMPDIR or Registry(tmpdir=...)"
+            where = f"into {directory}" if copy_fd is None or hint else f"from {self.source}"
+            raise self._load_error(f"cannot copy it {where}: {exc.strerror or exc}", refused, exc,
+                                   hint=hint) from None
+        except BaseException:
+            self._remove_partial(copy_fd, copy_path)
+            raise
         finally:
             os.close(source_fd)
         os.close(copy_fd)
         return copy_path
+
+    def _not_regular(self, mode: int, refused: str) -> LoadError:
+        return self._load_error(f"it is {elf.file_type(mode)}, not a regular file", refused, None,
+                                hint="give the path of the built library (.so) itself")
 
     @staticmethod
     def _remove_partial(fd: int | None, path: str | None) -> None:

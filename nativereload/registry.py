@@ -35,6 +35,7 @@ from .affinity import Pin
 from .errors import (ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
                      ModuleUnloaded, NativeReloadError, SymbolError)
 from .image import Image, Interface
+from .trust import Trust, TrustedHashes
 from .workdir import Workdir, remove_stale, resolve_tmpdir
 
 from .gate import Func
@@ -74,6 +75,8 @@ class ImageStatus(NamedTuple):
         handles: handles bound to it, by C type (``{"sqlite3 *": 2}``).
         pointer_results: pointer results it returned that are still alive.
         held_by: all of that in words, e.g. "0 calls, 2 handles (sqlite3 *), 1 pin".
+        copy_deleted: its private copy is gone from disk (a tmp cleaner removed
+            it); the image still runs from its mapping.
     """
 
     generation: int
@@ -84,6 +87,7 @@ class ImageStatus(NamedTuple):
     handles: Mapping[str, int] = MappingProxyType({})
     pointer_results: int = 0
     held_by: str = ""
+    copy_deleted: bool = False
 
 
 class ModuleStatus(NamedTuple):
@@ -310,17 +314,22 @@ class Registry:
         held_warning: seconds after which a retired image still held open (by
             calls, pins, handles or pointer results) is logged as a WARNING,
             once per image, naming what holds it; None never warns.
+        trust_writable: load files that another user could have written (refused by default).
+        trusted_hashes: the SHA-256 digests (hex) a loaded file may have, or a callable
+            ``(path, digest) -> bool``; None allows any content.
 
     Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, path: Iterable[str | os.PathLike] | str | os.PathLike = (),
                  tmpdir: str | os.PathLike | None = None, *, auto_reload: bool = False,
-                 held_warning: float | None = 60.0) -> None:
+                 held_warning: float | None = 60.0, trust_writable: bool = False,
+                 trusted_hashes: TrustedHashes = None) -> None:
         if isinstance(path, (str, os.PathLike)):
             path = [path]
         self._path = [os.fspath(entry) for entry in path]
         self._tmpdir = tmpdir
+        self._trust = Trust(trust_writable, trusted_hashes)
         self._gate = _gate.implementation()
         self._admin = threading.Lock()
         self._state = threading.Condition(threading.Lock())
@@ -579,12 +588,14 @@ class Registry:
 
     def _image_status(self, module: Module, image: Image) -> ImageStatus:
         gate = image.gate
+        deleted = not os.path.lexists(image.copy_path)
         if image.state == "leaked":
-            return ImageStatus(image.generation, "leaked", 0, image.copy_path, held_by="closed")
+            return ImageStatus(image.generation, "leaked", 0, image.copy_path, held_by="closed",
+                               copy_deleted=deleted)
         handles = module._bindings.counts(gate)
         return ImageStatus(image.generation, _image_state(module, image), gate.in_flight, image.copy_path,
                            gate.pins, MappingProxyType(handles), gate.pointer_results,
-                           _describe_holders(gate.in_flight, gate.pins, handles, gate.pointer_results))
+                           _describe_holders(gate.in_flight, gate.pins, handles, gate.pointer_results), deleted)
 
     def _held_by(self, module: Module, image: Image) -> str:
         """What holds ``image`` open, in words ("1 call, 2 handles (sqlite3 *)")."""
@@ -730,12 +741,20 @@ class Registry:
         return Image.load(module=module.name, generation=generation, source=module.path,
                           directory=self._workdir(module.name).path, interface=interface,
                           gate_type=self._gate.ImageGate,
-                          on_closed=functools.partial(self._image_closed, module), refused=refused)
+                          on_closed=functools.partial(self._image_closed, module), refused=refused,
+                          trust=self._trust)
 
     def _workdir(self, module: str) -> Workdir:
         """This registry's directory in the current tmpdir (made, after a stale-directory sweep, on first use)."""
         tmpdir = resolve_tmpdir(self._tmpdir)
         workdir = self._workdirs.get(tmpdir)
+        if workdir is not None and workdir.owner == os.getpid() and not workdir.intact():
+            # Deleted while we served (a tmp cleaner): images in it still run
+            # from their mappings; new copies need a new directory.
+            logger.warning("%s was deleted while in use; making a new one", workdir.path)
+            workdir.remove()
+            _open_workdirs.discard(workdir)
+            workdir = None
         if workdir is None or workdir.owner != os.getpid():     # none yet, or the parent's (we forked)
             remove_stale(tmpdir)
             workdir = Workdir(tmpdir, module)

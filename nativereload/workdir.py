@@ -2,22 +2,34 @@
 
 Contract:
   - created with mkdtemp (mode 0700, a fresh name, mkdir never follows a
-    symlink planted in its place), holding ``.lock``, a file the owning
-    process keeps ``flock``-ed for as long as the directory is in use;
+    symlink planted in its place), holding ``.lock``, a regular file the
+    owning process keeps ``flock``-ed for as long as the directory is in use;
+  - a directory deleted behind the registry's back (``systemd-tmpfiles``, a
+    cron job cleaning /tmp) is noticed (:meth:`Workdir.intact`), and removing
+    it then is not an error;
   - :func:`remove_stale` deletes such directories left by processes that
-    died (crash, SIGKILL). It removes one only if its pid is not alive *and*
-    no live process holds its lock: pids are reused, and a process in another
-    PID namespace sharing /tmp may have a pid that is "dead" from here.
+    died (crash, SIGKILL), and only those it is certain are ours: named
+    ``nativereload-<pid>-*``, a real directory (never a symlink) owned by this
+    user with mode 0700, holding a regular ``.lock`` file of ours that no live
+    process holds (pids are reused, and a process in another PID namespace
+    sharing /tmp may have a pid that is "dead" from here), and whose pid is
+    not alive. It never deletes anything in a directory that another user
+    can write to without the sticky bit (that user could have renamed one of
+    their directories, or ours, into place): there it warns once instead.
+  - Nothing here ever blocks: every file is opened ``O_NONBLOCK |
+    O_NOFOLLOW`` and checked to be a regular file before it is locked, and
+    locks are only ever tried (``LOCK_NB``), so a FIFO, a device or a symlink
+    planted as ``.lock`` is skipped, not waited on.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 
 from .errors import LoadError
@@ -29,6 +41,11 @@ logger = logging.getLogger(__name__.rpartition(".")[0])
 PREFIX = "nativereload-"
 _STALE_NAME = re.compile(r"^nativereload-(\d+)-.+$")
 _LOCK_NAME = ".lock"
+_MODE = 0o700
+# Never block, never follow a symlink, never leak into a child.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_warned_unsafe: set[str] = set()
 
 
 def resolve_tmpdir(tmpdir: str | os.PathLike | None) -> str:
@@ -44,6 +61,7 @@ class Workdir:
     Attributes:
         tmpdir: the parent directory.
         path: the private directory.
+        owner: the pid that made it (a forked child never deletes it).
     """
 
     def __init__(self, tmpdir: str, module: str) -> None:
@@ -65,9 +83,10 @@ class Workdir:
                 f"{exc.strerror or exc} (load refused) — set TMPDIR, or pass Registry(tmpdir=...), to a "
                 "writable directory", module=module, path=tmpdir, reason=str(exc)) from None
         try:
+            self._identity = _identity(os.lstat(self.path))
             self._lock_fd = os.open(os.path.join(self.path, _LOCK_NAME),
                                     os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             shutil.rmtree(self.path, ignore_errors=True)
             raise LoadError(
@@ -75,30 +94,43 @@ class Workdir:
                 "(load refused) — set TMPDIR, or pass Registry(tmpdir=...), to a writable directory",
                 module=module, path=tmpdir, reason=str(exc)) from None
 
+    def intact(self) -> bool:
+        """Is the directory still there, the one we made (not deleted, nor replaced by another)?"""
+        try:
+            return _identity(os.lstat(self.path)) == self._identity
+        except OSError:
+            return False
+
     def remove(self) -> bool:
         """Delete the directory if nothing but the lock is left in it; return True if it is gone (for us).
 
         A directory still holding files (a leaked image's copy) is kept, and
         its lock stays held until the process exits. In a forked child, the
-        parent's directory is only forgotten, never deleted.
+        parent's directory is only forgotten, never deleted. A directory
+        already deleted (a tmp cleaner) or replaced is forgotten: never an error.
         """
         if self._lock_fd is None:
             return True
-        if self.owner != os.getpid():
+        if self.owner != os.getpid() or not self.intact():
             self._forget()
             return True
-        leftovers = [name for name in os.listdir(self.path) if name != _LOCK_NAME]
-        if leftovers:
+        try:
+            leftovers = [name for name in os.listdir(self.path) if name != _LOCK_NAME]
+            if leftovers:
+                return False
+            os.unlink(os.path.join(self.path, _LOCK_NAME))
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            pass                        # deleted under us: what we wanted
+        except OSError as exc:
+            logger.warning("cannot remove %s: %s", self.path, exc.strerror or exc)
             return False
-        os.unlink(os.path.join(self.path, _LOCK_NAME))
-        os.rmdir(self.path)
-        os.close(self._lock_fd)
-        self._lock_fd = None
+        self._forget()
         return True
 
     def remove_at_exit(self) -> None:
         """Delete the directory and everything in it: the process is ending, so no mapping outlives it."""
-        if self._lock_fd is not None and self.owner == os.getpid():
+        if self._lock_fd is not None and self.owner == os.getpid() and self.intact():
             shutil.rmtree(self.path, ignore_errors=True)
         self._forget()
 
@@ -107,6 +139,10 @@ class Workdir:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def pid_alive(pid: int) -> bool:
@@ -120,48 +156,75 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def shared_unsafely(st: os.stat_result) -> bool:
+    """Can a user other than us (and root) add, rename or delete entries in this directory?
+
+    Yes if it is group- or world-writable without the sticky bit (as /tmp has),
+    or if it belongs to another user (who can always write to it).
+    """
+    if st.st_uid not in (os.getuid(), 0):
+        return True
+    return bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)) and not st.st_mode & stat.S_ISVTX
+
+
 def remove_stale(tmpdir: str) -> list[str]:
     """Delete the private directories in ``tmpdir`` left by dead processes; return their paths.
 
-    Only directories owned by this user, whose pid is dead and whose lock no
-    one holds, are removed. Never raises for an unreadable tmpdir.
+    See the module docstring for what makes a directory certainly ours.
+    Never raises for an unreadable tmpdir, and never blocks.
     """
-    removed = []
+    removed: list[str] = []
     try:
+        parent = os.stat(tmpdir)
         entries = list(os.scandir(tmpdir))
     except OSError:
         return removed
-    uid = os.getuid()
-    for entry in entries:
-        match = _STALE_NAME.match(entry.name)
-        if not match:
-            continue
-        pid = int(match.group(1))
-        try:
-            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != uid:
-                continue
-        except OSError:
-            continue
+    candidates = [entry for entry in entries if _STALE_NAME.match(entry.name)]
+    if not candidates:
+        return removed
+    if shared_unsafely(parent):
+        if tmpdir not in _warned_unsafe:
+            _warned_unsafe.add(tmpdir)
+            logger.warning("not removing directories left by dead processes in %s: other users can write to it "
+                           "without the sticky bit, so a directory named like ours might not be ours — give "
+                           "nativereload a private TMPDIR, or set the sticky bit (chmod +t)", tmpdir)
+        return removed
+    for entry in candidates:
+        pid = int(_STALE_NAME.match(entry.name).group(1))
         if pid == os.getpid() or pid_alive(pid):
             continue
-        try:
-            lock_fd = os.open(os.path.join(entry.path, _LOCK_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            lock_fd = None
-        except OSError:
-            continue
-        try:
-            if lock_fd is not None:
-                try:
-                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as exc:
-                    if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        continue          # a live process (another PID namespace?) still uses it
-                    raise
+        if _is_stale(entry.path):
             shutil.rmtree(entry.path, ignore_errors=True)
             removed.append(entry.path)
             logger.info("removed %s, left by process %d which is no longer running", entry.path, pid)
-        finally:
-            if lock_fd is not None:
-                os.close(lock_fd)
     return removed
+
+
+def _is_stale(path: str) -> bool:
+    """Is ``path`` a directory of ours (see the module docstring) whose lock no process holds?"""
+    uid = os.getuid()
+    try:
+        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:                  # gone, a symlink (ELOOP), not a directory, not ours to read
+        return False
+    try:
+        st = os.fstat(dir_fd)
+        if st.st_uid != uid or stat.S_IMODE(st.st_mode) != _MODE:
+            return False
+        try:
+            lock_fd = os.open(_LOCK_NAME, _OPEN_FLAGS, dir_fd=dir_fd)
+        except OSError:              # no lock file (not certainly ours), a symlink, unreadable
+            return False
+        try:
+            lock = os.fstat(lock_fd)
+            if not stat.S_ISREG(lock.st_mode) or lock.st_uid != uid:
+                return False         # a FIFO, socket or device: not ours, and never waited on
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:          # EWOULDBLOCK: a live process (another PID namespace?) still uses it
+                return False
+            return True
+        finally:
+            os.close(lock_fd)
+    finally:
+        os.close(dir_fd)

@@ -83,12 +83,32 @@ def cmake_build(source: Path, build: Path, *defines: str) -> Path:
 
 @pytest.fixture(scope="session")
 def samples(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("samples")
+    # NATIVERELOAD_SAMPLES_CACHE=DIR: build once into DIR and reuse it in later
+    # sessions (tools/mutate.py runs the tests hundreds of times).
+    cache = os.environ.get("NATIVERELOAD_SAMPLES_CACHE")
+    if cache:
+        final = Path(cache) / "samples"
+        if not (final / "complete").exists():
+            partial = Path(tempfile.mkdtemp(prefix="building-", dir=cache))
+            build_samples(partial)
+            (partial / "complete").touch()
+            try:
+                os.rename(partial, final)
+            except OSError:              # another session finished first: use its build
+                shutil.rmtree(partial, ignore_errors=True)
+        return build_samples(final, build=False)
+    return build_samples(tmp_path_factory.mktemp("samples"))
+
+
+def build_samples(base: Path, build: bool = True) -> dict[str, Path]:
+    """Build (or, with ``build=False``, just name) the sample libraries under ``base``."""
     built = {}
     for version in (1, 2, 3):
         variants = "ON" if version == 2 else "OFF"
-        modules = cmake_build(ROOT, base / f"v{version}", f"-DSAMPLE_VERSION={version}",
-                              f"-DNATIVERELOAD_SAMPLE_VARIANTS={variants}")
+        modules = base / f"v{version}" / "modules"
+        if build:
+            cmake_build(ROOT, base / f"v{version}", f"-DSAMPLE_VERSION={version}",
+                        f"-DNATIVERELOAD_SAMPLE_VARIANTS={variants}")
         built[f"v{version}"] = modules / "sample.so"
         built[f"objects{version}"] = modules / "objects.so"
         if version == 2:

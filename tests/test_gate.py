@@ -554,3 +554,42 @@ def test_c_types_check_their_arguments():
         gate.C.ImageGate({}, "not callable")
     with pytest.raises(AttributeError):
         gate.C.ImageGate({}, lambda: None).retired = True
+
+
+def test_on_drained_error_at_the_end_of_a_successful_call_is_raised(impl):
+    # The call itself returned: the error of closing its image must not vanish.
+    def last_call():
+        slot.current = None
+        image.retire()
+        return "result"
+
+    def on_drained():
+        raise OSError("close failed")
+
+    image, slot, f = make(impl, {"f": last_call}, on_drained)
+    with pytest.raises(OSError, match="close failed") as raised:
+        f()
+    assert raised.value.__context__ is None
+    assert image.drained and image.in_flight == 0
+
+
+def test_implementation_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("NATIVERELOAD_PURE_PYTHON", "1")
+    assert gate.implementation() is gate.PYTHON
+    monkeypatch.setenv("NATIVERELOAD_PURE_PYTHON", "yes")
+    assert gate.implementation() is gate.PYTHON
+    for value in ("0", ""):
+        monkeypatch.setenv("NATIVERELOAD_PURE_PYTHON", value)
+        assert gate.implementation() is (gate.C or gate.PYTHON)
+    monkeypatch.delenv("NATIVERELOAD_PURE_PYTHON")
+    assert gate.implementation() is (gate.C or gate.PYTHON)
+    if gate.C is not None:
+        assert gate.C.name == "c" and gate.C.Func is gate._c_gate.Func
+    assert gate.PYTHON.name == ("python-locked" if gate._GIL_DISABLED else "python")
+    assert gate.LOCKED.Func is gate._LockedFunc
+
+
+def test_the_python_gate_reads_its_counters(impl):
+    image, slot, f = make(impl, {"f": lambda: image.in_flight})
+    assert f() == 1 and image.in_flight == 0
+    assert gate._count_value(__import__("itertools").count(41)) == 41

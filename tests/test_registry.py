@@ -206,3 +206,127 @@ def test_errors_are_exported_and_named_for_the_package():
     assert sorted(nativereload.__all__) == nativereload.__all__
     for name in nativereload.__all__:
         assert hasattr(nativereload, name)
+
+
+# -- checks no test reached before (issue 13's mutation pass) -----------------------------------------------
+
+
+def test_func_after_unload_raises_at_once(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    assert mod.loaded is True
+    reg.unload("sample")
+    assert mod.loaded is False
+    with pytest.raises(ModuleUnloaded, match="'sample' was unloaded — load it again"):
+        mod.func("counter_next")               # never taken before: refused when asked for, not when called
+    with pytest.raises(ModuleUnloaded):
+        mod.dot4
+    assert "unloaded" in repr(mod)
+
+
+def test_dunder_lookups_are_plain_attribute_errors(reg, moddir, samples):
+    # copy, pickle and friends probe __reduce_ex__, __getstate__, ...: never a SymbolError, never a Func.
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    for name in ("__wrapped__", "__array__", "__fspath__"):
+        with pytest.raises(AttributeError) as info:
+            getattr(mod, name)
+        assert type(info.value) is AttributeError and str(info.value) == name
+    assert not hasattr(mod, "__len__")
+
+
+def test_a_single_directory_string_is_one_path_entry(moddir, samples, tmpdir_for_copies):
+    install(samples["v1"], moddir / "sample.so")
+    with Registry(path=str(moddir), tmpdir=tmpdir_for_copies) as reg:
+        assert reg.search_path()[:1] == [str(moddir)]
+        assert reg.load("sample", cdef=SAMPLE_CDEF).version() == 1
+    with Registry(path=moddir, tmpdir=tmpdir_for_copies) as reg:            # a Path too
+        assert reg.search_path()[:1] == [str(moddir)]
+
+
+def test_attribute_shortcuts_follow_the_cdef(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    assert mod.scaled(2) == 2                  # cached in the module's __dict__ from here on
+    kept = mod.scaled
+    reg.reload("sample", cdef=SAMPLE_CDEF.replace("long scaled(long);", ""))
+    with pytest.raises(SymbolError, match="'scaled' is not a function its cdef declares"):
+        mod.scaled                             # the shortcut went with the declaration
+    with pytest.raises(SymbolError, match="generation 2 has no 'scaled'"):
+        kept(2)                                # a handle taken before: a valid object, a clear error
+    assert mod.add(1, 2) == 3
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ""])
+def test_names_are_checked_everywhere(reg, moddir, samples, name):
+    install(samples["v1"], moddir / "sample.so")
+    for action in (lambda: reg.load(name, cdef=SAMPLE_CDEF, file=moddir / "sample.so"),
+                   lambda: reg.reload(name), lambda: reg.unload(name)):
+        with pytest.raises(ModuleNameError, match="invalid module name"):
+            action()
+
+
+@pytest.mark.timeout(60)
+def test_wait_drained_wakes_when_an_image_drains(reg, moddir, samples):
+    import threading
+    import time
+
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    read_fd, write_fd = os.pipe()
+    caller = threading.Thread(target=mod.wait_fd, args=(read_fd,))
+    caller.start()
+    while reg.status()[0].images[0].in_flight == 0:
+        time.sleep(0.005)
+    reg.reload("sample")
+    threading.Timer(0.2, os.write, (write_fd, b"x")).start()
+    started = time.monotonic()
+    assert reg.wait_drained(timeout=30) is True
+    assert time.monotonic() - started < 10           # woken by the drain, not by the timeout
+    caller.join(10)
+    os.close(read_fd)
+    os.close(write_fd)
+
+
+@pytest.mark.timeout(60)
+def test_unload_with_two_generations_draining(reg, moddir, samples):
+    # Each drained image updates the bookkeeping from the caller's thread: no error may reach the caller.
+    import threading
+    import time
+
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    pipes = [os.pipe(), os.pipe()]
+    results, errors = [], []
+
+    def call(read_fd):
+        try:
+            results.append(mod.wait_fd(read_fd))
+        except BaseException as exc:      # noqa: BLE001
+            errors.append(exc)
+
+    threads = []
+    for generation, (read_fd, _write_fd) in enumerate(pipes, 1):
+        thread = threading.Thread(target=call, args=(read_fd,))
+        thread.start()
+        threads.append(thread)
+        while sum(i.in_flight for i in reg.status()[0].images) < generation:
+            time.sleep(0.005)
+        reg.reload("sample")
+    reg.unload("sample")
+    assert [i.state for i in reg.status()[0].images] == ["retired", "retired"]
+    for _read_fd, write_fd in pipes:
+        os.write(write_fd, b"x")
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and len(results) == 2
+    assert reg.wait_drained(timeout=10) and reg.status() == []
+    for read_fd, write_fd in pipes:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_each_gate_fixture_uses_its_gate(reg, gate_impl):
+    from nativereload import gate
+
+    assert reg._gate is (gate.C if gate_impl == "c" else gate.PYTHON)

@@ -31,9 +31,10 @@ def make_leftover(tmpdir, pid, with_lock=True):
 
 def test_stale_directory_of_dead_process_is_removed_at_start(tmpdir_for_copies):
     leftover = make_leftover(tmpdir_for_copies, dead_pid())
+    # Without its lock file a directory is not certainly ours: it stays.
     no_lock = make_leftover(tmpdir_for_copies, dead_pid(), with_lock=False)
     Registry(tmpdir=tmpdir_for_copies).close()
-    assert not leftover.exists() and not no_lock.exists()
+    assert not leftover.exists() and no_lock.exists()
 
 
 def test_directories_of_live_processes_are_left_alone(tmpdir_for_copies):
@@ -104,8 +105,9 @@ def test_no_directory_is_left_while_no_image_is_loaded(moddir, samples, tmpdir_f
 
 def test_stale_directory_with_any_suffix_is_removed(tmpdir_for_copies):
     leftover = tmpdir_for_copies / f"nativereload-{dead_pid()}-left-over.d"
-    leftover.mkdir()
+    leftover.mkdir(mode=0o700)
     (leftover / "x.so").write_bytes(b"x")
+    (leftover / ".lock").write_bytes(b"")
     sockets = tmpdir_for_copies / "nativereload-sockets-0"
     sockets.mkdir()
     Registry(tmpdir=tmpdir_for_copies).close()
@@ -146,3 +148,262 @@ def test_a_forked_child_never_deletes_the_parents_copies(moddir, samples, tmpdir
     assert report["copy_kept"] and report["calls"] == 1
     assert len(report["entries_after_child"]) == 1 and str(os.getpid()) not in report["entries_after_child"][0]
     assert report["entries_after_close"] == []
+
+
+# -- what makes a directory certainly ours (issue 13) -------------------------------------------------------
+
+from nativereload import workdir as workdir_module  # noqa: E402
+from conftest import open_fds  # noqa: E402
+
+OTHER_UID = 65534          # nobody
+
+
+def needs_root():
+    if os.getuid() != 0:
+        pytest.skip("needs root (to make files of another user)")
+
+
+def stale_kinds(tmpdir):
+    """One leftover of each kind the sweep must keep, and the dead ones it must remove."""
+    keep, remove = [], []
+
+    def leftover(name_pid, mode=0o700, lock="file"):
+        path = tmpdir / f"nativereload-{name_pid}-{len(keep) + len(remove)}x"
+        path.mkdir()
+        os.chmod(path, mode)
+        (path / "copy.so").write_bytes(b"stale")
+        lock_path = path / ".lock"
+        if lock == "file":
+            lock_path.write_bytes(b"")
+        elif lock == "fifo":
+            os.mkfifo(lock_path)
+        elif lock == "symlink":
+            target = tmpdir / f"target-{path.name}"
+            target.write_bytes(b"")
+            lock_path.symlink_to(target)
+        elif lock == "directory":
+            lock_path.mkdir()
+        return path
+
+    dead = dead_pid()
+    remove.append(leftover(dead))
+    keep.append(leftover(dead, mode=0o755))            # not the mode we create
+    keep.append(leftover(dead, lock=None))             # no lock file: not certainly ours
+    keep.append(leftover(dead, lock="fifo"))           # a FIFO: never opened for reading, never waited on
+    keep.append(leftover(dead, lock="symlink"))        # never followed
+    keep.append(leftover(dead, lock="directory"))
+    keep.append(leftover(os.getppid()))                # a live pid
+    remove.append(leftover(dead_pid()))
+    return keep, remove
+
+
+@pytest.mark.timeout(30)
+def test_the_sweep_removes_only_what_is_certainly_ours(tmpdir_for_copies):
+    keep, remove = stale_kinds(tmpdir_for_copies)
+    fds = open_fds()
+    removed = workdir_module.remove_stale(str(tmpdir_for_copies))
+    assert open_fds() == fds                       # no lock descriptor leaked
+    assert sorted(removed) == sorted(str(path) for path in remove)
+    assert all(path.exists() for path in keep) and not any(path.exists() for path in remove)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("order", ["sorted", "reversed"])
+def test_one_directory_kept_does_not_stop_the_sweep(tmpdir_for_copies, monkeypatch, order):
+    keep, remove = stale_kinds(tmpdir_for_copies)
+    real_scandir = os.scandir
+    monkeypatch.setattr(workdir_module.os, "scandir", lambda path: sorted(
+        real_scandir(path), key=lambda entry: entry.name, reverse=order == "reversed")
+        if isinstance(path, str) else real_scandir(path))        # (shutil.rmtree scans by descriptor)
+    workdir_module.remove_stale(str(tmpdir_for_copies))
+    assert not any(path.exists() for path in remove) and all(path.exists() for path in keep)
+
+
+def test_another_users_directory_or_lock_is_never_removed(tmpdir_for_copies):
+    needs_root()
+    theirs = make_leftover(tmpdir_for_copies, dead_pid())
+    os.chown(theirs, OTHER_UID, OTHER_UID)
+    their_lock = make_leftover(tmpdir_for_copies, dead_pid())
+    os.chown(their_lock / ".lock", OTHER_UID, OTHER_UID)
+    workdir_module.remove_stale(str(tmpdir_for_copies))
+    assert theirs.exists() and their_lock.exists()
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_lock_never_blocks_a_new_registry(tmpdir_for_copies):
+    # `mkfifo .lock` in a stale directory made Registry() block for ever (issue 13).
+    path = make_leftover(tmpdir_for_copies, dead_pid(), with_lock=False)
+    os.mkfifo(path / ".lock")
+    Registry(tmpdir=tmpdir_for_copies).close()
+    assert path.exists()
+
+
+def test_a_symlinked_directory_is_never_followed(tmpdir_for_copies, tmp_path):
+    target = tmp_path / "precious"
+    target.mkdir(mode=0o700)
+    (target / ".lock").write_bytes(b"")
+    (target / "keep").write_text("x")
+    link = tmpdir_for_copies / f"nativereload-{dead_pid()}-evil"
+    link.symlink_to(target)
+    assert workdir_module.remove_stale(str(tmpdir_for_copies)) == []
+    assert (target / "keep").exists() and link.is_symlink()
+
+
+@pytest.mark.parametrize("mode, sticky_ok", [(0o777, False), (0o770, False), (0o1777, True), (0o755, True)])
+def test_no_sweep_where_others_can_rename_entries(tmp_path, caplog, mode, sticky_ok):
+    # Another user could rename their directory to nativereload-<dead pid>-x (issue 13).
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, mode)
+    leftover = make_leftover(shared, dead_pid())
+    workdir_module._warned_unsafe.discard(str(shared))
+    with caplog.at_level("WARNING", logger="nativereload"):
+        workdir_module.remove_stale(str(shared))
+        workdir_module.remove_stale(str(shared))
+    assert leftover.exists() != sticky_ok
+    warnings = [r for r in caplog.records if "other users can write to it" in r.getMessage()]
+    assert len(warnings) == (0 if sticky_ok else 1)            # warned once
+    if warnings:
+        assert str(shared) in warnings[0].getMessage() and "chmod +t" in warnings[0].getMessage()
+
+
+def test_no_sweep_in_another_users_directory(tmp_path):
+    needs_root()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    leftover = make_leftover(theirs, dead_pid())
+    os.chown(theirs, OTHER_UID, OTHER_UID)
+    assert workdir_module.remove_stale(str(theirs)) == []
+    assert leftover.exists()
+
+
+def test_shared_unsafely():
+    st = os.stat_result
+    me, other = os.getuid(), OTHER_UID if os.getuid() != OTHER_UID else 1
+    assert not workdir_module.shared_unsafely(st((0o40700, 0, 0, 0, me, 0, 0, 0, 0, 0)))
+    assert not workdir_module.shared_unsafely(st((0o41777, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
+    assert workdir_module.shared_unsafely(st((0o40777, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
+    assert workdir_module.shared_unsafely(st((0o40720, 0, 0, 0, me, 0, 0, 0, 0, 0)))
+    assert workdir_module.shared_unsafely(st((0o40700, 0, 0, 0, other, 0, 0, 0, 0, 0)))
+
+
+def test_nothing_to_sweep_or_an_unreadable_tmpdir(tmp_path):
+    assert workdir_module.remove_stale(str(tmp_path / "missing")) == []
+    (tmp_path / "unrelated").mkdir()
+    assert workdir_module.remove_stale(str(tmp_path)) == []
+
+
+def test_a_locked_stale_directory_stays(tmpdir_for_copies):
+    import fcntl as _fcntl
+    locked = make_leftover(tmpdir_for_copies, dead_pid())
+    fd = os.open(locked / ".lock", os.O_RDONLY)
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX)
+        assert workdir_module.remove_stale(str(tmpdir_for_copies)) == []
+    finally:
+        os.close(fd)
+    assert workdir_module.remove_stale(str(tmpdir_for_copies)) == [str(locked)]
+
+
+def test_workdir_lifecycle(tmp_path):
+    made = workdir_module.Workdir(str(tmp_path), "m")
+    assert made.intact() and made.owner == os.getpid()
+    assert os.path.basename(made.path).startswith(f"nativereload-{os.getpid()}-")
+    assert sorted(os.listdir(made.path)) == [".lock"]
+    assert os.stat(os.path.join(made.path, ".lock")).st_mode & 0o777 == 0o600
+    (tmp_path / "x").write_text("")
+    open(os.path.join(made.path, "copy.so"), "w").close()
+    assert made.remove() is False and os.path.isdir(made.path)        # a leftover copy keeps it
+    os.unlink(os.path.join(made.path, "copy.so"))
+    fds = open_fds()
+    assert made.remove() is True and not os.path.exists(made.path)
+    assert open_fds() == fds - 1                                       # the lock is released
+    assert made.remove() is True                                       # idempotent
+
+
+def test_a_deleted_or_replaced_workdir_is_forgotten_without_error(tmp_path):
+    import shutil as _shutil
+    made = workdir_module.Workdir(str(tmp_path), "m")
+    _shutil.rmtree(made.path)                  # a tmp cleaner
+    assert not made.intact()
+    fds = open_fds()
+    assert made.remove() is True and open_fds() == fds - 1
+    again = workdir_module.Workdir(str(tmp_path), "m")
+    _shutil.rmtree(again.path)
+    os.mkdir(again.path, 0o700)                # someone else's directory now, under the same name
+    (tmp_path / "marker").write_text("")
+    open(os.path.join(again.path, "theirs"), "w").close()
+    assert not again.intact()
+    again.remove_at_exit()
+    assert os.path.exists(os.path.join(again.path, "theirs"))      # never deleted
+
+
+def test_remove_at_exit_deletes_everything(tmp_path):
+    made = workdir_module.Workdir(str(tmp_path), "m")
+    open(os.path.join(made.path, "leaked.so"), "w").close()
+    made.remove_at_exit()
+    assert not os.path.exists(made.path)
+    made.remove_at_exit()                       # idempotent
+
+
+def test_workdir_errors_name_the_module(tmp_path, monkeypatch):
+    with pytest.raises(LoadError, match="module 'm': cannot create a directory for its private copy in") as info:
+        workdir_module.Workdir(str(tmp_path / "missing"), "m")
+    assert info.value.module == "m" and info.value.path == str(tmp_path / "missing")
+    real_open = os.open
+
+    def no_lock(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(workdir_module.os, "open", no_lock)
+    with pytest.raises(LoadError, match="module 'm': cannot create the lock file in .*Permission denied"):
+        workdir_module.Workdir(str(tmp_path), "m")
+    monkeypatch.undo()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("nativereload-")] == []    # nothing left
+
+
+def test_remove_that_fails_is_logged_not_raised(tmp_path, monkeypatch, caplog):
+    made = workdir_module.Workdir(str(tmp_path), "m")
+    monkeypatch.setattr(workdir_module.os, "rmdir", lambda path: (_ for _ in ()).throw(OSError(16, "Busy")))
+    with caplog.at_level("WARNING", logger="nativereload"):
+        assert made.remove() is False
+    assert "cannot remove" in caplog.text and "Busy" in caplog.text
+    monkeypatch.undo()
+    made.remove_at_exit()
+
+
+FORK_REMOVE = """
+import os, sys
+from nativereload import workdir
+made = workdir.Workdir(sys.argv[1], "m")
+pid = os.fork()
+if pid == 0:
+    made.remove()             # the child's: forgets, never deletes the parent's directory
+    made.remove_at_exit()
+    os._exit(0)
+os.waitpid(pid, 0)
+print("kept" if os.path.isdir(made.path) and os.path.exists(os.path.join(made.path, ".lock")) else "deleted")
+made.remove()
+print("removed" if not os.path.exists(made.path) else "still there")
+"""
+
+
+def test_a_forked_child_never_removes_the_parents_directory(tmp_path):
+    result = run_python(FORK_REMOVE.replace("sys.argv[1]", repr(str(tmp_path))))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["kept", "removed"]
+
+
+def test_resolve_tmpdir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert workdir_module.resolve_tmpdir(None) == str(tmp_path)
+    monkeypatch.setenv("TMPDIR", "")
+    assert workdir_module.resolve_tmpdir(None) == "/tmp"
+    assert workdir_module.resolve_tmpdir("rel") == os.path.abspath("rel")
+
+
+def test_pid_alive():
+    assert workdir_module.pid_alive(os.getpid())
+    assert not workdir_module.pid_alive(dead_pid())
+    assert workdir_module.pid_alive(1)          # another user's (or ours, as root): alive either way
