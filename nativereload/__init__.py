@@ -15,9 +15,11 @@ describes each operation.
 from .affinity import Pin
 from .errors import (BuildError, ControlError, DemoError, HandleError, InterfaceError, LoadError, ModuleConflict,
                      ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleUnloaded, NativeReloadError,
-                     PinReleased, ProtocolError, SymbolError)
+                     PinReleased, ProtocolError, ReloadPending, SymbolError)
 from .gate import Func
-from .registry import ImageStatus, Module, ModuleStatus, Registry
+from .lifecycle import StagedReload
+from .module import Module
+from .registry import ImageStatus, ModuleStatus, Registry
 
 __version__ = "0.1.0"
 
@@ -53,5 +55,7 @@ __all__ = [
     "PinReleased",
     "ProtocolError",
     "Registry",
+    "ReloadPending",
+    "StagedReload",
     "SymbolError",
 ]

@@ -104,39 +104,43 @@ class _Layout:
         return found
 
 
-def make_soname_private(fd: int) -> str | None:
-    """Give the ELF file open read-write as ``fd`` a soname no other code asks for; return it.
+def make_soname_private(fd: int) -> tuple[str | None, tuple[int, bytes] | None]:
+    """Give the ELF file open read-write as ``fd`` a soname no other code asks for.
 
-    Returns None when there is nothing to change (no soname) or the file's
-    layout is not one this module can follow; returns "" when the soname was
-    removed instead of renamed (see the module docstring).
+    Returns (the new soname, (file offset, the bytes that were there)): the
+    second lets a reader restore the original contents (to hash what the user
+    built). (None, None) when there is nothing to change (no soname) or the
+    file's layout is not one this module can follow; the new soname is ""
+    when it was removed instead of renamed (see the module docstring).
     """
     try:
         layout = _Layout(fd)
         entries = layout.entries()
         tags = {tag: (position, value) for position, tag, value in entries}
         if _DT_SONAME not in tags or _DT_STRTAB not in tags:
-            return None
+            return None, None
         strtab = layout.file_offset(tags[_DT_STRTAB][1])
         strsz = tags.get(_DT_STRSZ, (0, 0))[1]
         name_at = tags[_DT_SONAME][1]
         if strtab is None or name_at >= strsz:
-            return None
+            return None, None
         text = layout.read(strtab + name_at, min(256, strsz - name_at, layout.size - strtab - name_at))
         length = text.find(b"\0")
         if length <= 0:
-            return None
+            return None, None
         shared = any(name_at < value < name_at + length for _, tag, value in entries
                      if tag in (_DT_NEEDED, _DT_RPATH, _DT_RUNPATH))
         if shared:
             position = tags[_DT_SONAME][0]
-            os.pwrite(fd, struct.pack(layout.order + ("q" if layout.is64 else "i"), _DT_IGNORED), position)
-            return ""
+            tag_format = layout.order + ("q" if layout.is64 else "i")
+            original = layout.read(position, struct.calcsize(tag_format))
+            os.pwrite(fd, struct.pack(tag_format, _DT_IGNORED), position)
+            return "", (position, original)
         new = ("nr-" + secrets.token_hex(length))[:length].encode()
         os.pwrite(fd, new, strtab + name_at)
-        return new.decode()
+        return new.decode(), (strtab + name_at, text[:length])
     except (ValueError, struct.error, OSError):
-        return None
+        return None, None
 
 
 def why_still_mapped(path: str) -> str:

@@ -9,6 +9,7 @@ exception also carries its facts as attributes (``.module``, ``.path``,
      +-- ModuleNotFound                      no file for the name; lists every path searched
      +-- ModuleNotLoaded                     reload/unload/func of a module never loaded
      +-- ModuleConflict                      load() of a loaded module with another cdef/file
+     +-- ReloadPending                       reload/prepare/unload while a prepared reload waits
      +-- LoadError                           copy, ELF check or dlopen failed
      +-- SymbolError (also AttributeError)   declared symbols missing from the image
      +-- InterfaceError                      the cdef is missing or does not parse, or an interface
@@ -43,6 +44,7 @@ __all__ = [
     "NativeReloadError",
     "PinReleased",
     "ProtocolError",
+    "ReloadPending",
     "SymbolError",
 ]
 
@@ -81,6 +83,10 @@ class ModuleNotLoaded(NativeReloadError):
 
 class ModuleConflict(NativeReloadError):
     """load() of a module that is already loaded, with a different cdef or file."""
+
+
+class ReloadPending(NativeReloadError):
+    """A reload of the module is prepared (``Registry.prepare()``) and neither committed nor aborted yet."""
 
 
 class LoadError(NativeReloadError):
@@ -190,7 +196,7 @@ class DemoError(NativeReloadError):
         self.hint = hint
 
 
-for _cls in (NativeReloadError, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleConflict,
+for _cls in (NativeReloadError, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleConflict, ReloadPending,
              LoadError, SymbolError, InterfaceError, ModuleUnloaded, HandleError, PinReleased, ControlError,
              ProtocolError, BuildError, DemoError):
     # Tracebacks read "nativereload.LoadError", the name users import.

@@ -1,10 +1,13 @@
 """One loaded image of a module: a private copy of a .so, dlopened, its functions resolved.
 
 Life of an Image (each step is a method below):
-    Image.load()  copy the source into the registry's directory -> check the
-                  copy is a complete ELF for this machine -> dlopen(RTLD_NOW |
-                  RTLD_LOCAL) -> resolve every declared function. Any failure
-                  closes and deletes what was made and raises; nothing leaks.
+    Image.copy()  copy the source into the registry's directory -> check the
+                  copy is a complete ELF for this machine (and one the trust
+                  rules accept) -> give it a private soname. Nothing of it has
+                  run yet: read_interface() reads the interface it embeds.
+    open()        dlopen(RTLD_NOW | RTLD_LOCAL) -> resolve every declared
+                  function. discard() undoes either step on failure: no copy,
+                  no handle, nothing leaks.
     (serving)     the image's ImageGate counts the calls in flight.
     close()       called once by the gate when the retired image drains:
                   dlclose -> drop cffi's bookkeeping -> ask the loader whether
@@ -21,6 +24,7 @@ byte-for-byte copy under a new name is a new image and is ours alone.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -32,10 +36,11 @@ from typing import Callable
 import cffi
 
 from . import dynamic, elf
-from .errors import InterfaceError, LoadError, ModuleNotFound, SymbolError
+from . import interface as _interface
+from .errors import LoadError, ModuleNotFound, SymbolError
 from .trust import Trust
 
-__all__ = ["Image", "Interface"]
+__all__ = ["Image"]
 
 logger = logging.getLogger(__name__.rpartition(".")[0])
 
@@ -64,63 +69,28 @@ def _dl_error_text() -> str:
     return _dl_ffi.string(message).decode(errors="replace") if message else "unknown dlopen error"
 
 
-class Interface:
-    """A parsed cdef: one cffi FFI shared by every image loaded with the same declarations.
-
-    Parsing is most of what a reload costs if done per image (~0.4 ms of
-    ~0.8 ms), so each distinct cdef is parsed once per registry.
-
-    Attributes:
-        cdef: the declarations, as given.
-        ffi: the cffi.FFI holding them (for ffi.new, ffi.string, ...).
-        functions: the declared function names, in declaration order.
-    """
-
-    def __init__(self, cdef: str, module: str) -> None:
-        if not isinstance(cdef, str) or not cdef.strip():
-            raise InterfaceError(
-                f"module '{module}': a cdef is required — pass the C declarations of the functions to call, "
-                f"e.g. load('{module}', cdef='long add(long, long);')", module=module)
-        ffi = cffi.FFI()
-        try:
-            ffi.cdef(cdef)
-        except Exception as exc:   # cffi raises CDefError, pycparser's ParseError, FFIError...
-            raise InterfaceError(
-                f"module '{module}': the cdef does not parse: {exc} — fix the declarations "
-                "(plain C declarations, no #include or macros with values)", module=module) from exc
-        self.cdef = cdef
-        self.ffi = ffi
-        # cffi has no public list of declarations; its parser's (and the
-        # ctype of each function, which ffi.dlopen's accessors build the same
-        # way) has been stable since cffi 1.0.
-        with ffi._lock:
-            self.function_types = {key.split(" ", 1)[1]: ffi._get_cached_btype(declaration[0])
-                                   for key, declaration in ffi._parser._declarations.items()
-                                   if key.startswith("function ")}
-        self.functions = tuple(self.function_types)
-
-
 class Image:
-    """One dlopened private copy of a module's library. Build with :meth:`load`.
+    """One private copy of a module's library: copied by :meth:`copy`, then dlopened by :meth:`open`.
 
     Attributes:
         module: the module's name.
         generation: this image's generation (1 for the first load).
         source: the user's file it was copied from.
         copy_path: the private copy that is mapped.
-        interface: the Interface its functions were resolved with.
-        gate: its ImageGate (functions, in-flight counts).
+        declarations: the Declarations its functions were resolved with (after open()).
+        missing: declared functions the library does not export (allowed by missing="lazy").
+        gate: its ImageGate (functions, in-flight counts), after open().
         state: "active", "retired", "leaked" or "closed".
+        signature: (device, inode, size, mtime) of the source when it was copied.
     """
 
     def __init__(self) -> None:
-        raise TypeError("use Image.load()")
+        raise TypeError("use Image.copy()")
 
     @classmethod
-    def load(cls, *, module: str, generation: int, source: str, directory: str, interface: Interface,
-             gate_type: type, on_closed: Callable[["Image"], None], refused: str,
-             trust: Trust | None = None) -> "Image":
-        """Copy ``source`` into ``directory``, check it, dlopen it and resolve every declared function.
+    def copy(cls, *, module: str, generation: int, source: str, directory: str,
+             on_closed: Callable[["Image"], None], refused: str, trust: Trust | None = None) -> "Image":
+        """Copy ``source`` into ``directory`` and check the copy; nothing of it runs.
 
         Args:
             refused: what a failure means for the caller, appended to every
@@ -130,36 +100,115 @@ class Image:
 
         Raises:
             ModuleNotFound: ``source`` does not exist (any more).
-            LoadError: the copy failed, the copy is not a loadable ELF, or dlopen failed.
-            SymbolError: declared functions are missing from the library.
-        Nothing is left behind on failure: no copy, no handle.
+            LoadError: not a regular file, the copy failed, the copy is not a
+                loadable ELF, or the trust rules refuse it.
+        Nothing is left behind on failure.
         """
         self = object.__new__(cls)
         self.module = module
         self.generation = generation
         self.source = source
-        self.interface = interface
+        self.declarations = None
+        self.missing: tuple[str, ...] = ()
         self.state = "active"
         self.gate = None
         self.objects = None            # the registry's call policies for this image (registry._Objects)
         self.held_timer = None         # the registry's "still held" warning, cancelled at close
         self.soname = None             # what the copy's DT_SONAME was made (dynamic.py)
-        self._on_closed = on_closed
+        self.signature: tuple[int, int, int, int] | None = None
+        self.embeds_interface = False
+        self._soname_patch: tuple[int, bytes] | None = None
+        self._hash: str | None = None
+        self.on_closed = on_closed     # the registry's: called once, after close()
         self._handle = None
         self._lib = None
         self._lock = threading.Lock()
         self._owner = os.getpid()          # a forked child never deletes its parent's copy
-        started = time.perf_counter()
+        self._started = time.perf_counter()
         self.copy_path = self._copy(directory, refused, trust)
-        try:
-            self._dlopen(refused)
-            functions = self._resolve(refused)
-        except BaseException:
-            self._discard()
-            raise
-        self.gate = gate_type(functions, self.close)
-        self.load_seconds = time.perf_counter() - started
         return self
+
+    def read_interface(self, serving: _interface.Interface | None = None) -> _interface.Interface | None:
+        """The interface the copy embeds (None if none), read with pread: nothing of the library runs.
+
+        ``serving``: returned as is when the embedded one has the same digest (no decoding).
+
+        Raises:
+            InterfaceError: the embedded interface is corrupt or of a newer format.
+        """
+        fd = os.open(self.copy_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            found = _interface.read_fd(fd, source=self.source, serving=serving)
+        finally:
+            os.close(fd)
+        self.embeds_interface = found is not None
+        return found
+
+    def open(self, declarations: _interface.Declarations, *, gate_type: type, refused: str,
+             missing: str = "error") -> None:
+        """dlopen the copy and resolve every function of ``declarations``; make the image's gate.
+
+        Args:
+            missing: "error": a declared function the library does not export
+                refuses the load (SymbolError); "lazy": it is allowed, and
+                calling it raises SymbolError.
+
+        Raises:
+            LoadError: dlopen failed. SymbolError: declared functions are missing.
+            The caller discards the image on failure.
+        """
+        self.declarations = declarations
+        self._dlopen(refused)
+        functions = self._resolve(refused, lazy=missing == "lazy")
+        self.gate = gate_type(functions, self.close)
+        self.load_seconds = time.perf_counter() - self._started
+
+    def discard(self) -> None:
+        """Undo a load that failed part-way, or that was prepared and aborted: close the handle, delete the copy.
+
+        The image never served (no call can be inside it).
+        """
+        with self._lock:
+            if self.state in ("closed", "leaked"):
+                return
+            self.state = "closed"
+        self._unmap()
+        self._remove_partial(None, self.copy_path)
+
+    def content_hash(self) -> str:
+        """SHA-256 (hex) of the library as it was copied (the soname this module changed restored); cached.
+
+        Raises:
+            OSError: the copy is gone (a tmp cleaner removed it) and was never hashed.
+        """
+        if self._hash is None:
+            digest = hashlib.sha256()
+            fd = os.open(self.copy_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                offset = 0
+                while True:
+                    chunk = os.pread(fd, 1 << 20, offset)
+                    if not chunk:
+                        break
+                    if self._soname_patch is not None:
+                        chunk = _restore(chunk, offset, *self._soname_patch)
+                    digest.update(chunk)
+                    offset += len(chunk)
+            finally:
+                os.close(fd)
+            self._hash = digest.hexdigest()
+        return self._hash
+
+    def same_content(self, other: "Image") -> bool:
+        """Whether ``other`` was copied from byte-identical contents (cheap when the file did not change)."""
+        if self.signature is not None and self.signature == other.signature:
+            return True            # the very same file, untouched since: no need to read it
+        if self.signature is not None and other.signature is not None and self.signature[2] != other.signature[2]:
+            return False           # sizes differ
+        try:
+            return self.content_hash() == other.content_hash()
+        except OSError:
+            return False
 
     # -- loading --------------------------------------------------------------------------
 
@@ -186,6 +235,7 @@ class Image:
                 raise self._not_regular(st.st_mode, refused)
             if trust is not None:
                 trust.check_source(self.source, source_fd, module=self.module, refused=refused)
+            self.signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             size = st.st_size
             # mkstemp: O_CREAT|O_EXCL, mode 0600, a fresh name (so a fresh
             # inode glibc has never seen) inside the registry's 0700 directory.
@@ -202,7 +252,7 @@ class Image:
                 trust.check_content(self.source, copy_fd, module=self.module, refused=refused)
             # Not findable by its soname: a dlopen("libfoo.so.1") elsewhere in the
             # process must get the system's library, never this copy.
-            self.soname = dynamic.make_soname_private(copy_fd)
+            self.soname, self._soname_patch = dynamic.make_soname_private(copy_fd)
         except elf.ELFError as exc:
             self._remove_partial(copy_fd, copy_path)
             raise self._load_error(str(exc), refused, exc) from None
@@ -261,25 +311,26 @@ class Image:
         # ffi._function_caches and never removes (~6 KB per reload), and at
         # half the cost. Its close_lib() dlcloses the handle: exactly once,
         # we never call dlclose on it ourselves.
-        self._lib = self.interface.ffi._backend.load_library(handle, 0)
+        self._lib = self.declarations.ffi._backend.load_library(handle, 0)
 
-    def _resolve(self, refused: str) -> dict:
+    def _resolve(self, refused: str, lazy: bool = False) -> dict:
         """Look up every declared function now, so a reload is refused before anything switches."""
         lib = self._lib
         functions = {}
         missing = []
-        for name, ctype in self.interface.function_types.items():
+        for name, ctype in self.declarations.function_types.items():
             try:
                 functions[name] = lib.load_function(ctype, name)
             except AttributeError:       # dlsym() found nothing
                 missing.append(name)
-        if missing:
+        self.missing = tuple(missing)
+        if missing and not lazy:
             names = ", ".join(f"'{name}'" for name in missing)
             noun = "symbol" if len(missing) == 1 else "symbols"
             raise SymbolError(
                 f"module '{self.module}': {noun} {names} not found in {self.source} ({refused}) — export "
-                f"{'it' if len(missing) == 1 else 'them'} from the library, or reload with a cdef that does "
-                "not declare " + ("it" if len(missing) == 1 else "them"),
+                f"{'it' if len(missing) == 1 else 'them'} from the library, declare only what it exports, or "
+                "load with missing='lazy' to allow declared functions the library does not export",
                 module=self.module, symbols=tuple(sorted(missing)))
         return functions
 
@@ -309,11 +360,6 @@ class Image:
             _dlclose(probe)
             return False
         return True
-
-    def _discard(self) -> None:
-        """Undo a load that failed part-way: close the handle, delete the copy."""
-        self._unmap()
-        self._remove_partial(None, self.copy_path)
 
     def retire(self) -> None:
         """Stop new calls from entering; the image closes when its last call returns (maybe now)."""
@@ -351,7 +397,15 @@ class Image:
             logger.warning("module '%s' generation %d: dlclose() did not unmap %s; keeping the copy and "
                            "reporting the image as leaked. Why: %s.", self.module, self.generation,
                            self.copy_path, dynamic.why_still_mapped(self.copy_path))
-        self._on_closed(self)
+        self.on_closed(self)
+
+
+def _restore(chunk: bytes, offset: int, at: int, original: bytes) -> bytes:
+    """``chunk`` (read at ``offset``) with the bytes at file offset ``at`` put back to ``original``."""
+    start, end = max(at, offset), min(at + len(original), offset + len(chunk))
+    if start >= end:
+        return chunk
+    return chunk[:start - offset] + original[start - at:end - at] + chunk[end - offset:]
 
 
 def _is_noexec(path: str) -> bool:

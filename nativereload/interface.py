@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -47,7 +48,7 @@ from cffi import model
 
 from .errors import InterfaceError
 
-__all__ = ["FORMAT", "SECTION", "Change", "Diff", "Field", "Function", "Interface", "Type", "diff", "embed_source",
+__all__ = ["FORMAT", "SECTION", "Change", "Declarations", "Diff", "Field", "Function", "Interface", "Type", "diff", "embed_source",
            "from_ffi", "from_section", "parse", "read", "read_fd"]
 
 #: The ELF section an embedded interface lives in.
@@ -810,3 +811,67 @@ def _details(category: str, old: Any, new: Any) -> tuple[str, ...]:
             out.append(f"member {name}: " + ", ".join(parts))
     out += [f"member {name} added" for name in b if name not in a]
     return tuple(out) or ("members reordered",)
+
+
+# --------------------------------------------------------------------------- made callable
+
+class Declarations:
+    """An interface made callable: the FFI holding its declarations, and each declared function's cffi type.
+
+    A module keeps one FFI for its whole life and, when a reload only adds
+    declarations, grows it in place (:meth:`grow`): cdata made before the
+    reload keep the same types, so the new functions accept them. An
+    incompatible change accepted on purpose starts a new FFI.
+
+    Attributes:
+        interface: the Interface described.
+        ffi: the cffi.FFI (shared by every Declarations grown from the same one).
+        cdef: the declarations' text.
+        function_types: function name -> its cffi ctype, in declaration order.
+        functions: the function names.
+    """
+
+    def __init__(self, interface: Interface, ffi: cffi.FFI) -> None:
+        self.interface = interface
+        self.ffi = ffi
+        self.cdef = interface.cdef
+        wanted = interface.names
+        # cffi has no public accessor for a declared function's type; its
+        # parser's declarations (and _get_cached_btype) have been stable since cffi 1.0.
+        with ffi._lock:
+            declared = ffi._parser._declarations
+            self.function_types = {name: ffi._get_cached_btype(declared["function " + name][0])
+                                   for name in wanted if "function " + name in declared}
+        self.functions = tuple(self.function_types)
+
+    @classmethod
+    def of(cls, interface: Interface, *, module: str | None = None) -> "Declarations":
+        """Declarations on an FFI of their own (the interface's, when it was parsed from a cdef)."""
+        ffi = interface.ffi if interface.ffi is not None else parse(interface.cdef, module=module).ffi
+        _given.setdefault(ffi, interface)
+        return cls(interface, ffi)
+
+    def grow(self, new: Interface, *, module: str | None = None) -> "Declarations":
+        """``new`` on this FFI, which is given whatever ``new`` adds to what it holds.
+
+        Raises:
+            InterfaceError: ``new`` is not an extension of what the FFI holds
+                (the caller decides: refuse, or start over with :meth:`of`).
+        """
+        change = diff(_given[self.ffi], new)
+        if not change:
+            return Declarations(new, self.ffi)
+        if not change.compatible:
+            raise change.error(module=module)
+        try:
+            self.ffi.cdef(change.added_cdef)
+        except Exception as exc:    # cffi's CDefError, FFIError, pycparser's ParseError
+            raise InterfaceError(f"{'module ' + repr(module) + ': ' if module else ''}cannot add the new "
+                                 f"declarations to the module's FFI: {exc}", module=module) from exc
+        _given[self.ffi] = new
+        return Declarations(new, self.ffi)
+
+
+# What each module FFI has been given so far: a reload that was prepared and
+# then aborted may have grown it beyond the interface that serves.
+_given: "weakref.WeakKeyDictionary[cffi.FFI, Interface]" = weakref.WeakKeyDictionary()

@@ -4,16 +4,18 @@ Threading contract:
   - Calls (``Func``, ``Module`` attributes, ``Registry.call``) take no lock:
     the gate (gate.py) routes each to the module's current image and counts
     it there, so a call that started on image N finishes on image N.
-  - load/reload/unload/close are serialized by one lock per registry
-    (``_admin``). Copying and dlopening happen under it, but no caller ever
-    waits for it.
+  - load/prepare/commit/abort/reload/unload/close are serialized by one lock
+    per registry (``_admin``). Copying and dlopening happen under it, but no
+    caller ever waits for it.
   - Bookkeeping shared with the threads that drain images (which image lists
     exist, what status() shows) sits behind a second, short lock
     (``_state``) that is never held across I/O or dlopen.
 
-A reload loads and resolves the new image completely, then switches the
-module's slot to it, then retires the old image (which closes when its last
-call returns). Any failure before the switch changes nothing.
+A reload copies the new file, reads the interface it embeds and checks it
+against the serving one (before anything of the new image runs), loads and
+resolves it completely (lifecycle.py: it is now "prepared"), then switches the
+module's slot to it, then retires the old image (which closes when nothing
+holds it any more). Any failure before the switch changes nothing.
 """
 
 from __future__ import annotations
@@ -24,27 +26,28 @@ import logging
 import os
 import threading
 import time
-import inspect
 import typing
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 
-from . import affinity
 from . import gate as _gate
+from . import interface as _interface
 from .affinity import Pin
-from .errors import (ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
-                     ModuleUnloaded, NativeReloadError, SymbolError)
-from .image import Image, Interface
+from .errors import (InterfaceError, ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
+                     NativeReloadError, ReloadPending, SymbolError)
+from .gate import Func
+from .image import Image
+from .interface import Declarations, Diff
+from .lifecycle import StagedReload
+from .module import Module
 from .trust import Trust, TrustedHashes
 from .workdir import Workdir, remove_stale, resolve_tmpdir
-
-from .gate import Func
 
 if TYPE_CHECKING:      # imported when used: serve() and watch_files() are optional
     from .control.server import Server
     from .watch import ModuleFileWatcher
 
-__all__ = ["ImageStatus", "Module", "ModuleStatus", "Registry"]
+__all__ = ["ImageStatus", "Module", "ModuleStatus", "Registry", "StagedReload"]
 
 logger = logging.getLogger(__name__.rpartition(".")[0])
 
@@ -66,7 +69,8 @@ class ImageStatus(NamedTuple):
 
     Attributes:
         generation: which load made it (1 for the first).
-        state: "active" (new calls go here), "retired" (replaced; open while
+        state: "active" (new calls go here), "prepared" (loaded by prepare(),
+            waiting for commit() or abort()), "retired" (replaced; open while
             anything below holds it), or "leaked" (closed, but the dynamic
             loader kept it mapped).
         in_flight: calls inside it at that moment.
@@ -77,6 +81,9 @@ class ImageStatus(NamedTuple):
         held_by: all of that in words, e.g. "0 calls, 2 handles (sqlite3 *), 1 pin".
         copy_deleted: its private copy is gone from disk (a tmp cleaner removed
             it); the image still runs from its mapping.
+        sha256: the first 12 hex digits of the SHA-256 of the file it was
+            copied from ("" if it cannot be read any more).
+        interface: whether the file embeds its interface.
     """
 
     generation: int
@@ -88,6 +95,8 @@ class ImageStatus(NamedTuple):
     pointer_results: int = 0
     held_by: str = ""
     copy_deleted: bool = False
+    sha256: str = ""
+    interface: bool = False
 
 
 class ModuleStatus(NamedTuple):
@@ -126,182 +135,6 @@ def _check_name(name: object) -> str:
     return name
 
 
-class Module:
-    """A loaded module: a live handle whose calls always go to its current image.
-
-    Made by ``Registry.load()`` (and returned by ``reload()``); not created
-    directly. ``module.SYMBOL`` is a :class:`Func` for a function the cdef declares
-    (a name that collides with an attribute below needs ``module.func(name)``).
-    After a reload the same object describes the new image; after unload its
-    handles raise ModuleUnloaded.
-
-    Attributes:
-        name: the module name.
-        path: the source file its images are copied from.
-        generation: the current image's generation (1 after the first load).
-    """
-
-    def __init__(self, name: str, path: str, interface: Interface, gate: _gate.Implementation) -> None:
-        """Internal: ``Registry.load()`` makes Modules."""
-        self.name = name
-        self.path = path
-        self.generation = 0
-        self._interface = interface
-        self._impl = gate
-        self._slot = gate.Slot()
-        self._func_type = gate.Func
-        self._funcs: dict[str, Any] = {}
-        self._images: list[Image] = []      # not yet closed, oldest first; the active one is last
-        self._active: Image | None = None
-        self._unloaded = False
-        self._lock = threading.Lock()
-        self._bindings = affinity.Bindings(name)
-        self._objects = _Objects(None, (), {}, {})
-
-    @property
-    def cdef(self) -> str:
-        """The declarations the current image was loaded with."""
-        return self._interface.cdef
-
-    @property
-    def ffi(self) -> Any:
-        """The cffi FFI of the current declarations (for ffi.new, ffi.string, ...)."""
-        return self._interface.ffi
-
-    @property
-    def loaded(self) -> bool:
-        """False once the module has been unloaded."""
-        return not self._unloaded
-
-    def __repr__(self) -> str:
-        state = "unloaded" if self._unloaded else f"generation {self.generation}"
-        return f"<nativereload.Module {self.name!r} {state} from {self.path!r}>"
-
-    def func(self, symbol: str) -> Func:
-        """The reload-safe handle on ``symbol`` (the same object each time); ``module.SYMBOL`` does the same.
-
-        Raises:
-            ModuleUnloaded: the module has been unloaded (unless ``symbol`` takes a
-                handle and handles bound to its images remain: those calls still work).
-            SymbolError: the current cdef does not declare ``symbol``.
-        """
-        existing = self._funcs.get(symbol)
-        if existing is not None and symbol in self._interface.function_types:
-            return existing
-        signature = self._objects.signatures.get(symbol)
-        if self._unloaded and not (signature and signature.handle_args and self._bindings.table):
-            # After unload, only a function that can be routed by a handle still bound is of any use.
-            raise ModuleUnloaded(
-                f"module '{self.name}' was unloaded — load it again and take new handles from the new module",
-                module=self.name)
-        if symbol not in self._interface.function_types:
-            declared = ", ".join(self._interface.functions) or "none"
-            raise SymbolError(
-                f"module '{self.name}': '{symbol}' is not a function its cdef declares (declared: {declared}) — "
-                f"add it to the cdef and reload('{self.name}', cdef=...)", module=self.name, symbols=(symbol,))
-        with self._lock:
-            func = self._funcs.get(symbol)
-            if func is None:
-                func = self._func_type(self._slot, f"{self.name}.{symbol}", symbol,
-                                       functools.partial(self._missing, symbol))
-                func.policy = self._objects.policies.get(symbol)
-                self._funcs[symbol] = func
-        return func
-
-    def __getattr__(self, symbol: str) -> Any:
-        if symbol.startswith("__"):
-            raise AttributeError(symbol)
-        func = self.func(symbol)
-        self.__dict__[symbol] = func      # later lookups skip __getattr__
-        return func
-
-    def pin(self) -> Pin:
-        """Hold the current image for a session of calls: ``with mod.pin() as m: m.f(...)``.
-
-        Every function of the pin calls the image that was current when it was
-        taken, even if reloads happen meanwhile; the image stays mapped until
-        ``release()`` (see :class:`Pin`).
-
-        Raises:
-            ModuleUnloaded: the module has been unloaded.
-        """
-        while True:
-            gate = self._slot.current
-            if gate is None:
-                raise ModuleUnloaded(
-                    f"module '{self.name}' was unloaded, so it cannot be pinned — load it again first",
-                    module=self.name)
-            if gate.try_pin():
-                break
-            gate.wait_resumed()         # paused by an exclusive reload, or retired by one: try again
-            time.sleep(0)
-        image = self._image_of(gate)
-        signatures = image.objects.signatures if image is not None else {}
-        return Pin(self, gate, image.generation if image is not None else self.generation,
-                   affinity.pinned_functions(gate, signatures, self._bindings, self._generation_of))
-
-    def _objects_for(self, interface: Interface, handles: Iterable[str] | None,
-                     destructors: Iterable[str]) -> "_Objects":
-        """The call policies for ``interface`` with these handle types and destructors.
-
-        Raises:
-            InterfaceError: a handle type or destructor the interface does not declare.
-        """
-        handles = None if handles is None else tuple(handles)
-        destructors = tuple(destructors)
-        signatures = affinity.signatures(interface.ffi, interface.function_types, handles=handles,
-                                         destructors=destructors, module=self.name)
-        policies = {name: affinity.make_policy(self._impl, name, signature, self._bindings, self._generation_of)
-                    for name, signature in signatures.items()}
-        return _Objects(handles, destructors, signatures, policies)
-
-    def _apply_objects(self, objects: "_Objects") -> None:
-        """Switch every handle to the call policies of ``objects`` (before the slot switches)."""
-        self._objects = objects
-        for symbol, func in list(self._funcs.items()):
-            func.policy = objects.policies.get(symbol)
-
-    def _image_of(self, gate: Any) -> Image | None:
-        for image in list(self._images):
-            if image.gate is gate:
-                return image
-        return None
-
-    def _generation_of(self, gate: Any) -> int | None:
-        image = self._image_of(gate)
-        return None if image is None else image.generation
-
-    def _forget_undeclared(self) -> None:
-        """Drop attribute shortcuts to symbols the current cdef no longer declares.
-
-        Handles already taken stay valid objects; calling them raises SymbolError.
-        """
-        for symbol in list(self._funcs):       # func() may add one on another thread
-            if symbol not in self._interface.function_types:
-                self.__dict__.pop(symbol, None)
-
-    def _missing(self, symbol: str, gate: Any) -> NativeReloadError:
-        """The error for a call the gate cannot route: no image (unloaded), or no such symbol in it."""
-        if gate is None:
-            return ModuleUnloaded(
-                f"module '{self.name}' was unloaded, so '{self.name}.{symbol}' can no longer be called — load "
-                f"it again and take a new handle (reg.func('{self.name}.{symbol}'))", module=self.name)
-        generation = self._generation_of(gate)
-        return SymbolError(
-            f"module '{self.name}': generation {generation if generation is not None else self.generation} has "
-            f"no '{symbol}' (the cdef it was loaded with does not declare it) — reload with a cdef that "
-            "declares it", module=self.name, symbols=(symbol,))
-
-
-class _Objects(NamedTuple):
-    """How a module treats the objects its functions take and return (affinity.py), for one interface."""
-
-    handles: tuple[str, ...] | None
-    destructors: tuple[str, ...]
-    signatures: dict[str, affinity.Signature]
-    policies: dict[str, Any]
-
-
 class Registry:
     """Loads C shared libraries and reloads them while other threads call them.
 
@@ -335,7 +168,6 @@ class Registry:
         self._state = threading.Condition(threading.Lock())
         self._modules: dict[str, Module] = {}
         self._unloaded: list[Module] = []      # unloaded, with images not yet closed
-        self._interfaces: dict[str, Interface] = {}
         self._workdirs: dict[str, Workdir] = {}
         self._closers: list = []
         self._closed = False
@@ -375,36 +207,47 @@ class Registry:
             f"Registry(path=...) or {PATH_ENV}, or load('{name}', file=PATH)", module=name, searched=searched)
 
     def load(self, name: str, cdef: str | None = None, *, file: str | os.PathLike | None = None,
-             handles: Iterable[str] | None = None, destructors: Iterable[str] = ()) -> Module:
+             handles: Iterable[str] | None = None, destructors: Iterable[str] = (),
+             missing: str = "error") -> Module:
         """Load module ``name`` (or return it unchanged if it is already loaded with the same cdef and file).
 
+        The declarations come from the module itself when it embeds its
+        interface (built with ``nativereload_add_module(... INTERFACE h)`` or
+        ``nativereload embed``), or from ``cdef``. With both, ``cdef`` must
+        agree with the embedded interface for everything it declares.
+
         Args:
-            cdef: the C declarations of the functions to call (required, unless
-                the module is already loaded: then it may be left out).
+            cdef: the C declarations of the functions to call; optional when the
+                module embeds its interface or is already loaded.
             file: load this file instead of searching the path.
             handles: the handle types whose objects stay with the image that
                 made them. None (default): pointers to the structs and unions
-                the cdef declares without a body (``sqlite3 *``); a list: those
-                plus the C types named (``["z_stream *"]``); ``()``: none.
+                declared without a body (``sqlite3 *``); a list: those plus the
+                C types named (``["z_stream *"]``); ``()``: none.
             destructors: functions that end the life of the handle they are
                 given (``["sqlite3_close", "ZSTD_freeCCtx"]``); its binding, and
                 the hold on its image, end when the call returns.
+            missing: "error" (default): a declared function the library does not
+                export refuses the load; "lazy": it is allowed, and calling it
+                raises SymbolError (for headers with compile-time options).
 
         Returns:
             the Module, a live handle (``module.SYMBOL`` is a Func).
 
         Raises:
-            ModuleNameError, ModuleNotFound, LoadError, SymbolError, InterfaceError,
+            ModuleNameError, ModuleNotFound, LoadError, SymbolError,
+            InterfaceError: no cdef and no embedded interface, a cdef that does
+                not parse, or one that disagrees with the embedded interface.
             ModuleConflict: already loaded with another cdef or file.
         """
         _check_name(name)
+        if missing not in ("error", "lazy"):
+            raise ValueError(f"missing must be 'error' or 'lazy', not {missing!r}")
         no_cdef = cdef is None or (isinstance(cdef, str) and not cdef.strip())
         path = os.path.abspath(os.fspath(file)) if file is not None else None
         with self._admin:
             self._check_open()
             existing = self._modules.get(name)
-            if no_cdef and existing is None:
-                Interface(cdef, name)         # raises the InterfaceError that says a cdef is required
             if existing is not None:
                 # Like require: a module already loaded is returned as it is;
                 # asking for other declarations or another file is a mistake.
@@ -418,90 +261,110 @@ class Registry:
                 return existing
             if path is None:
                 path = self.find(name)
-            interface = self._interface(cdef, name)
-            module = Module(name, path, interface, self._gate)
-            objects = module._objects_for(interface, handles, destructors)
+            image = self._copy(name, 1, path, None, "load refused")
             try:
-                image = self._load_image(module, 1, interface, "load refused")
-            finally:
+                embedded = image.read_interface()
+                declarations, _ = self._declarations_for(name, None, embedded, None if no_cdef else cdef, False,
+                                                         path, "load refused")
+                module = Module(name, path, declarations, self._gate, missing)
+                objects = module._objects_for(declarations, handles, destructors)
+                image.objects = objects
+                image.open(declarations, gate_type=self._gate.ImageGate, refused="load refused", missing=missing)
+            except BaseException:
+                image.discard()
                 self._release_idle_workdirs()
-            image.objects = objects
+                raise
+            image.on_closed = functools.partial(self._image_closed, module)
             module._apply_objects(objects)
+            module._content_since = 1
             with self._state:
                 module._images.append(image)
                 module._active = image
                 module.generation = 1
                 module._slot.current = image.gate
                 self._modules[name] = module
-        logger.info("loaded '%s' generation 1 from %s in %.2f ms", name, path, image.load_seconds * 1e3)
+        logger.info("loaded '%s' generation 1 from %s in %.2f ms%s", name, path, image.load_seconds * 1e3,
+                    f" ({len(image.missing)} declared function(s) not exported)" if image.missing else "")
         return module
 
-    def reload(self, name: str, cdef: str | None = None, *, handles: Iterable[str] | None | _Keep = _KEEP,
-               destructors: Iterable[str] | _Keep = _KEEP) -> Module:
-        """Load a fresh copy of the module's file and switch new calls to it.
+    def prepare(self, name: str, cdef: str | None = None, *, file: str | os.PathLike | None = None,
+                handles: Iterable[str] | None | _Keep = _KEEP, destructors: Iterable[str] | _Keep = _KEEP,
+                allow_interface_change: bool = False) -> StagedReload:
+        """Do everything a reload does up to the switch; return the StagedReload to commit() or abort().
+
+        Copies the file, checks the interface it embeds (or ``cdef``) against
+        the serving one, dlopens it and resolves every declared function.
+        Calls keep going to the serving image until ``commit()``; status()
+        shows the new image as "prepared". While it is pending, another
+        reload, prepare or unload of this module raises ReloadPending; if the
+        registry closes first, it is aborted (with a warning).
+
+        Args: as for :meth:`reload`.
+
+        Raises:
+            ModuleNotLoaded, ModuleNotFound, LoadError, SymbolError, InterfaceError,
+            ReloadPending: a reload of this module is already prepared.
+            Nothing changes on any error.
+        """
+        _check_name(name)
+        started = time.perf_counter()
+        with self._admin:
+            staged = self._prepare(name, cdef, file, handles, destructors, allow_interface_change)
+        logger.info("prepared '%s' generation %d in %.2f ms (generation %d serving)", name, staged.generation,
+                    (time.perf_counter() - started) * 1e3, staged.serving_generation)
+        return staged
+
+    def reload(self, name: str, cdef: str | None = None, *, file: str | os.PathLike | None = None,
+               handles: Iterable[str] | None | _Keep = _KEEP, destructors: Iterable[str] | _Keep = _KEEP,
+               allow_interface_change: bool = False) -> Module:
+        """Load a fresh copy of the module's file and switch new calls to it: ``prepare(...).commit()``.
 
         Calls in flight finish on the old image; objects it made (bound
         handles, pins, pointer results) keep using it; it closes when the last
-        of them is gone. Always loads a new copy, even if the file did not change.
+        of them is gone. Always loads a new copy, even if the file did not
+        change (``module.unchanged_since`` then says so).
+
+        The new interface (embedded in the new file, or ``cdef``) is compared
+        with the serving one before anything of the new image runs: new
+        functions and types are accepted (callable at once, and cdata made
+        before stay valid); a changed or removed function, or a changed
+        struct, union or enum, is refused unless ``allow_interface_change``.
 
         Args:
-            cdef: new declarations for the new image; default: the current ones.
+            cdef: new declarations for the new image; default: the interface
+                the new file embeds, else the current declarations.
+            file: load this file instead (it becomes the module's path).
             handles, destructors: as for :meth:`load`; default: the current ones.
+            allow_interface_change: accept an incompatible interface on purpose
+                (logged, with what changed; cdata of the old declarations do not
+                fit the new ones).
 
         Returns:
             the Module, its generation one higher.
 
         Raises:
-            ModuleNotLoaded, ModuleNotFound, LoadError, SymbolError, InterfaceError.
+            ModuleNotLoaded, ModuleNotFound, LoadError, SymbolError,
+            InterfaceError: an incompatible interface (showing old and new declarations),
+            ReloadPending: a reload of this module is prepared (prepare()) and pending.
             On any error the old image keeps serving and the generation is unchanged.
         """
         _check_name(name)
         started = time.perf_counter()
         with self._admin:
-            self._check_open()
-            module = self._loaded(name)
-            interface = self._interface(cdef, name) if cdef is not None else module._interface
-            current = module._objects
-            objects = current
-            if interface is not module._interface or handles is not _KEEP or destructors is not _KEEP:
-                objects = module._objects_for(interface, current.handles if handles is _KEEP else handles,
-                                              current.destructors if destructors is _KEEP else destructors)
-            serving = module.generation
-            try:
-                image = self._load_image(module, serving + 1, interface,
-                                         f"reload refused; generation {serving} still serving")
-            except BaseException:
-                self._release_idle_workdirs()
-                raise
-            image.objects = objects
-            module._apply_objects(objects)
-            with self._state:
-                old = module._active
-                module._images.append(image)
-                module._active = image
-                module._interface = interface
-                module._forget_undeclared()
-                module.generation = serving + 1
-                module._slot.current = image.gate     # from here on, new calls go to the new image
-            self._retire(module, old)
-            self._release_idle_workdirs()        # the old image's, if $TMPDIR changed since
-        if old.state == "retired":
-            outcome = f"generation {serving} draining, {self._held_by(module, old)}"
-        else:
-            outcome = f"generation {serving} {old.state}"
-        logger.info("reloaded '%s' generation %d in %.2f ms (%s)", name, serving + 1,
-                    (time.perf_counter() - started) * 1e3, outcome)
-        return module
+            staged = self._prepare(name, cdef, file, handles, destructors, allow_interface_change)
+            return self._commit_locked(staged, started)
 
     def unload(self, name: str) -> None:
         """Unload the module: new calls raise ModuleUnloaded; calls in flight finish first.
 
         Raises:
-            ModuleNotLoaded.
+            ModuleNotLoaded; ReloadPending: a prepared reload of it is pending.
         """
         _check_name(name)
         with self._admin:
-            self._unload(self._loaded(name))
+            module = self._loaded(name)
+            self._check_not_pending(module, "unload")
+            self._unload(module)
             self._release_idle_workdirs()
 
     def _unload(self, module: Module) -> None:
@@ -516,6 +379,171 @@ class Registry:
         logger.info("unloaded '%s' generation %d in %.2f ms (%s)", module.name, module.generation,
                     (time.perf_counter() - started) * 1e3,
                     active.state if active.state != "retired" else f"draining, {self._held_by(module, active)}")
+
+    # -- the reload transaction (lifecycle.py) -------------------------------------------------
+
+    def _prepare(self, name: str, cdef: str | None, file: str | os.PathLike | None, handles: Any,
+                 destructors: Any, allow_change: bool) -> StagedReload:
+        """prepare() with ``_admin`` held."""
+        self._check_open()
+        module = self._loaded(name)
+        self._check_not_pending(module, "reload")
+        serving = module._active
+        refused = f"reload refused; generation {module.generation} still serving"
+        path = os.path.abspath(os.fspath(file)) if file is not None else module.path
+        image = self._copy(name, module.generation + 1, path, module, refused)
+        try:
+            embedded = image.read_interface(serving=module._declarations.interface)
+            declarations, change = self._declarations_for(name, module._declarations, embedded, cdef,
+                                                          allow_change, path, refused)
+            objects = module._objects
+            if declarations is not module._declarations or handles is not _KEEP or destructors is not _KEEP:
+                objects = module._objects_for(declarations, objects.handles if handles is _KEEP else handles,
+                                              objects.destructors if destructors is _KEEP else destructors)
+            image.objects = objects
+            image.open(declarations, gate_type=self._gate.ImageGate, refused=refused, missing=module._missing_mode)
+            self._check_exports_kept(module, serving, image, allow_change, refused)
+        except BaseException:
+            image.discard()
+            self._release_idle_workdirs()
+            raise
+        unchanged = module._content_since if serving.same_content(image) else None
+        staged = StagedReload(self, module, image, declarations, objects, change, unchanged, path)
+        with self._state:
+            module._pending = staged
+            module._images.append(image)
+        return staged
+
+    def _commit(self, staged: StagedReload) -> Module:
+        started = time.perf_counter()
+        with self._admin:
+            return self._commit_locked(staged, started)
+
+    def _commit_locked(self, staged: StagedReload, started: float) -> Module:
+        if staged.state != "prepared":
+            raise NativeReloadError(
+                f"module '{staged.module}': the reload to generation {staged.generation} was {staged.state} — "
+                f"prepare a new one", module=staged.module)
+        module, image = staged._module, staged._image
+        serving = module.generation
+        module._apply_objects(staged._objects)
+        with self._state:
+            old = module._active
+            module._active = image
+            module._pending = None
+            module._declarations = staged._declarations
+            module.path = staged._path
+            module._forget_undeclared()
+            module.generation = staged.generation
+            module.unchanged_since = staged.unchanged_since
+            module.interface_change = staged.interface_change
+            if staged.unchanged_since is None:
+                module._content_since = staged.generation
+            module._slot.current = image.gate     # from here on, new calls go to the new image
+            staged.state = "committed"
+        self._retire(module, old)
+        self._release_idle_workdirs()        # the old image's, if $TMPDIR changed since
+        if old.state == "retired":
+            outcome = f"generation {serving} draining, {self._held_by(module, old)}"
+        else:
+            outcome = f"generation {serving} {old.state}"
+        notes = []
+        if staged.interface_change:
+            notes.append(f"interface: {staged.interface_change.summary()}")
+        if staged.unchanged_since is not None:
+            notes.append(f"note: {os.path.basename(module.path)} is unchanged since generation "
+                         f"{staged.unchanged_since} — did the build fail?")
+        logger.info("reloaded '%s' generation %d in %.2f ms (%s)%s", module.name, staged.generation,
+                    (time.perf_counter() - started) * 1e3, outcome, "".join(f"; {n}" for n in notes))
+        return module
+
+    def _abort(self, staged: StagedReload, why: str = "") -> None:
+        with self._admin:
+            self._abort_locked(staged, why)
+
+    def _abort_locked(self, staged: StagedReload, why: str = "") -> None:
+        if staged.state == "aborted":
+            return
+        if staged.state == "committed":
+            raise NativeReloadError(
+                f"module '{staged.module}': the reload to generation {staged.generation} was already committed — "
+                f"reload again (or rollback) to go back", module=staged.module)
+        module, image = staged._module, staged._image
+        with self._state:
+            staged.state = "aborted"
+            module._pending = None
+            if image in module._images:
+                module._images.remove(image)
+        image.discard()
+        self._release_idle_workdirs()
+        log = logger.warning if why else logger.info
+        log("aborted the prepared reload of '%s' to generation %d%s (generation %d still serving)", staged.module,
+            staged.generation, f" {why}" if why else "", module.generation)
+
+    def _check_not_pending(self, module: Module, what: str) -> None:
+        staged = module._pending
+        if staged is not None:
+            raise ReloadPending(
+                f"module '{module.name}': a reload to generation {staged.generation} is prepared and pending "
+                f"({what} refused; generation {module.generation} still serving) — commit() or abort() it first",
+                module=module.name)
+
+    def _declarations_for(self, name: str, serving: Declarations | None, embedded: _interface.Interface | None,
+                          cdef: str | None, allow_change: bool, path: str,
+                          refused: str) -> tuple[Declarations, Diff | None]:
+        """The declarations a new image is resolved with, and what they change from ``serving``.
+
+        ``cdef`` (if given) wins over the embedded interface, but must agree
+        with it; with neither, the serving declarations stay.
+
+        Raises:
+            InterfaceError: no interface at all (first load), a cdef that does not
+                parse or disagrees with the embedded one, or an incompatible change.
+        """
+        given = _interface.parse(cdef, module=name) if cdef is not None else None
+        if given is not None and embedded is not None:
+            _check_agreement(name, embedded, given, path, refused)
+        new = given or embedded
+        if serving is None:
+            if new is None:
+                raise InterfaceError(
+                    f"module '{name}': no interface for {path}: it embeds none and no cdef was given (load "
+                    f"refused) — build it with nativereload_add_module({name} SOURCES ... INTERFACE {name}.h) "
+                    f"(or compile in the C file `nativereload embed {name}.h -o {name}_interface.c` writes), "
+                    f"or pass the declarations: load('{name}', cdef='...')", module=name, path=path)
+            return Declarations.of(new, module=name), None
+        if new is None:
+            return serving, None
+        change = _interface.diff(serving.interface, new)
+        if not change:
+            return serving, None
+        if change.compatible:
+            try:
+                return serving.grow(new, module=name), change
+            except InterfaceError as exc:
+                # The FFI was grown by a reload that was then aborted, another way.
+                logger.warning("module '%s': %s; cdata made before this reload will not fit its new "
+                               "functions", name, exc)
+                return Declarations.of(new if new.ffi is not None else _interface.parse(new.cdef, module=name),
+                                       module=name), change
+        if not allow_change:
+            raise change.error(module=name, path=path, outcome=refused)
+        logger.warning("module '%s': the interface of %s changed incompatibly, accepted with "
+                       "allow_interface_change=True (cdata made by the old declarations do not fit the new ones):\n%s",
+                       name, path, change.render(indent="  "))
+        return Declarations.of(new if new.ffi is not None else _interface.parse(new.cdef, module=name),
+                               module=name), change
+
+    def _check_exports_kept(self, module: Module, serving: Image, image: Image, allow_change: bool,
+                            refused: str) -> None:
+        """A function the serving image exports must not vanish (missing="lazy" allows it at load, not here)."""
+        lost = sorted(name for name in image.missing if name in serving.gate.functions)
+        if lost and not allow_change:
+            names = ", ".join(f"'{name}'" for name in lost)
+            raise SymbolError(
+                f"module '{module.name}': generation {module.generation} exports {names}, which {image.source} "
+                f"does not ({refused}) — export {'it' if len(lost) == 1 else 'them'} again, or reload with "
+                "allow_interface_change=True", module=module.name, symbols=tuple(lost))
 
     # -- calling ------------------------------------------------------------------------------
 
@@ -589,13 +617,19 @@ class Registry:
     def _image_status(self, module: Module, image: Image) -> ImageStatus:
         gate = image.gate
         deleted = not os.path.lexists(image.copy_path)
+        try:
+            sha256 = image.content_hash()[:12]
+        except OSError:
+            sha256 = ""
+        embedded = image.declarations is not None and image.embeds_interface
         if image.state == "leaked":
             return ImageStatus(image.generation, "leaked", 0, image.copy_path, held_by="closed",
-                               copy_deleted=deleted)
+                               copy_deleted=deleted, sha256=sha256, interface=embedded)
         handles = module._bindings.counts(gate)
         return ImageStatus(image.generation, _image_state(module, image), gate.in_flight, image.copy_path,
                            gate.pins, MappingProxyType(handles), gate.pointer_results,
-                           _describe_holders(gate.in_flight, gate.pins, handles, gate.pointer_results), deleted)
+                           _describe_holders(gate.in_flight, gate.pins, handles, gate.pointer_results), deleted,
+                           sha256, embedded)
 
     def _held_by(self, module: Module, image: Image) -> str:
         """What holds ``image`` open, in words ("1 call, 2 handles (sqlite3 *)")."""
@@ -636,6 +670,8 @@ class Registry:
             if not self._closed:
                 self._closed = True
                 for module in list(self._modules.values()):
+                    if module._pending is not None:
+                        self._abort_locked(module._pending, "because the registry closed before commit()")
                     self._unload(module)
         drained = self.wait_drained(timeout)
         self._remove_workdirs_if_drained()
@@ -729,20 +765,16 @@ class Registry:
             raise self._not_loaded(name)
         return module
 
-    def _interface(self, cdef: str | None, name: str) -> Interface:
-        """The parsed cdef, from the cache if this registry has seen the same text."""
-        interface = self._interfaces.get(cdef) if isinstance(cdef, str) else None
-        if interface is None:
-            interface = Interface(cdef, name)
-            self._interfaces[cdef] = interface
-        return interface
-
-    def _load_image(self, module: Module, generation: int, interface: Interface, refused: str) -> Image:
-        return Image.load(module=module.name, generation=generation, source=module.path,
-                          directory=self._workdir(module.name).path, interface=interface,
-                          gate_type=self._gate.ImageGate,
-                          on_closed=functools.partial(self._image_closed, module), refused=refused,
-                          trust=self._trust)
+    def _copy(self, name: str, generation: int, path: str, module: Module | None, refused: str) -> Image:
+        """Step 1 of a load: the private copy of ``path``, checked (nothing of it runs yet)."""
+        try:
+            return Image.copy(module=name, generation=generation, source=path,
+                              directory=self._workdir(name).path,
+                              on_closed=functools.partial(self._image_closed, module) if module else _no_module,
+                              refused=refused, trust=self._trust)
+        except BaseException:
+            self._release_idle_workdirs()
+            raise
 
     def _workdir(self, module: str) -> Workdir:
         """This registry's directory in the current tmpdir (made, after a stale-directory sweep, on first use)."""
@@ -795,6 +827,24 @@ class Registry:
                     _open_workdirs.discard(workdir)
 
 
+def _check_agreement(name: str, embedded: _interface.Interface, given: _interface.Interface, path: str,
+                     refused: str) -> None:
+    """A cdef given with a module that embeds its interface must declare everything as the module does."""
+    disagree = _interface.diff(embedded, given).changed
+    if disagree:
+        first = disagree[0]
+        lines = "\n".join(f"  {c.category} {c.name}{': ' + '; '.join(c.details) if c.details else ''}\n"
+                          f"    the module's: {c.old}\n    the cdef's:   {c.new}" for c in disagree)
+        raise InterfaceError(
+            f"module '{name}': the cdef given disagrees with the interface {path} embeds ({refused}):\n{lines}\n"
+            f"— leave out cdef= to use the module's own declarations, or fix the cdef", module=name, path=path,
+            function=first.name if first.category == "function" else None, old=first.old, new=first.new)
+
+
+def _no_module(image: Image) -> None:
+    """on_closed of an image discarded before it had a module (a refused first load)."""
+
+
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' * (count != 1)}"
 
@@ -814,9 +864,13 @@ def _describe_holders(calls: int, pins: int, handles: Mapping[str, int], pointer
 
 def _image_state(module: Module, image: Image) -> str:
     """What status() reports: the module's current image is "active" (even in the instant before the old
-    one is marked retired), a closed one still mapped "leaked", any other "retired"."""
+    one is marked retired), one waiting for commit() "prepared", a closed one still mapped "leaked", any
+    other "retired"."""
     if image is module._active:
         return "active"
+    pending = module._pending
+    if pending is not None and image is pending._image:
+        return "prepared"
     return "leaked" if image.state == "leaked" else "retired"
 
 
@@ -832,10 +886,6 @@ def _remove_workdirs_at_exit() -> None:
     _open_workdirs.clear()
 
 
-# help(Module) shows how to get one, not the registry's internal constructor arguments
-# (pydoc omits a class's signature line when it is "()").
-Module.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)])
 # With ``from __future__ import annotations`` NamedTuple keeps its field types as
 # strings, which help() shows as ForwardRef('str'): give it the real types.
 for _status in (ImageStatus, ModuleStatus):

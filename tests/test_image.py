@@ -46,7 +46,7 @@ def test_close_clears_the_function_table(reg, moddir, samples):
     install(samples["v1"], moddir / "sample.so")
     mod = reg.load("sample", cdef=SAMPLE_CDEF)
     first = mod._active
-    assert set(first.gate.functions) == set(first.interface.functions)
+    assert set(first.gate.functions) == set(first.declarations.functions)
     reg.reload("sample")
     assert first.state == "closed"
     assert first.gate.functions == {}          # the function objects pointed into unmapped code
@@ -71,5 +71,5 @@ def test_close_never_raises(reg, moddir, samples, monkeypatch, caplog):
 
 
 def test_image_load_is_the_only_constructor():
-    with pytest.raises(TypeError, match="use Image.load"):
+    with pytest.raises(TypeError, match="use Image.copy"):
         image_module.Image()

@@ -60,7 +60,7 @@ def test_help_shows_the_public_api_not_its_internals():
     assert typing.get_type_hints(nativereload.Registry.func)["return"] is nativereload.Func
     assert typing.get_type_hints(nativereload.Module.func)["return"] is nativereload.Func
     assert nativereload.Registry.serve.__annotations__["return"] == "Server"
-    for cls, internal in ((nativereload.Module, "interface"), (nativereload.Func, "on_missing")):
+    for cls, internal in ((nativereload.Module, "Implementation"), (nativereload.Func, "on_missing")):
         text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
         assert internal not in text and "Made by" in text
     assert "ForwardRef" not in pydoc.render_doc(nativereload.ModuleStatus, renderer=pydoc.plaintext)

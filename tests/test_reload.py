@@ -221,7 +221,10 @@ def test_reload_with_new_cdef(reg, loaded, moddir, samples):
     install(samples["nosym"], moddir / "sample.so")
     scaled = loaded.scaled
     new_cdef = SAMPLE_CDEF.replace("long scaled(long);", "")
-    reg.reload("sample", cdef=new_cdef)           # drops a symbol a handle still holds: allowed
+    with pytest.raises(InterfaceError, match=r"removed function scaled\n +old: long scaled\(long\)"):
+        reg.reload("sample", cdef=new_cdef)       # dropping a declared function is refused ...
+    assert loaded.generation == 1 and loaded.scaled(2) == 2
+    reg.reload("sample", cdef=new_cdef, allow_interface_change=True)   # ... unless asked for on purpose
     assert loaded.generation == 2 and loaded.cdef == new_cdef
     assert loaded.version() == 2
     with pytest.raises(SymbolError, match="'scaled'"):
@@ -230,8 +233,8 @@ def test_reload_with_new_cdef(reg, loaded, moddir, samples):
         reg.func("sample.scaled")
     # The new declarations also serve new symbols.
     install(samples["v3"], moddir / "sample.so")
-    reg.reload("sample", cdef=SAMPLE_CDEF)
-    assert scaled(3) == 9
+    reg.reload("sample", cdef=SAMPLE_CDEF)        # adding a function back is an addition: accepted
+    assert scaled(3) == 9 and loaded.interface_change.summary() == "1 added (compatible)"
 
 
 def test_reload_of_unloaded_module_is_refused(reg, loaded):
