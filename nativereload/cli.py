@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -49,6 +50,9 @@ _HINTS = {
     "SymbolError": "the old version keeps serving; rebuild with the symbol exported, then reload again",
     "LoadError": "the old version keeps serving; rebuild the module (`nativereload build`) and reload again",
     "ModuleNotFound": "the old version keeps serving; build the module first (`nativereload build`)",
+    "InterfaceError": "the old version keeps serving; keep the old declarations (add new functions instead), "
+                      "or accept the change with --allow-interface-change",
+    "ReloadPending": "the process has prepared a reload of this module; it must commit() or abort() it first",
 }
 
 
@@ -159,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
                     nativereload reload counter
                     nativereload reload counter --name api --all --json""", targets=True)
     r.add_argument("module", help="the module name, as the process loaded it")
+    r.add_argument("--allow-interface-change", action="store_true",
+                   help="accept a new build whose interface changes a function or a type incompatibly (refused "
+                        "otherwise); says what changed")
     _add_target_options(r)
     _add_json(r)
 
@@ -330,9 +337,25 @@ def _each_target(args: argparse.Namespace, op: str, what: str, describe: Callabl
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    return _each_target(args, "reload", f"reload of {args.module!r}", lambda target, reply: (
-        f"{target.label}: reloaded {args.module!r} generation {reply['generation_before']} {arrow(sys.stdout)} "
-        f"{reply['generation']} in {reply['seconds'] * 1000:.1f} ms"), module=args.module)
+    def describe(target: Target, reply: dict) -> str:
+        lines = [f"{target.label}: reloaded {args.module!r} generation {reply['generation_before']} "
+                 f"{arrow(sys.stdout)} {reply['generation']} in {reply['seconds'] * 1000:.1f} ms"]
+        change = reply.get("interface_change")
+        if change:
+            verb = "interface grew" if change.get("compatible") else "interface CHANGED (allowed)"
+            lines.append(f"{verb}: {change.get('summary')}")
+            lines += [f"  {line}" for line in str(change.get("text", "")).splitlines()]
+        since = reply.get("unchanged_since")
+        if since is not None:
+            file = os.path.basename(reply.get("path") or args.module)
+            lines.append(f"note: {file} is unchanged since generation {since} {dash(sys.stdout)} did the build "
+                         "fail?")
+        return "\n".join(lines)
+
+    fields = {"module": args.module}
+    if args.allow_interface_change:
+        fields["allow_interface_change"] = True
+    return _each_target(args, "reload", f"reload of {args.module!r}", describe, **fields)
 
 
 def cmd_unload(args: argparse.Namespace) -> int:

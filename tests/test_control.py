@@ -601,12 +601,12 @@ def test_a_reload_whose_client_is_gone_before_it_starts_is_not_run(runtime_dir, 
         release, started, reloads = threading.Event(), threading.Event(), []
         real_reload = reg.reload
 
-        def slow_reload(name, cdef=None):
+        def slow_reload(name, cdef=None, **options):
             reloads.append(name)
             if len(reloads) == 1:
                 started.set()
                 release.wait(30)        # a slow reload: the next one queues behind it
-            return real_reload(name, cdef)
+            return real_reload(name, cdef, **options)
 
         monkeypatch.setattr(reg, "reload", slow_reload)
         first: list[dict] = []

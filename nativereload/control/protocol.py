@@ -10,9 +10,12 @@ form:
             -> {"ok": true, "pid": 123, "name": "api", "argv": [...], "modules": [{"name",
                 "path", "generation", "images": [{"generation", "state", "in_flight", "pins",
                 "handles": {C type: count}, "pointer_results", "held_by"}]}]}
-    reload  {"op": "reload", "module": NAME}          nativereload reload NAME
+    reload  {"op": "reload", "module": NAME,          nativereload reload NAME
+             "allow_interface_change": false}          [--allow-interface-change]
             -> {"ok": true, "pid": 123, "module": NAME, "generation_before": 1,
-                "generation": 2, "seconds": 0.0004}
+                "generation": 2, "seconds": 0.0004, "path": "/.../counter.so", "unchanged_since": null,
+                "interface_change": null | {"summary": "1 added (compatible)", "text": "...",
+                "compatible": true, "added": [...], "removed": [...], "changed": [...]}}
     unload  {"op": "unload", "module": NAME}          nativereload unload NAME
             -> {"ok": true, "pid": 123, "module": NAME, "generation": 2}
     any failure
@@ -38,13 +41,13 @@ __all__ = ["MAX_REQUEST", "OPS", "check_request", "decode_reply", "decode_reques
 MAX_REQUEST = 64 * 1024
 """Longest request line accepted, in bytes (without its newline)."""
 
-OPS: dict[str, frozenset[str]] = {
-    "ping": frozenset(),
-    "status": frozenset(),
-    "reload": frozenset({"module"}),
-    "unload": frozenset({"module"}),
+OPS: dict[str, dict[str, tuple[type, bool]]] = {
+    "ping": {},
+    "status": {},
+    "reload": {"module": (str, True), "allow_interface_change": (bool, False)},
+    "unload": {"module": (str, True)},
 }
-"""Each operation and the fields it takes besides ``op``."""
+"""Each operation's fields besides ``op``: name -> (JSON type, required)."""
 
 
 def encode(message: dict) -> bytes:
@@ -91,13 +94,22 @@ def check_request(req: Any) -> dict:
     op = req.get("op")
     if not isinstance(op, str) or op not in OPS:
         raise ProtocolError(f"unknown op {op!r}; valid ops: {', '.join(sorted(OPS))}")
-    extra = set(req) - {"op"} - OPS[op]
+    fields = OPS[op]
+    extra = set(req) - {"op"} - set(fields)
     if extra:
         raise ProtocolError(f"op {op!r} takes no field(s) {', '.join(sorted(map(str, extra)))}")
-    if "module" in OPS[op]:
-        name = req.get("module")
-        if not isinstance(name, str) or not name:
-            raise ProtocolError(f"op {op!r} needs \"module\": a module name (string)")
+    for field, (kind, required) in fields.items():
+        if field not in req:
+            if required:
+                raise ProtocolError(f"op {op!r} needs {field!r}" + (": a module name (string)"
+                                                                       if field == "module" else ""))
+            continue
+        value = req[field]
+        if not isinstance(value, kind) or (kind is str and not value) or (kind is not bool and
+                                                                           isinstance(value, bool)):
+            what = {str: "a non-empty string", bool: "true or false", int: "an integer"}[kind]
+            raise ProtocolError(f"op {op!r}: {field!r} must be {what}" + (": a module name (string)"
+                                                                          if field == "module" else ""))
     return req
 
 

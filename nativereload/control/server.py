@@ -502,10 +502,14 @@ def handle(registry: Any, req: Any, *, name: str | None = None,
             registry.unload(name)
             return {"ok": True, "pid": pid, "module": name, "generation": before}
         started = time.perf_counter()
-        module = registry.reload(name)
+        module = registry.reload(name, allow_interface_change=req.get("allow_interface_change", False))
         seconds = time.perf_counter() - started
+        change = module.interface_change
     return {"ok": True, "pid": pid, "module": name, "generation_before": before,
-            "generation": module.generation, "seconds": seconds}
+            "generation": module.generation, "seconds": seconds, "path": module.path,
+            "unchanged_since": module.unchanged_since,
+            "interface_change": None if change is None else {"summary": change.summary(), "text": change.render(),
+                                                             **change.to_json()}}
 
 
 _NAME = re.compile(r"[A-Za-z0-9_.@:+-]{1,64}")
