@@ -13,11 +13,11 @@ describes each operation.
 """
 
 from .affinity import Pin
-from .errors import (BuildError, ControlError, DemoError, HandleError, InterfaceError, LoadError, ModuleConflict,
-                     ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleUnloaded, NativeReloadError,
-                     PinReleased, ProtocolError, ReloadPending, SymbolError)
+from .errors import (BuildError, CanaryFailed, ControlError, DemoError, DrainTimeout, HandleError, InitRefused,
+                     InterfaceError, LoadError, ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
+                     ModuleUnloaded, NativeReloadError, PinReleased, ProtocolError, ReloadPending, SymbolError)
 from .gate import Func
-from .lifecycle import StagedReload
+from .lifecycle import ReloadEvent, StagedReload
 from .module import Module
 from .registry import ImageStatus, ModuleStatus, Registry
 
@@ -36,11 +36,14 @@ def __getattr__(name: str):
 
 __all__ = [
     "BuildError",
+    "CanaryFailed",
     "ControlError",
     "DemoError",
+    "DrainTimeout",
     "Func",
     "HandleError",
     "ImageStatus",
+    "InitRefused",
     "InterfaceError",
     "LoadError",
     "Module",
@@ -55,6 +58,7 @@ __all__ = [
     "PinReleased",
     "ProtocolError",
     "Registry",
+    "ReloadEvent",
     "ReloadPending",
     "StagedReload",
     "SymbolError",
