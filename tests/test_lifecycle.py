@@ -308,3 +308,22 @@ def test_the_context_layout_matches_the_header(tmp_path):
     ffi = lifecycle._ffi
     assert printed == [ffi.sizeof("nativereload_context")] + [ffi.offsetof("nativereload_context", f)
                                                              for f in fields]
+
+
+@pytest.mark.timeout(120)
+def test_rollback_and_canary_over_the_socket(reg, module, moddir, samples):
+    from nativereload import ProtocolError
+    from nativereload.control import protocol, server
+
+    install(samples["lifecycle2"], moddir / "lifecycle.so")
+    reply = server.handle(reg, {"op": "reload", "module": "lifecycle", "canary": True})
+    assert reply["ok"] and reply["generation"] == 2 and module.lifecycle_version() == 2
+    reply = server.handle(reg, {"op": "rollback", "module": "lifecycle"})
+    assert reply["ok"] and reply["generation"] == 3 and module.lifecycle_version() == 1
+    with pytest.raises(NativeReloadError, match="no kept version of generation 1"):
+        server.handle(reg, {"op": "rollback", "module": "lifecycle", "generation": 1})
+    for bad in ({"op": "rollback", "module": "lifecycle", "generation": "2"},
+                {"op": "reload", "module": "lifecycle", "canary": "yes"},
+                {"op": "rollback", "module": "lifecycle", "generation": True}):
+        with pytest.raises(ProtocolError):
+            protocol.check_request(bad)
