@@ -2,8 +2,8 @@
 
 ``check(path, ...)`` starts a fresh interpreter (never a fork of the serving
 process, which has other threads: a forked child of a threaded process may
-deadlock on a lock one of them held), which loads the file through its own
-Registry -- the library's constructors run, then its ``nativereload_init``
+deadlock on a lock one of them held) running canary_child.py, which loads
+the file -- the library's constructors run, then its ``nativereload_init``
 hook with no state handed over -- calls ``nativereload_selftest()`` if the
 library exports it, and then, if asked, a Python callable named as
 ``"package.module:function"`` with the loaded Module. Anything but a clean
@@ -11,11 +11,10 @@ pass refuses the reload with CanaryFailed naming what happened: the signal
 that killed the canary, the selftest's non-zero result, the last line of a
 traceback, or a timeout; the canary's stderr tail is attached.
 
-    python -m nativereload.canary REQUEST.json     (what check() runs)
-
-The canary exits with ``os._exit`` after reporting, so the library's
-destructors and fini hook do not run there: it tests loading and working,
-not unloading.
+Without a callable the child needs only the standard library (``python -S``,
+ctypes): the canary costs about an interpreter start-up. The canary exits
+with ``os._exit`` after reporting, so the library's destructors and fini hook
+do not run there: it tests loading and working, not unloading.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
 from .errors import CanaryFailed
@@ -38,6 +36,7 @@ DEFAULT_TIMEOUT = 30.0
 """Seconds a canary may take (start-up, load, init, selftest, callable)."""
 _REPORT = "nativereload-canary-report "
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "canary_child.py")
 
 
 def check(path: str, *, module: str, cdef: str | None, missing: str = "error", call: str | None = None,
@@ -62,12 +61,15 @@ def check(path: str, *, module: str, cdef: str | None, missing: str = "error", c
             json.dump({"path": path, "module": module, "cdef": cdef, "missing": missing, "call": call,
                        "tmpdir": work, "sys_path": [os.path.abspath(entry or os.curdir) for entry in sys.path]}, out)
         env = dict(os.environ)
-        # The same nativereload as ours, wherever it is installed (or a checkout on sys.path).
-        env["PYTHONPATH"] = _PACKAGE_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if call:
+            # The same nativereload as ours, wherever it is installed (or a checkout on sys.path).
+            env["PYTHONPATH"] = _PACKAGE_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            command = [sys.executable, "-m", "nativereload.canary_child", request]
+        else:
+            command = [sys.executable, "-S", _CHILD, request]    # stdlib only: no site-packages to import
         try:
-            proc = subprocess.run([sys.executable, "-m", "nativereload.canary", request], capture_output=True,
-                                  text=True, errors="replace", timeout=timeout, env=env, stdin=subprocess.DEVNULL,
-                                  cwd=work)
+            proc = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout,
+                                  env=env, stdin=subprocess.DEVNULL, cwd=work)
         except subprocess.TimeoutExpired as exc:
             tail = _tail(exc.stderr)
             raise CanaryFailed(
@@ -128,37 +130,3 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
-
-
-def _run(request_path: str) -> None:
-    """The canary's side: load, init, selftest, callable; report one JSON line on stdout."""
-    with open(request_path, encoding="utf-8") as f:
-        request = json.load(f)
-    report: dict[str, Any] = {"selftest": None, "error": None}
-    sys.path[:0] = [entry for entry in request.get("sys_path", []) if entry not in sys.path]
-    try:
-        from .registry import Registry
-
-        registry = Registry(tmpdir=request["tmpdir"], held_warning=None, history=0)
-        module = registry.load(request["module"], cdef=request["cdef"], file=request["path"],
-                               missing=request["missing"])
-        report["selftest"] = module._active.hooks.run_selftest()
-        if request["call"] and report["selftest"] in (None, 0):
-            target, _, function = request["call"].partition(":")
-            if not target or not function:
-                raise ValueError(f"canary={request['call']!r} is not 'package.module:function'")
-            import importlib
-
-            getattr(importlib.import_module(target), function)(module)
-    except BaseException as exc:     # reported; the parent decides
-        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        report["error"] = last
-        traceback.print_exc()
-    sys.stdout.write(_REPORT + json.dumps(report) + "\n")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    _run(sys.argv[1])

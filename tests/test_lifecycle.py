@@ -308,6 +308,12 @@ def test_the_context_layout_matches_the_header(tmp_path):
     ffi = lifecycle._ffi
     assert printed == [ffi.sizeof("nativereload_context")] + [ffi.offsetof("nativereload_context", f)
                                                              for f in fields]
+    # The canary's ctypes copy of it, too.
+    import ctypes
+
+    from nativereload.canary_child import Context
+
+    assert printed == [ctypes.sizeof(Context)] + [getattr(Context, f).offset for f in fields]
 
 
 @pytest.mark.timeout(120)
