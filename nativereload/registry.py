@@ -941,7 +941,7 @@ class Registry:
     def _warn_held(self, module: Module, image: Image) -> None:
         if image.state != "retired":
             return
-        logger.warning("module '%s' generation %d was retired %.0f s ago and is still held open by %s — "
+        logger.warning("module '%s' generation %d was retired %g s ago and is still held open by %s — "
                        "let calls return, release() pins, pass handles to their destructor or reg.release(), "
                        "and drop pointer results", module.name, image.generation, self._held_warning,
                        self._held_by(module, image))
