@@ -189,27 +189,33 @@ class Image:
         self._unmap()
         self._remove_partial(None, self.copy_path)
 
-    def read_original(self) -> bytes:
-        """The bytes the copy was made from (the private soname put back), read from the copy.
+    def _original_chunks(self):
+        """The bytes the copy was made from, in pieces: read from the copy, the private soname put back.
 
         Raises:
             OSError: the copy is gone (a tmp cleaner removed it).
         """
-        chunks = []
         fd = os.open(self.copy_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             offset = 0
             while True:
                 chunk = os.pread(fd, 1 << 20, offset)
                 if not chunk:
-                    break
+                    return
                 if self.original_bytes is not None:
                     chunk = _restore(chunk, offset, *self.original_bytes)
-                chunks.append(chunk)
+                yield chunk
                 offset += len(chunk)
         finally:
             os.close(fd)
-        return b"".join(chunks)
+
+    def read_original(self) -> bytes:
+        """The bytes the copy was made from (what the user built).
+
+        Raises:
+            OSError: the copy is gone (a tmp cleaner removed it).
+        """
+        return b"".join(self._original_chunks())
 
     def content_hash(self) -> str:
         """SHA-256 (hex) of the library as it was copied (the soname this module changed restored); cached.
@@ -219,19 +225,8 @@ class Image:
         """
         if self._hash is None:
             digest = hashlib.sha256()
-            fd = os.open(self.copy_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            try:
-                offset = 0
-                while True:
-                    chunk = os.pread(fd, 1 << 20, offset)
-                    if not chunk:
-                        break
-                    if self.original_bytes is not None:
-                        chunk = _restore(chunk, offset, *self.original_bytes)
-                    digest.update(chunk)
-                    offset += len(chunk)
-            finally:
-                os.close(fd)
+            for chunk in self._original_chunks():
+                digest.update(chunk)
             self._hash = digest.hexdigest()
         return self._hash
 

@@ -89,6 +89,19 @@ static void event(const char *format, ...)
     }
 }
 
+/* A zeroed state of this version's layout, or NULL (with ctx->error said). */
+static struct state_v1 *new_state(nativereload_context *ctx)
+{
+#if SAMPLE_VERSION == 2
+    struct state_v1 *fresh = calloc(1, sizeof(struct state_v2));
+#else
+    struct state_v1 *fresh = calloc(1, sizeof(struct state_v1));
+#endif
+    if (fresh == NULL)
+        snprintf(ctx->error, sizeof ctx->error, "out of memory");
+    return fresh;
+}
+
 int nativereload_init(nativereload_context *ctx)
 {
     const char *refuse = getenv("LIFECYCLE_REFUSE");
@@ -101,16 +114,8 @@ int nativereload_init(nativereload_context *ctx)
     const char *how;
     if (ctx->state == NULL) {
         how = "new";
-#if SAMPLE_VERSION == 2
-        struct state_v2 *fresh = calloc(1, sizeof *fresh);
-#else
-        struct state_v1 *fresh = calloc(1, sizeof *fresh);
-#endif
-        if (fresh == NULL) {
-            snprintf(ctx->error, sizeof ctx->error, "out of memory");
+        if ((ctx->state = new_state(ctx)) == NULL)
             return 1;
-        }
-        ctx->state = fresh;
     }
     else if (ctx->state_version == SAMPLE_VERSION) {
         how = "adopted";        /* same layout: keep using it (ctx->state stays) */
@@ -118,15 +123,9 @@ int nativereload_init(nativereload_context *ctx)
     else {
         how = "migrated";       /* another layout: a new state built from the old one, which is left alone */
         const struct state_v1 *old = ctx->state;
-#if SAMPLE_VERSION == 2
-        struct state_v2 *fresh = calloc(1, sizeof *fresh);
-#else
-        struct state_v1 *fresh = calloc(1, sizeof *fresh);
-#endif
-        if (fresh == NULL) {
-            snprintf(ctx->error, sizeof ctx->error, "out of memory");
+        struct state_v1 *fresh = new_state(ctx);
+        if (fresh == NULL)
             return 1;
-        }
         fresh->counter = old->counter;
         ctx->state = fresh;
     }
