@@ -31,6 +31,7 @@ except ImportError:       # not installed: use the source tree (the Python gate 
 import cffi  # noqa: E402
 
 import calls  # noqa: E402
+import compiled  # noqa: E402
 import contention  # noqa: E402
 import libs  # noqa: E402
 import objects  # noqa: E402
@@ -110,7 +111,8 @@ def table(rows: Rows) -> str:
     return "\n".join(lines)
 
 
-def targets(rows: Rows, gates: list[str], contention_ratios: dict, object_ratios: dict) -> list[dict]:
+def targets(rows: Rows, gates: list[str], contention_ratios: dict, object_ratios: dict,
+            compiled_figures: dict | None = None) -> list[dict]:
     """The issue's targets, each with the measured figure and whether it was met.
 
     "Linear in file size" and "flat" have no number in the issue; we read
@@ -163,6 +165,22 @@ def targets(rows: Rows, gates: list[str], contention_ratios: dict, object_ratios
         target(f"call through a pin ≤ 1.05× plain cffi ({gate} gate)", measured["pin"], 1.05, "{:.2f}×")
         target(f"call with a bound handle ≤ 1.3× plain cffi ({gate} gate)", measured["handle"], 1.3, "{:.2f}×")
         target(f"call returning a pointer ≤ 1.5× plain cffi ({gate} gate)", measured["pointer"], 1.5, "{:.2f}×")
+    if "compiled" in gates:
+        for name in ("add", "dot4", "sum_bytes"):
+            row = rows.get(f"call.{name}.d_compiled")
+            if row:
+                target(f"{name}: compiled call ≤ 0.6× plain cffi ABI", row["ratio"], 0.6, "{:.2f}×")
+                target(f"{name}: compiled call ≤ 1.3× cffi API mode", row["ratio_to_api"], 1.3, "{:.2f}×")
+        figures = compiled_figures or {}
+        target("reload, compiled path (cached interface) ≤ 1.05× reload on the C gate", figures.get("reload"), 1.05,
+               "{:.2f}×")
+        target("first compile, 10 functions < 2 s", figures.get("compiled.first.distinct.10"), 2.0, "{:.2f} s",
+               "10 distinct signatures; "
+               f"{figures.get('compiled.first.same.10', 0):.2f} s when they share one")
+        if "compiled" in contention_ratios:
+            ratios = contention_ratios["compiled"]
+            target("p99 with reloader ≤ 1.5× without (compiled path)", ratios["p99_ratio"], 1.5, "{:.2f}×",
+                   f"max {ratios['max_busy_ns'] / 1e3:,.0f} µs with, {ratios['max_quiet_ns'] / 1e3:,.0f} µs without")
     growth = rows.get(f"rss.{gate}.growth")
     target("RSS growth < 5 MB over 10,000 reloads", growth and growth["median"] * (1 << 20) / 1e6, 5.0,
            "{:.2f} MB")
@@ -208,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = Rows()
     contention_ratios = {}
     object_ratios: dict = {}
+    compiled_figures: dict = {}
     work = Path(tempfile.mkdtemp(prefix="nativereload-bench-"))
+    # compiled call paths are built into this run's own cache (the first load compiles; the rest hit it)
+    os.environ["NATIVERELOAD_CACHE_DIR"] = str(work / "cache")
     try:
         progress("building libraries")
         library_dir = work / "modules"
@@ -245,9 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         object_ratios = objects.per_call(rows, objects=str(libraries["objects"]), sample=str(libraries["sample"]),
                                          repeats=settings["call_repeats"], block_seconds=settings["block"],
                                          **common)
+        if "compiled" in gates:
+            progress("7 compiled call path")
+            compiled_figures["reload"] = compiled.reload_vs_gate(rows, libraries=libraries,
+                                                                 repeats=settings["reload_samples"], **common)
+            compiled_figures.update(compiled.first_compile(rows, samples=1 if args.quick else 3))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    met = targets(rows, gates, contention_ratios, object_ratios)
+    met = targets(rows, gates, contention_ratios, object_ratios, compiled_figures)
     elapsed = time.perf_counter() - started
 
     command = "python bench/run.py" + (" --quick" if args.quick else "")

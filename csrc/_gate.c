@@ -1489,6 +1489,363 @@ static PyTypeObject Func_Type = {
 };
 
 /* ------------------------------------------------------------------------ */
+/* CompiledFunction: the compiled call path's entry for one symbol of one   */
+/* image (nativereload/compiled/)                                           */
+/* ------------------------------------------------------------------------ */
+
+/* A compiled entry sits in an ImageGate's `functions` where the cffi ABI
+ * function object of that symbol would be, so Func's admission, lookup cache,
+ * routing, leases, pins and drain are the same code on both paths: only what
+ * a call finally calls differs.
+ *
+ * `builtin` is a wrapper of a cffi API-mode extension generated for the
+ * function's *shape* (its signature with every type that cffi does not share
+ * between FFIs spelled `void *`): it takes the target address as an extra
+ * first argument (uintptr_t) and calls it through a function pointer of that
+ * shape.  Passing the address as an argument, rather than in a thread-local,
+ * keeps a call re-entrant: converting an argument may run Python code (an
+ * __index__) that calls another compiled function on the same thread.
+ *
+ * `abi` is the image's cffi ABI function object for the same symbol.  A call
+ * the compiled wrapper could get subtly wrong goes there instead, so that it
+ * behaves (and fails) exactly as on the gate path: a wrong number of
+ * arguments or keywords (cffi's message names the real signature), and an
+ * argument spelled `void *` in the shape that is not a cdata of exactly the
+ * declared ctype (`checks`): cffi types structs per FFI, so the shape cannot
+ * check them; we compare the cdata's ctype with the declared one instead.
+ * A result spelled `void *` is cast back to the declared ctype (`result_type`).
+ *
+ * The ctype of a cdata is read from cffi's CDataObject, whose head has been
+ * { PyObject_HEAD; CTypeDescrObject *c_type; char *c_data; ... } since cffi
+ * 0.x; configure_compiled() verifies that on a real cdata and, if it ever
+ * changes, every checked argument takes the ABI path (correct, slower). */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *c_type;
+    char *c_data;
+} nr_cdata_head;
+
+static PyObject *nr_cast;               /* cffi's cast(ctype, value) */
+static int nr_cdata_layout_ok;          /* nr_cdata_head verified on a real cdata */
+
+#define NR_SMALL_ARGS 8
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *builtin;          /* the shape's API-mode wrapper: builtin(address, *args) */
+    PyObject *address;          /* int: the image's function */
+    PyObject *abi;              /* the image's cffi ABI function object (the exact fallback) */
+    PyObject *checks;           /* NULL, or a tuple: per argument None or the ctype it must have */
+    PyObject *result_type;      /* NULL, or the declared ctype of a result spelled void * */
+    Py_ssize_t arity;
+    PyCFunction meth;           /* builtin's C function when it is a METH_VARARGS or METH_O builtin, else NULL */
+    PyObject *meth_self;        /* its self (borrowed: builtin holds it) */
+    int meth_flags;
+} CompiledFunction;
+
+static PyTypeObject CompiledFunction_Type;
+
+/* 1 if args[i] may go to the compiled wrapper, 0 if the call must take the ABI path. */
+static int
+nr_compiled_args_ok(CompiledFunction *self, PyObject *const *args)
+{
+    if (self->checks == NULL)
+        return 1;
+    if (!nr_cdata_layout_ok || nr_cdata_type == NULL)
+        return 0;
+    for (Py_ssize_t i = 0; i < self->arity; i++) {
+        PyObject *expected = PyTuple_GET_ITEM(self->checks, i);
+        if (expected == Py_None)
+            continue;
+        PyObject *arg = args[i];
+        if (!PyObject_TypeCheck(arg, nr_cdata_type) || ((nr_cdata_head *)arg)->c_type != expected)
+            return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+CompiledFunction_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    CompiledFunction *self = (CompiledFunction *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+
+    if (nargs != self->arity || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)
+        || !nr_compiled_args_ok(self, args))
+        return PyObject_Vectorcall(self->abi, args, nargsf, kwnames);
+
+    PyObject *result;
+    if (self->meth != NULL) {
+        /* What calling the builtin would do, minus the generic call machinery: cffi's wrappers are
+         * METH_VARARGS (they unpack a tuple) or, for one argument (the address), METH_O. */
+        if (self->meth_flags == METH_O) {
+            result = self->meth(self->meth_self, self->address);
+        }
+        else {
+            PyObject *tuple = PyTuple_New(nargs + 1);
+            if (tuple == NULL)
+                return NULL;
+            PyTuple_SET_ITEM(tuple, 0, Py_NewRef(self->address));
+            for (Py_ssize_t i = 0; i < nargs; i++)
+                PyTuple_SET_ITEM(tuple, i + 1, Py_NewRef(args[i]));
+            result = self->meth(self->meth_self, tuple);
+            Py_DECREF(tuple);
+        }
+    }
+    else if (nargsf & PY_VECTORCALL_ARGUMENTS_OFFSET) {
+        /* PEP 590: we may use args[-1] for the call if we put it back */
+        PyObject **slot = (PyObject **)args - 1;
+        PyObject *saved = *slot;
+        *slot = self->address;
+        result = PyObject_Vectorcall(self->builtin, slot, (size_t)nargs + 1, NULL);
+        *slot = saved;
+    }
+    else {
+        PyObject *small[NR_SMALL_ARGS];
+        PyObject **buffer = small;
+        if (nargs + 1 > NR_SMALL_ARGS) {
+            buffer = PyMem_Malloc(((size_t)nargs + 1) * sizeof(PyObject *));
+            if (buffer == NULL)
+                return PyErr_NoMemory();
+        }
+        buffer[0] = self->address;
+        for (Py_ssize_t i = 0; i < nargs; i++)
+            buffer[i + 1] = args[i];
+        result = PyObject_Vectorcall(self->builtin, buffer, (size_t)nargs + 1, NULL);
+        if (buffer != small)
+            PyMem_Free(buffer);
+    }
+    if (result != NULL && self->result_type != NULL && nr_cast != NULL) {
+        PyObject *typed = PyObject_CallFunctionObjArgs(nr_cast, self->result_type, result, NULL);
+        Py_DECREF(result);
+        result = typed;
+    }
+    return result;
+}
+
+/* The address of a cffi function cdata (the layout is verified), or NULL with an exception. */
+static PyObject *
+nr_function_address(PyObject *abi)
+{
+    if (!nr_cdata_layout_ok || nr_cdata_type == NULL || !PyObject_TypeCheck(abi, nr_cdata_type)) {
+        PyErr_SetString(PyExc_TypeError, "CompiledFunction: pass address= (cannot read the cdata's address)");
+        return NULL;
+    }
+    return PyLong_FromVoidPtr(((nr_cdata_head *)abi)->c_data);
+}
+
+static int
+nr_compiled_fill(CompiledFunction *self, PyObject *builtin, PyObject *abi, Py_ssize_t arity, PyObject *checks,
+                 PyObject *result_type, PyObject *address)
+{
+    if (!PyCallable_Check(builtin) || !PyCallable_Check(abi)) {
+        PyErr_SetString(PyExc_TypeError, "CompiledFunction: builtin and abi must be callable");
+        return -1;
+    }
+    if (arity < 0) {
+        PyErr_SetString(PyExc_ValueError, "CompiledFunction: arity must be >= 0");
+        return -1;
+    }
+    if (checks == Py_None)
+        checks = NULL;
+    if (checks != NULL && (!PyTuple_Check(checks) || PyTuple_GET_SIZE(checks) != arity)) {
+        PyErr_SetString(PyExc_TypeError, "CompiledFunction: checks must be None or a tuple of arity items");
+        return -1;
+    }
+    if (result_type == Py_None)
+        result_type = NULL;
+    if (address == NULL || address == Py_None) {
+        address = nr_function_address(abi);
+        if (address == NULL)
+            return -1;
+    }
+    else {
+        if (!PyLong_Check(address)) {
+            PyErr_SetString(PyExc_TypeError, "CompiledFunction: address must be an int");
+            return -1;
+        }
+        Py_INCREF(address);
+    }
+    self->builtin = Py_NewRef(builtin);
+    self->abi = Py_NewRef(abi);
+    self->checks = Py_XNewRef(checks);
+    self->result_type = Py_XNewRef(result_type);
+    self->address = address;
+    self->arity = arity;
+    self->meth = NULL;
+    self->meth_self = NULL;
+    self->meth_flags = 0;
+    if (PyCFunction_Check(builtin)) {
+        int flags = PyCFunction_GET_FLAGS(builtin) & ~(METH_CLASS | METH_STATIC | METH_COEXIST);
+        if ((flags == METH_VARARGS && arity + 1 > 1) || (flags == METH_O && arity == 0)) {
+            self->meth = PyCFunction_GET_FUNCTION(builtin);
+            self->meth_self = PyCFunction_GET_SELF(builtin);
+            self->meth_flags = flags;
+        }
+    }
+    self->vectorcall = CompiledFunction_vectorcall;
+    return 0;
+}
+
+static PyObject *
+CompiledFunction_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"builtin", "abi", "arity", "checks", "result_type", "address", NULL};
+    PyObject *builtin, *abi, *checks = Py_None, *result_type = Py_None, *address = Py_None;
+    Py_ssize_t arity;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn|OOO:CompiledFunction", kwlist, &builtin, &abi, &arity,
+                                     &checks, &result_type, &address))
+        return NULL;
+    CompiledFunction *self = (CompiledFunction *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    if (nr_compiled_fill(self, builtin, abi, arity, checks, result_type, address) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+CompiledFunction_traverse(CompiledFunction *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->builtin);
+    Py_VISIT(self->address);
+    Py_VISIT(self->abi);
+    Py_VISIT(self->checks);
+    Py_VISIT(self->result_type);
+    return 0;
+}
+
+static int
+CompiledFunction_clear(CompiledFunction *self)
+{
+    Py_CLEAR(self->builtin);
+    Py_CLEAR(self->address);
+    Py_CLEAR(self->abi);
+    Py_CLEAR(self->checks);
+    Py_CLEAR(self->result_type);
+    return 0;
+}
+
+static void
+CompiledFunction_dealloc(CompiledFunction *self)
+{
+    PyObject_GC_UnTrack(self);
+    CompiledFunction_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+CompiledFunction_repr(CompiledFunction *self)
+{
+    return PyUnicode_FromFormat("<nativereload compiled function at %S, falling back to %R>",
+                                self->address ? self->address : Py_None, self->abi ? self->abi : Py_None);
+}
+
+static PyObject *CompiledFunction_get_abi(CompiledFunction *s, void *c) { (void)c; return nr_or_none(s->abi); }
+static PyObject *CompiledFunction_get_address(CompiledFunction *s, void *c) { (void)c; return nr_or_none(s->address); }
+static PyObject *CompiledFunction_get_builtin(CompiledFunction *s, void *c) { (void)c; return nr_or_none(s->builtin); }
+
+static PyGetSetDef CompiledFunction_getset[] = {
+    {"abi", (getter)CompiledFunction_get_abi, NULL, "The image's cffi ABI function object (the fallback).", NULL},
+    {"address", (getter)CompiledFunction_get_address, NULL, "The address of the image's function.", NULL},
+    {"builtin", (getter)CompiledFunction_get_builtin, NULL, "The shape's compiled wrapper.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CompiledFunction_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nativereload._gate.CompiledFunction",
+    .tp_doc = "CompiledFunction(builtin, abi, arity, checks=None, result_type=None, address=None)\n--\n\n"
+              "One image's function called through a compiled wrapper (see nativereload.compiled).",
+    .tp_basicsize = sizeof(CompiledFunction),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(CompiledFunction, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_new = CompiledFunction_new,
+    .tp_dealloc = (destructor)CompiledFunction_dealloc,
+    .tp_traverse = (traverseproc)CompiledFunction_traverse,
+    .tp_clear = (inquiry)CompiledFunction_clear,
+    .tp_repr = (reprfunc)CompiledFunction_repr,
+    .tp_getset = CompiledFunction_getset,
+};
+
+/* compiled_functions(specs, functions) -> dict: for each symbol of `functions`
+ * (the image's ABI function objects) with an entry (builtin, arity, checks,
+ * result_type) in `specs`, a CompiledFunction; the others as they are.  One
+ * C loop, so that attaching the compiled path adds little to a reload. */
+static PyObject *
+nr_compiled_functions(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *specs, *functions;
+    if (!PyArg_ParseTuple(args, "O!O!:compiled_functions", &PyDict_Type, &specs, &PyDict_Type, &functions))
+        return NULL;
+    PyObject *table = PyDict_New();
+    if (table == NULL)
+        return NULL;
+    Py_ssize_t pos = 0;
+    PyObject *symbol, *abi;
+    while (PyDict_Next(functions, &pos, &symbol, &abi)) {
+        PyObject *spec = PyDict_GetItemWithError(specs, symbol);       /* borrowed */
+        PyObject *entry;
+        if (spec == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            entry = Py_NewRef(abi);
+        }
+        else {
+            if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 4) {
+                PyErr_SetString(PyExc_TypeError, "compiled_functions: a spec is (builtin, arity, checks, result_type)");
+                goto fail;
+            }
+            Py_ssize_t arity = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 1));
+            if (arity == -1 && PyErr_Occurred())
+                goto fail;
+            CompiledFunction *compiled = PyObject_GC_New(CompiledFunction, &CompiledFunction_Type);
+            if (compiled == NULL)
+                goto fail;
+            compiled->builtin = compiled->address = compiled->abi = compiled->checks = compiled->result_type = NULL;
+            if (nr_compiled_fill(compiled, PyTuple_GET_ITEM(spec, 0), abi, arity, PyTuple_GET_ITEM(spec, 2),
+                                 PyTuple_GET_ITEM(spec, 3), NULL) < 0) {
+                PyObject_GC_Track(compiled);
+                Py_DECREF(compiled);
+                goto fail;
+            }
+            PyObject_GC_Track(compiled);
+            entry = (PyObject *)compiled;
+        }
+        int status = PyDict_SetItem(table, symbol, entry);
+        Py_DECREF(entry);
+        if (status < 0)
+            goto fail;
+    }
+    return table;
+fail:
+    Py_DECREF(table);
+    return NULL;
+}
+
+static PyObject *
+nr_configure_compiled(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *cast, *sample, *sample_type;
+    if (!PyArg_ParseTuple(args, "OOO:configure_compiled", &cast, &sample, &sample_type))
+        return NULL;
+    if (!PyCallable_Check(cast)) {
+        PyErr_SetString(PyExc_TypeError, "configure_compiled: cast must be callable");
+        return NULL;
+    }
+    Py_XSETREF(nr_cast, Py_NewRef(cast));
+    /* the cdata head we read (see above), checked on a cdata whose ctype we know */
+    nr_cdata_layout_ok = nr_cdata_type != NULL && PyObject_TypeCheck(sample, nr_cdata_type)
+                         && ((nr_cdata_head *)sample)->c_type == sample_type;
+    return PyBool_FromLong(nr_cdata_layout_ok);
+}
+
+/* ------------------------------------------------------------------------ */
 /* module                                                                   */
 /* ------------------------------------------------------------------------ */
 
@@ -1511,6 +1868,13 @@ nr_configure(PyObject *Py_UNUSED(module), PyObject *args)
 }
 
 static PyMethodDef gate_functions[] = {
+    {"compiled_functions", nr_compiled_functions, METH_VARARGS,
+     "compiled_functions(specs, functions)\n--\n\n"
+     "A new functions mapping: CompiledFunction for each symbol with a spec (builtin, arity, checks, "
+     "result_type), the ABI function object for the others."},
+    {"configure_compiled", nr_configure_compiled, METH_VARARGS,
+     "configure_compiled(cast, sample_cdata, its_ctype)\n--\n\n"
+     "cffi's cast, and a cdata to verify the cdata layout on; returns whether it was verified."},
     {"configure", nr_configure, METH_VARARGS,
      "configure(cdata_type, gcp, deferred_drain, recheck_later)\n--\n\n"
      "cffi's cdata base type and gcp (ffi.gc); the callables that drain a gate on another thread, soon or "
@@ -1530,7 +1894,7 @@ PyMODINIT_FUNC
 PyInit__gate(void)
 {
     if (PyType_Ready(&ImageGate_Type) < 0 || PyType_Ready(&Slot_Type) < 0 || PyType_Ready(&Func_Type) < 0
-        || PyType_Ready(&CallPolicy_Type) < 0)
+        || PyType_Ready(&CallPolicy_Type) < 0 || PyType_Ready(&CompiledFunction_Type) < 0)
         return NULL;
     if (nr_str_get == NULL && (nr_str_get = PyUnicode_InternFromString("get")) == NULL)
         return NULL;
@@ -1544,7 +1908,8 @@ PyInit__gate(void)
     if (PyModule_AddObjectRef(module, "ImageGate", (PyObject *)&ImageGate_Type) < 0
         || PyModule_AddObjectRef(module, "Slot", (PyObject *)&Slot_Type) < 0
         || PyModule_AddObjectRef(module, "Func", (PyObject *)&Func_Type) < 0
-        || PyModule_AddObjectRef(module, "CallPolicy", (PyObject *)&CallPolicy_Type) < 0) {
+        || PyModule_AddObjectRef(module, "CallPolicy", (PyObject *)&CallPolicy_Type) < 0
+        || PyModule_AddObjectRef(module, "CompiledFunction", (PyObject *)&CompiledFunction_Type) < 0) {
         Py_DECREF(module);
         return NULL;
     }

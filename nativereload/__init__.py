@@ -13,8 +13,8 @@ describes each operation.
 """
 
 from .affinity import Pin
-from .errors import (BuildError, ControlError, DemoError, HandleError, InterfaceError, LoadError, ModuleConflict,
-                     ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleUnloaded, NativeReloadError,
+from .errors import (BuildError, CompileError, ControlError, DemoError, HandleError, InterfaceError, LoadError,
+                     ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleUnloaded, NativeReloadError,
                      PinReleased, ProtocolError, SymbolError)
 from .gate import Func
 from .registry import ImageStatus, Module, ModuleStatus, Registry
@@ -34,6 +34,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BuildError",
+    "CompileError",
     "ControlError",
     "DemoError",
     "Func",

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 from . import affinity
 from . import gate as _gate
 from .affinity import Pin
+from .compiled import CallPath
 from .errors import (ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
                      ModuleUnloaded, NativeReloadError, SymbolError)
 from .image import Image, Interface
@@ -94,12 +95,19 @@ class ModuleStatus(NamedTuple):
         path: the file its images are copied from.
         generation: the current (or, once unloaded, the last) generation.
         images: its images not yet closed, oldest first.
+        calls: how the current image's calls are made: "compiled", "compiling"
+            (on the C gate until the compiled path is ready), "gate" (the C
+            gate's cffi call) or "python" (the pure-Python gate).
+        compiled: the functions the current image serves on the compiled path
+            (the others stay on the gate: variadic, or a struct passed by value).
     """
 
     name: str
     path: str
     generation: int
     images: list[ImageStatus]
+    calls: str = "gate"
+    compiled: tuple[str, ...] = ()
 
 
 def _check_name(name: object) -> str:
@@ -310,18 +318,28 @@ class Registry:
         held_warning: seconds after which a retired image still held open (by
             calls, pins, handles or pointer results) is logged as a WARNING,
             once per image, naming what holds it; None never warns.
+        calls: how calls reach the C functions. "auto" (the default, or
+            $NATIVERELOAD_CALLS): serve at once through the C gate, compile a
+            faster call path for the module's declarations in the background
+            (cached on disk: $NATIVERELOAD_CACHE_DIR, else
+            $XDG_CACHE_HOME/nativereload), and switch every function and
+            handle to it when it is ready; without a C compiler, stay on the
+            gate. "compiled": compile (or take from the cache) during load,
+            and fail with CompileError if that cannot be done. "gate": the C
+            gate's cffi call only. ``status()`` shows which functions are compiled.
 
     Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, path: Iterable[str | os.PathLike] | str | os.PathLike = (),
                  tmpdir: str | os.PathLike | None = None, *, auto_reload: bool = False,
-                 held_warning: float | None = 60.0) -> None:
+                 held_warning: float | None = 60.0, calls: str | None = None) -> None:
         if isinstance(path, (str, os.PathLike)):
             path = [path]
         self._path = [os.fspath(entry) for entry in path]
         self._tmpdir = tmpdir
         self._gate = _gate.implementation()
+        self._calls = CallPath(calls, self._gate)
         self._admin = threading.Lock()
         self._state = threading.Condition(threading.Lock())
         self._modules: dict[str, Module] = {}
@@ -331,6 +349,7 @@ class Registry:
         self._closers: list = []
         self._closed = False
         self._held_warning = held_warning
+        self._calls.bind(self._admin, self._live_images)
         remove_stale(resolve_tmpdir(tmpdir))
         if auto_reload:
             self.watch_files()
@@ -412,6 +431,7 @@ class Registry:
             interface = self._interface(cdef, name)
             module = Module(name, path, interface, self._gate)
             objects = module._objects_for(interface, handles, destructors)
+            self._calls.require(interface, name)
             try:
                 image = self._load_image(module, 1, interface, "load refused")
             finally:
@@ -458,6 +478,7 @@ class Registry:
                 objects = module._objects_for(interface, current.handles if handles is _KEEP else handles,
                                               current.destructors if destructors is _KEEP else destructors)
             serving = module.generation
+            self._calls.require(interface, name)
             try:
                 image = self._load_image(module, serving + 1, interface,
                                          f"reload refused; generation {serving} still serving")
@@ -572,10 +593,12 @@ class Registry:
         """
         with self._state:
             modules = sorted(self._modules.values(), key=lambda m: m.name) + list(self._unloaded)
-            images = [(module, list(module._images)) for module in modules]
+            images = [(module, list(module._images), module._active) for module in modules]
         return [ModuleStatus(module.name, module.path, module.generation,
-                             [self._image_status(module, image) for image in module_images])
-                for module, module_images in images]
+                             [self._image_status(module, image) for image in module_images],
+                             self._calls.state(active),
+                             tuple(sorted(active.compiled)) if active is not None else ())
+                for module, module_images, active in images]
 
     def _image_status(self, module: Module, image: Image) -> ImageStatus:
         gate = image.gate
@@ -727,10 +750,17 @@ class Registry:
         return interface
 
     def _load_image(self, module: Module, generation: int, interface: Interface, refused: str) -> Image:
-        return Image.load(module=module.name, generation=generation, source=module.path,
-                          directory=self._workdir(module.name).path, interface=interface,
-                          gate_type=self._gate.ImageGate,
-                          on_closed=functools.partial(self._image_closed, module), refused=refused)
+        image = Image.load(module=module.name, generation=generation, source=module.path,
+                           directory=self._workdir(module.name).path, interface=interface,
+                           gate_type=self._gate.ImageGate,
+                           on_closed=functools.partial(self._image_closed, module), refused=refused)
+        self._calls.prepare(image)        # compiled entries, before the image serves, if they are ready
+        return image
+
+    def _live_images(self) -> list[Image]:
+        """Every image not yet closed, of loaded and unloaded modules (for the compiled path's upgrade)."""
+        with self._state:
+            return [image for module in (*self._modules.values(), *self._unloaded) for image in module._images]
 
     def _workdir(self, module: str) -> Workdir:
         """This registry's directory in the current tmpdir (made, after a stale-directory sweep, on first use)."""
