@@ -230,7 +230,7 @@ def _compile(plan: codegen.Plan, argv: list[str], directory: str) -> None:
         codegen.write_source(plan, source)
         output = os.path.join(work, plan.module_name + ".so")
         include = sysconfig.get_paths()["include"]
-        command = [*argv, "-shared", "-fPIC", "-O2", f"-I{include}", source, "-o", output]
+        command = [*argv, *codegen.COMPILE_FLAGS, f"-I{include}", source, "-o", output]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as exc:

@@ -45,6 +45,11 @@ __all__ = ["GENERATOR_VERSION", "Plan", "Shape", "plan", "write_source"]
 #: Bump when the generated C changes meaning: it is part of every cache key.
 GENERATOR_VERSION = 1
 
+#: How the extension is compiled (part of every cache key). _CFFI_NO_LIMITED_API: the extension is built
+#: for one interpreter anyway (the key names its ABI), the full API's macros are faster, and free-threaded
+#: builds have no limited API (cffi 1.17 would otherwise ask for it).
+COMPILE_FLAGS = ("-shared", "-fPIC", "-O2", "-D_CFFI_NO_LIMITED_API")
+
 #: Primitive types the generated C can spell with the standard headers below,
 #: and whose ctypes cffi shares between all FFIs.
 SHARED_PRIMITIVES = frozenset({
@@ -198,6 +203,7 @@ def plan(ffi: Any, function_types: Mapping[str, Any]) -> Plan:
         f"nativereload compiled calls, generator {GENERATOR_VERSION}",
         f"cffi {cffi.__version__}",
         f"python {abi_tag()}",
+        f"flags {' '.join(COMPILE_FLAGS)}",
         *(shape.declaration(f"_nrw_{i}") for i, shape in enumerate(shapes)),
     ]) + "\n"
     return Plan(shapes, entries, skipped, key, hashlib.sha256(key.encode()).hexdigest())
