@@ -18,7 +18,7 @@ import ctypes
 import cffi
 
 from libs import SAMPLE_CDEF
-from registries import available_gates, make_registry, registry_path
+from registries import available_gates, make_registry, path_label, registry_path
 from timing import compare_calls
 
 BUFFER = b"nativereload" * 5 + b"!!!!"       # 64 bytes for sum_bytes
@@ -101,7 +101,7 @@ def flatness(rows, *, library: str, library_dir: str, tmpdir: str, reloads: int,
 
             def measure(case: str, key: str) -> None:
                 stats = compare_calls(statements, repeats, block_seconds)
-                rows.add("3 scaling: calls", f"add() via Func, {gate} gate, {case}", "ns", stats["d"],
+                rows.add("3 scaling: calls", f"add() via Func, {path_label(gate)}, {case}", "ns", stats["d"],
                          ratio=stats["d"].median / stats["a"].median, ratio_of="a (same block)",
                          key=f"flat.{gate}.{key}")
 

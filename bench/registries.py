@@ -49,3 +49,8 @@ def registry_path(registry: nativereload.Registry) -> str:
     """Which call path a registry's (first) module serves on: "c", "compiled" or "python"."""
     calls = registry.status()[0].calls
     return {"gate": "c"}.get(calls, calls)
+
+
+def path_label(gate_name: str) -> str:
+    """How the table names a call path: "c gate", "python gate" or "compiled path"."""
+    return "compiled path" if gate_name == "compiled" else f"{gate_name} gate"
