@@ -564,3 +564,28 @@ def test_c_types_check_their_arguments():
         gate.C.ImageGate({}, "not callable")
     with pytest.raises(AttributeError):
         gate.C.ImageGate({}, lambda: None).retired = True
+
+
+def test_a_call_nested_in_an_argument_conversion_keeps_the_outer_gate(impl):
+    """Free-threaded builds cache each thread's gate per Func: a call made while converting another call's
+    argument may evict that entry and replace the image, and the outer call must still finish on its gate."""
+    ffi = cffi.FFI()
+    ffi.cdef("double fabs(double);")
+    fabs = ffi.dlopen(None).fabs
+    slot = impl.Slot()
+    slot.current = impl.ImageGate({"fabs": fabs}, lambda: None)
+    outer = impl.Func(slot, "mod.fabs", "fabs", lambda gate_or_none: LookupError())
+    assert outer(-1.0) == 1.0                  # now cached (free-threaded C gate)
+
+    class Reentrant:
+        def __float__(self):                   # cffi converts a double argument with it, inside the call
+            old = slot.current
+            slot.current = impl.ImageGate({"fabs": fabs}, lambda: None)
+            old.retire()                       # the outer call is counted in: it cannot drain yet
+            del old
+            for index in range(200):          # enough Funcs to reuse every entry of the cache
+                impl.Func(slot, f"mod.fabs{index}", "fabs", lambda gate_or_none: LookupError())(-2.0)
+            return -5.0
+
+    assert outer(Reentrant()) == 5.0
+    assert outer(-3.0) == 3.0
