@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -30,6 +31,9 @@ import cffi  # noqa: E402
 
 import libs  # noqa: E402
 from registries import available_gates, make_registry  # noqa: E402
+
+
+THREADS = (1, 2, 4)
 
 
 def rate(function, threads: int, seconds: float) -> float:
@@ -59,6 +63,51 @@ def rate(function, threads: int, seconds: float) -> float:
     return sum(counts) / (time.perf_counter() - started)
 
 
+def measure(work: Path, seconds: float, rounds: int) -> dict[str, dict[int, float]]:
+    """variant -> threads -> calls/s (median of ``rounds``), variants round-robin per thread count."""
+    library = libs.compile_shared(libs.SAMPLE_SOURCE, work / "sample.so")
+    ffi = cffi.FFI()
+    ffi.cdef(libs.SAMPLE_CDEF)
+    plain = ffi.dlopen(str(library))
+    variants = {"plain cffi": plain.add}
+    registries = []
+    try:
+        for gate in available_gates():
+            if gate == "python":
+                continue
+            registry = make_registry(gate, str(work), str(work))
+            registries.append(registry)
+            registry.load("sample", cdef=libs.SAMPLE_CDEF)
+            variants["C gate" if gate == "c" else "compiled path"] = registry.func("sample.add")
+        results: dict[str, dict[int, float]] = {name: {} for name in variants}
+        for threads in THREADS:
+            samples: dict[str, list[float]] = {name: [] for name in variants}
+            for _ in range(rounds):
+                for name, function in variants.items():
+                    samples[name].append(rate(function, threads, seconds))
+            for name in variants:
+                results[name][threads] = statistics.median(samples[name])
+    finally:
+        for registry in registries:
+            registry.close()
+    return results
+
+
+def add_rows(rows, results: dict[str, dict[int, float]]) -> None:
+    """bench/run.py's section 8 (run on a free-threaded build only)."""
+    from timing import Stat
+
+    base = results["plain cffi"][1]
+    for name, by_threads in results.items():
+        for threads in THREADS:
+            value = by_threads[threads] / 1e6
+            rows.add("8 free-threaded calls", f"add() {name}, {threads} thread{'s' * (threads != 1)}", "M calls/s",
+                     Stat(value, value, value, 1), ratio=by_threads[threads] / by_threads[1],
+                     ratio_of="1 thread" + (f"; 1 thread costs {base / by_threads[1]:.2f}× plain cffi"
+                                            if threads == 1 else ""),
+                     key=f"ft.{name.split()[0].lower()}.{threads}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=1.0)
@@ -68,27 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     gil = getattr(sys, "_is_gil_enabled", lambda: True)()
     work = Path(tempfile.mkdtemp(prefix="nativereload-ft-"))
     os.environ.setdefault("NATIVERELOAD_CACHE_DIR", str(work / "cache"))
-    library = libs.compile_shared(libs.SAMPLE_SOURCE, work / "sample.so")
-    ffi = cffi.FFI()
-    ffi.cdef(libs.SAMPLE_CDEF)
-    plain = ffi.dlopen(str(library))
-    variants = {"plain cffi": plain.add}
-    registries = []
-    for gate in available_gates():
-        if gate == "python":
-            continue
-        registry = make_registry(gate, str(work), str(work))
-        registry.load("sample", cdef=libs.SAMPLE_CDEF)
-        registries.append(registry)
-        variants["C gate" if gate == "c" else "compiled path"] = registry.func("sample.add")
-    results: dict[str, dict[int, float]] = {name: {} for name in variants}
-    for threads in (1, 2, 4):
-        samples: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, function in variants.items():
-                samples[name].append(rate(function, threads, args.seconds))
-        for name in variants:
-            results[name][threads] = statistics.median(samples[name])
+    try:
+        results = measure(work, args.seconds, args.rounds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"Python {sys.version.split()[0]} ({'GIL on' if gil else 'free-threaded, GIL off'}), "
           f"{os.cpu_count()} CPUs, cffi {cffi.__version__}; M calls/s (median of {args.rounds})\n")
     print("| variant | 1 thread | 2 threads | 4 threads | 2 / 1 | 1 thread vs plain cffi |")
@@ -101,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump({"python": sys.version, "gil": gil, "cffi": cffi.__version__, "results": results}, out,
                       indent=2)
-    for registry in registries:
-        registry.close()
     return 0
 
 

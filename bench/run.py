@@ -33,6 +33,7 @@ import cffi  # noqa: E402
 import calls  # noqa: E402
 import compiled  # noqa: E402
 import contention  # noqa: E402
+import freethreaded  # noqa: E402
 import libs  # noqa: E402
 import objects  # noqa: E402
 import reloads  # noqa: E402
@@ -124,11 +125,13 @@ def targets(rows: Rows, gates: list[str], contention_ratios: dict, object_ratios
     """
     results = []
 
-    def target(name: str, measured: float | None, limit: float, fmt: str, note: str = "") -> None:
+    def target(name: str, measured: float | None, limit: float, fmt: str, note: str = "",
+               at_least: bool = False) -> None:
         if measured is None:
             return
-        results.append({"target": name, "measured": measured, "limit": limit, "met": measured <= limit,
-                         "text": fmt.format(measured), "note": note})
+        met = measured >= limit if at_least else measured <= limit
+        results.append({"target": name, "measured": measured, "limit": limit, "met": met,
+                        "text": fmt.format(measured), "note": note})
 
     def ratio(key: str) -> float | None:
         return (rows.get(key) or {}).get("ratio")
@@ -181,6 +184,16 @@ def targets(rows: Rows, gates: list[str], contention_ratios: dict, object_ratios
             ratios = contention_ratios["compiled"]
             target("p99 with reloader ≤ 1.5× without (compiled path)", ratios["p99_ratio"], 1.5, "{:.2f}×",
                    f"max {ratios['max_busy_ns'] / 1e3:,.0f} µs with, {ratios['max_quiet_ns'] / 1e3:,.0f} µs without")
+    for variant, label in (("c", "C gate"), ("compiled", "compiled path")):
+        one, two = rows.get(f"ft.{variant}.1"), rows.get(f"ft.{variant}.2")
+        if one and two:
+            plain = rows.get("ft.plain.2")
+            target(f"free-threaded: 2 threads ≥ 1.8× 1 thread ({label})", two["ratio"], 1.8, "{:.2f}×",
+                   f"plain cffi: {plain['ratio']:.2f}×" if plain else "", at_least=True)
+    one, plain = rows.get("ft.c.1"), rows.get("ft.plain.1")
+    if one and plain:
+        target("free-threaded: 1 thread ≤ 1.10× plain cffi (C gate)", plain["median"] / one["median"], 1.10,
+               "{:.2f}×")
     growth = rows.get(f"rss.{gate}.growth")
     target("RSS growth < 5 MB over 10,000 reloads", growth and growth["median"] * (1 << 20) / 1e6, 5.0,
            "{:.2f} MB")
@@ -271,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
             compiled_figures["reload"] = compiled.reload_vs_gate(rows, libraries=libraries,
                                                                  repeats=settings["reload_samples"], **common)
             compiled_figures.update(compiled.first_compile(rows, samples=1 if args.quick else 3))
+        if not getattr(sys, "_is_gil_enabled", lambda: True)():
+            progress("8 free-threaded calls")
+            ft_work = work / "free-threaded"
+            ft_work.mkdir()
+            freethreaded.add_rows(rows, freethreaded.measure(ft_work, 0.3 if args.quick else 1.0,
+                                                              3 if args.quick else 5))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     met = targets(rows, gates, contention_ratios, object_ratios, compiled_figures)

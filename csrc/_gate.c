@@ -1823,6 +1823,12 @@ static PyTypeObject Func_Type = {
  * check them; we compare the cdata's ctype with the declared one instead.
  * A result spelled `void *` is cast back to the declared ctype (`result_type`).
  *
+ * `fast`: the shape's fast entry, if its types allow one (codegen.py): it
+ * converts exact ints, floats and bytes itself and calls the target with the
+ * GIL released, skipping the argument tuple and cffi's generic conversions;
+ * for any other argument it returns NULL with no exception, and the call
+ * goes through the cffi wrapper, which behaves exactly as cffi does.
+ *
  * The ctype of a cdata is read from cffi's CDataObject, whose head has been
  * { PyObject_HEAD; CTypeDescrObject *c_type; char *c_data; ... } since cffi
  * 0.x; configure_compiled() verifies that on a real cdata and, if it ever
@@ -1848,6 +1854,8 @@ typedef struct {
     PyObject *checks;           /* NULL, or a tuple: per argument None or the ctype it must have */
     PyObject *result_type;      /* NULL, or the declared ctype of a result spelled void * */
     Py_ssize_t arity;
+    PyObject *(*fast)(void *, PyObject *const *);  /* the shape's fast entry, or NULL */
+    void *target;               /* the address, for the fast entry */
     PyCFunction meth;           /* builtin's C function when it is a METH_VARARGS or METH_O builtin, else NULL */
     PyObject *meth_self;        /* its self (borrowed: builtin holds it) */
     int meth_flags;
@@ -1885,6 +1893,12 @@ CompiledFunction_vectorcall(PyObject *callable, PyObject *const *args, size_t na
         return PyObject_Vectorcall(self->abi, args, nargsf, kwnames);
 
     PyObject *result;
+    if (self->fast != NULL) {
+        /* NULL with no exception: an argument it does not convert itself; the wrapper below will */
+        result = self->fast(self->target, args);
+        if (result != NULL || PyErr_Occurred())
+            return result;
+    }
     if (self->meth != NULL) {
         /* What calling the builtin would do, minus the generic call machinery: cffi's wrappers are
          * METH_VARARGS (they unpack a tuple) or, for one argument (the address), METH_O. */
@@ -1957,8 +1971,17 @@ nr_function_address(PyObject *abi)
 
 static int
 nr_compiled_fill(CompiledFunction *self, PyObject *builtin, PyObject *abi, Py_ssize_t arity, PyObject *checks,
-                 PyObject *result_type, PyObject *address)
+                 PyObject *result_type, PyObject *address, PyObject *fast)
 {
+    void *fast_entry = NULL;
+    if (fast != NULL && fast != Py_None) {
+        fast_entry = PyLong_AsVoidPtr(fast);
+        if (fast_entry == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "CompiledFunction: fast must be an address or None");
+            return -1;
+        }
+    }
     if (!PyCallable_Check(builtin) || !PyCallable_Check(abi)) {
         PyErr_SetString(PyExc_TypeError, "CompiledFunction: builtin and abi must be callable");
         return -1;
@@ -1993,6 +2016,12 @@ nr_compiled_fill(CompiledFunction *self, PyObject *builtin, PyObject *abi, Py_ss
     self->result_type = Py_XNewRef(result_type);
     self->address = address;
     self->arity = arity;
+    self->target = PyLong_AsVoidPtr(address);
+    if (self->target == NULL && PyErr_Occurred())
+        return -1;
+    /* a fast entry calls the target with the checked arguments only: never with checks or a cast result */
+    self->fast = (checks == NULL && result_type == NULL) ? (PyObject *(*)(void *, PyObject *const *))fast_entry
+                                                         : NULL;
     self->meth = NULL;
     self->meth_self = NULL;
     self->meth_flags = 0;
@@ -2011,16 +2040,16 @@ nr_compiled_fill(CompiledFunction *self, PyObject *builtin, PyObject *abi, Py_ss
 static PyObject *
 CompiledFunction_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"builtin", "abi", "arity", "checks", "result_type", "address", NULL};
-    PyObject *builtin, *abi, *checks = Py_None, *result_type = Py_None, *address = Py_None;
+    static char *kwlist[] = {"builtin", "abi", "arity", "checks", "result_type", "address", "fast", NULL};
+    PyObject *builtin, *abi, *checks = Py_None, *result_type = Py_None, *address = Py_None, *fast = Py_None;
     Py_ssize_t arity;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn|OOO:CompiledFunction", kwlist, &builtin, &abi, &arity,
-                                     &checks, &result_type, &address))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn|OOOO:CompiledFunction", kwlist, &builtin, &abi, &arity,
+                                     &checks, &result_type, &address, &fast))
         return NULL;
     CompiledFunction *self = (CompiledFunction *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
-    if (nr_compiled_fill(self, builtin, abi, arity, checks, result_type, address) < 0) {
+    if (nr_compiled_fill(self, builtin, abi, arity, checks, result_type, address, fast) < 0) {
         Py_DECREF(self);
         return NULL;
     }
@@ -2078,7 +2107,7 @@ static PyGetSetDef CompiledFunction_getset[] = {
 static PyTypeObject CompiledFunction_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "nativereload._gate.CompiledFunction",
-    .tp_doc = "CompiledFunction(builtin, abi, arity, checks=None, result_type=None, address=None)\n--\n\n"
+    .tp_doc = "CompiledFunction(builtin, abi, arity, checks=None, result_type=None, address=None, fast=None)\n--\n\n"
               "One image's function called through a compiled wrapper (see nativereload.compiled).",
     .tp_basicsize = sizeof(CompiledFunction),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
@@ -2116,8 +2145,9 @@ nr_compiled_functions(PyObject *Py_UNUSED(module), PyObject *args)
             entry = Py_NewRef(abi);
         }
         else {
-            if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 4) {
-                PyErr_SetString(PyExc_TypeError, "compiled_functions: a spec is (builtin, arity, checks, result_type)");
+            if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 5) {
+                PyErr_SetString(PyExc_TypeError,
+                                "compiled_functions: a spec is (builtin, arity, checks, result_type, fast)");
                 goto fail;
             }
             Py_ssize_t arity = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 1));
@@ -2128,7 +2158,7 @@ nr_compiled_functions(PyObject *Py_UNUSED(module), PyObject *args)
                 goto fail;
             compiled->builtin = compiled->address = compiled->abi = compiled->checks = compiled->result_type = NULL;
             if (nr_compiled_fill(compiled, PyTuple_GET_ITEM(spec, 0), abi, arity, PyTuple_GET_ITEM(spec, 2),
-                                 PyTuple_GET_ITEM(spec, 3), NULL) < 0) {
+                                 PyTuple_GET_ITEM(spec, 3), NULL, PyTuple_GET_ITEM(spec, 4)) < 0) {
                 PyObject_GC_Track(compiled);
                 Py_DECREF(compiled);
                 goto fail;
@@ -2210,7 +2240,7 @@ static PyMethodDef gate_functions[] = {
     {"compiled_functions", nr_compiled_functions, METH_VARARGS,
      "compiled_functions(specs, functions)\n--\n\n"
      "A new functions mapping: CompiledFunction for each symbol with a spec (builtin, arity, checks, "
-     "result_type), the ABI function object for the others."},
+     "result_type, fast), the ABI function object for the others."},
     {"configure_compiled", nr_configure_compiled, METH_VARARGS,
      "configure_compiled(cast, sample_cdata, its_ctype)\n--\n\n"
      "cffi's cast, and a cdata to verify the cdata layout on; returns whether it was verified."},

@@ -301,3 +301,36 @@ def test_plan_groups_functions_by_shape():
     assert plan.entries["use"].checks == (interface.ffi.typeof("h *"), None)
     other = Interface("long a(long, long); long b(long, long); struct x *c(void); int d(struct y *, char *);", "n")
     assert codegen.plan(other.ffi, other.function_types).digest == plan.digest   # same shapes: same extension
+
+
+ODD_ARGUMENTS = [
+    ("add", (2, 3)), ("add", (True, 2)), ("add", (2 ** 62, 2 ** 62)), ("add", (2 ** 70, 1)), ("add", (1.5, 1)),
+    ("add", (-(2 ** 63), 0)), ("add", ("1", 2)), ("add", (1,)), ("add", (1, 2, 3)),
+    ("scaled", (-7,)), ("dot4", (1.0, 2.0, 3.0, 4.0)), ("dot4", (1, 2, 3, 4)), ("dot4", (1.0, 2.0, 3.0, "x")),
+    ("dot4", (float("nan"), 0.0, 0.0, 0.0)), ("sum_bytes", (b"abc", 3)), ("sum_bytes", (bytearray(b"abc"), 3)),
+    ("sum_bytes", ("abc", 3)), ("sum_bytes", (None, 0)), ("version", ()), ("version", (1,)),
+]
+
+
+@pytest.mark.parametrize("name, args", ODD_ARGUMENTS, ids=[f"{n}{a!r}"[:40] for n, a in ODD_ARGUMENTS])
+def test_the_compiled_call_accepts_and_refuses_exactly_what_cffi_does(moddir, tmpdir_for_copies, samples, name,
+                                                                      args):
+    import cffi
+    import math
+
+    install(samples["v1"], moddir / "sample.so")
+    ffi = cffi.FFI()
+    ffi.cdef(SAMPLE_CDEF)
+    plain = getattr(ffi.dlopen(str(samples["v1"])), name)
+
+    def outcome(function):
+        try:
+            result = function(*args)
+        except Exception as exc:       # noqa: BLE001 - compared below
+            return type(exc), str(exc)
+        return ("nan",) if isinstance(result, float) and math.isnan(result) else result
+
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies, calls="compiled") as reg:
+        reg.load("sample", cdef=SAMPLE_CDEF)
+        assert name in reg.status()[0].compiled
+        assert outcome(reg.func(f"sample.{name}")) == outcome(plain)

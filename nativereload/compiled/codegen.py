@@ -43,7 +43,7 @@ import cffi
 __all__ = ["GENERATOR_VERSION", "Plan", "Shape", "plan", "write_source"]
 
 #: Bump when the generated C changes meaning: it is part of every cache key.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 #: How the extension is compiled (part of every cache key). _CFFI_NO_LIMITED_API: the extension is built
 #: for one interpreter anyway (the key names its ABI), the full API's macros are faster, and free-threaded
@@ -59,6 +59,21 @@ SHARED_PRIMITIVES = frozenset({
     *(f"{sign}int{bits}_t" for sign in ("", "u") for bits in (8, 16, 32, 64)),
     *(f"{sign}int_{kind}{bits}_t" for sign in ("", "u") for kind in ("least", "fast") for bits in (8, 16, 32, 64)),
 })
+
+# Types a shape's *fast entry* converts itself (see write_source): integers, floating point, and bytes
+# passed as char *. Plain "char" is not among them: cffi converts it to and from bytes of length 1.
+_FAST_SIGNED = frozenset({
+    "signed char", "short", "int", "long", "long long", "ssize_t", "intptr_t", "ptrdiff_t", "intmax_t",
+    *(f"int{bits}_t" for bits in (8, 16, 32, 64)),
+    *(f"int_{kind}{bits}_t" for kind in ("least", "fast") for bits in (8, 16, 32, 64)),
+})
+_FAST_UNSIGNED = frozenset({
+    "unsigned char", "unsigned short", "unsigned int", "unsigned long", "unsigned long long", "size_t",
+    "uintptr_t", "uintmax_t",
+    *(f"uint{bits}_t" for bits in (8, 16, 32, 64)),
+    *(f"uint_{kind}{bits}_t" for kind in ("least", "fast") for bits in (8, 16, 32, 64)),
+})
+_FAST_FLOAT = frozenset({"float", "double"})
 
 _ENUM_SPELLING = {1: ("signed char", "unsigned char"), 2: ("short", "unsigned short"),
                   4: ("int", "unsigned int"), 8: ("long long", "unsigned long long")}
@@ -89,6 +104,14 @@ class Shape(NamedTuple):
         """The cdef of this shape's wrapper: ``result name(uintptr_t, args...)``."""
         params = ", ".join(("uintptr_t",) + self.args)
         return _scratch.getctype(_scratch.typeof(self.result), f"{name}({params})")
+
+    @property
+    def fast(self) -> bool:
+        """Whether this shape gets a fast entry (every type one the entry converts itself)."""
+        return (self.result in _FAST_SIGNED or self.result in _FAST_UNSIGNED or self.result in _FAST_FLOAT
+                or self.result == "void") and all(
+            arg in _FAST_SIGNED or arg in _FAST_UNSIGNED or arg in _FAST_FLOAT or arg == "char *"
+            for arg in self.args)
 
     def pointer_type(self) -> str:
         """The C type of a pointer to a function of this shape."""
@@ -209,15 +232,69 @@ def plan(ffi: Any, function_types: Mapping[str, Any]) -> Plan:
     return Plan(shapes, entries, skipped, key, hashlib.sha256(key.encode()).hexdigest())
 
 
+def _fast_entry(i: int, shape: Shape) -> str:
+    """C of shape ``i``'s fast entry: ``PyObject *_nrf_<i>(void *target, PyObject *const *args)``.
+
+    It takes only arguments whose conversion is plain (an exact int in range, an exact float, exact bytes
+    for ``char *``), converts them as cffi would, and calls ``target`` with the GIL released and errno
+    kept as cffi keeps it. For anything else it returns NULL with no exception set: the caller then calls
+    the cffi wrapper, which accepts or refuses the arguments exactly as cffi does.
+    """
+    lines = [f"static PyObject *_nrf_{i}(void *_nr_t, PyObject *const *_nr_a)", "{"]
+    for k, arg in enumerate(shape.args):
+        lines.append(f"    {arg} x{k};")
+        if arg in _FAST_FLOAT:
+            lines.append(f"    if (!PyFloat_CheckExact(_nr_a[{k}])) return NULL;")
+            lines.append(f"    x{k} = ({arg})PyFloat_AS_DOUBLE(_nr_a[{k}]);")
+        elif arg == "char *":
+            lines.append(f"    if (!PyBytes_CheckExact(_nr_a[{k}])) return NULL;")
+            lines.append(f"    x{k} = PyBytes_AS_STRING(_nr_a[{k}]);")
+        else:
+            wide, convert = (("long long", "PyLong_AsLongLong") if arg in _FAST_SIGNED else
+                             ("unsigned long long", "PyLong_AsUnsignedLongLong"))
+            lines += [f"    if (!PyLong_CheckExact(_nr_a[{k}])) return NULL;",
+                      f"    {{ {wide} v = {convert}(_nr_a[{k}]);",
+                      f"      if (v == ({wide})-1 && PyErr_Occurred()) {{ PyErr_Clear(); return NULL; }}",
+                      f"      if (({wide})({arg})v != v) return NULL;",
+                      f"      x{k} = ({arg})v; }}"]
+    call = f"(({shape.pointer_type()})_nr_t)({', '.join(f'x{k}' for k in range(len(shape.args)))})"
+    if shape.result != "void":
+        lines.append(f"    {shape.result} r;")
+        call = "r = " + call
+    lines += ["    Py_BEGIN_ALLOW_THREADS", "    _cffi_restore_errno();", f"    {call};", "    _cffi_save_errno();",
+              "    Py_END_ALLOW_THREADS"]
+    if shape.result == "void":
+        lines.append("    Py_RETURN_NONE;")
+    elif shape.result in _FAST_FLOAT:
+        lines.append("    return PyFloat_FromDouble((double)r);")
+    elif shape.result in _FAST_SIGNED:
+        lines.append("    return PyLong_FromLongLong((long long)r);")
+    else:
+        lines.append("    return PyLong_FromUnsignedLongLong((unsigned long long)r);")
+    lines.append("}")
+    return "\n".join(lines)
+
+
 def write_source(the_plan: Plan, path: str) -> None:
-    """Write the C source of ``the_plan``'s extension to ``path`` (cffi's recompiler does the conversions)."""
+    """Write the C source of ``the_plan``'s extension to ``path`` (cffi's recompiler does the conversions).
+
+    Besides the wrappers, each shape whose types allow it gets a fast entry (:func:`_fast_entry`);
+    ``_nr_fast(i)`` returns its address (0 if none), which ``_gate.CompiledFunction`` calls directly,
+    skipping the argument tuple and cffi's generic conversions.
+    """
     ffi = cffi.FFI()
-    ffi.cdef("".join(f"{shape.declaration(f'_nrw_{i}')};\n" for i, shape in enumerate(the_plan.shapes)))
-    macros = []
+    ffi.cdef("".join(f"{shape.declaration(f'_nrw_{i}')};\n" for i, shape in enumerate(the_plan.shapes))
+             + "uintptr_t _nr_fast(int);\n")
+    macros, fast = [], []
     for i, shape in enumerate(the_plan.shapes):
         params = [f"a{k}" for k in range(len(shape.args))]
         macros.append(f"#define _nrw_{i}({', '.join(['t', *params])}) "
                       f"(({shape.pointer_type()})(t))({', '.join(params)})")
+        if shape.fast:
+            fast.append((i, _fast_entry(i, shape)))
+    cases = "".join(f"    case {i}: return (uintptr_t)&_nrf_{i};\n" for i, _ in fast)
+    lookup = f"static uintptr_t _nr_fast(int i)\n{{\n    switch (i) {{\n{cases}    default: return 0;\n    }}\n}}\n"
+    source = _PREAMBLE + "\n".join(macros) + "\n\n" + "\n\n".join(body for _, body in fast) + "\n\n" + lookup
     # compiler_verbose=False: cffi prints no "generating ..." line
-    ffi.set_source(the_plan.module_name, _PREAMBLE + "\n".join(macros) + "\n", compiler_verbose=False)
+    ffi.set_source(the_plan.module_name, source, compiler_verbose=False)
     ffi.emit_c_code(path)

@@ -164,7 +164,7 @@ class CallPath:
             _say_once("pure python", logging.INFO, "compiled calls: the pure-Python gate serves (%s), so calls=%r "
                       "serves on it", "NATIVERELOAD_PURE_PYTHON=1" if _gate.C is not None else "the C gate is not "
                       "built", mode)
-        # interface -> [its Plan, its specs: symbol -> (builtin, arity, checks, result_type), once built]
+        # interface -> [its Plan, its specs: symbol -> (builtin, arity, checks, result_type, fast), once built]
         self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock: Any = None
         self._images: Callable[[], Iterable[Any]] = lambda: ()
@@ -241,7 +241,9 @@ class CallPath:
         specs = known[1]
         if specs is None:
             lib = extension.lib
-            specs = {name: (getattr(lib, f"_nrw_{entry.index}"), entry.arity, entry.checks, entry.result_type)
+            fast = [lib._nr_fast(index) for index in range(len(the_plan.shapes))]
+            specs = {name: (getattr(lib, f"_nrw_{entry.index}"), entry.arity, entry.checks, entry.result_type,
+                            fast[entry.index] or None)
                      for name, entry in the_plan.entries.items()}
             known[1] = specs
         abi = image.functions
