@@ -23,6 +23,8 @@ from nativereload import CompileError, Registry, gate
 from nativereload.compiled import cache, codegen
 
 pytestmark = [
+    pytest.mark.skipif(os.environ.get("NATIVERELOAD_PURE_PYTHON", "") not in ("", "0"),
+                       reason="this run is the pure-Python one (NATIVERELOAD_PURE_PYTHON=1)"),
     pytest.mark.skipif(gate.C is None, reason="the compiled path needs the C gate"),
     pytest.mark.skipif(cache.compiler() is None, reason="no C compiler"),
 ]
@@ -334,3 +336,21 @@ def test_the_compiled_call_accepts_and_refuses_exactly_what_cffi_does(moddir, tm
         reg.load("sample", cdef=SAMPLE_CDEF)
         assert name in reg.status()[0].compiled
         assert outcome(reg.func(f"sample.{name}")) == outcome(plain)
+
+
+def test_leftovers_of_a_killed_compile_are_swept(moddir, tmpdir_for_copies, samples, fresh_cache):
+    stale_dir = fresh_cache / "compiled" / ".build-dead"
+    stale_dir.mkdir(parents=True)
+    (stale_dir / "x.c").write_text("/* left by a process killed mid-build */")
+    stale_file = fresh_cache / "compiled" / "_nativereload_calls_x.so.abc.partial"
+    stale_file.write_bytes(b"\x7fELF")
+    recent = fresh_cache / "compiled" / ".build-alive"
+    recent.mkdir()
+    old = time.time() - 2 * cache.STALE_SECONDS
+    for path in (stale_dir, stale_file):
+        os.utime(path, (old, old))
+    install(samples["v1"], moddir / "sample.so")
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies, calls="compiled") as reg:
+        reg.load("sample", cdef=SAMPLE_CDEF)
+    assert not stale_dir.exists() and not stale_file.exists()
+    assert recent.exists()          # maybe another process's build in progress: left alone

@@ -38,11 +38,14 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import threading
 import time
 from types import ModuleType
+
+import cffi
 
 from ..errors import CompileError
 from . import codegen
@@ -55,6 +58,7 @@ CACHE_ENV = "NATIVERELOAD_CACHE_DIR"
 _TRAILER_MAGIC = b"\n#nativereload-compiled 1 "
 _TRAILER_SIZE = len(_TRAILER_MAGIC) + 64 + 1 + 64 + 1
 LOCK_TIMEOUT = 300.0           # seconds to wait for another process's compile before compiling anyway
+STALE_SECONDS = 3600.0         # a build directory or partial file this old was left by a process that died
 
 _loaded: dict[str, ModuleType] = {}     # digest -> the extension, imported once per process
 _loaded_lock = threading.Lock()
@@ -124,10 +128,18 @@ def _check_entry(path: str, digest: str) -> str | None:
 
 
 def _import(plan: codegen.Plan, path: str) -> ModuleType:
+    gil_enabled = getattr(sys, "_is_gil_enabled", lambda: True)
+    gil_before = gil_enabled()
     loader = importlib.machinery.ExtensionFileLoader(plan.module_name, path)
     spec = importlib.util.spec_from_file_location(plan.module_name, path, loader=loader)
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
+    if not gil_before and gil_enabled():
+        # A free-threaded interpreter turns the GIL back on for an extension that does not declare it
+        # can run without it; cffi's generated modules do so only in cffi versions that support it.
+        logger.warning("compiled calls: importing %s turned the GIL back on (cffi %s does not mark its modules "
+                       "free-threading safe) — use calls='gate' on free-threaded builds with this cffi, or "
+                       "PYTHON_GIL=0", plan.module_name, cffi.__version__)
     return module
 
 
@@ -179,6 +191,7 @@ def build(plan: codegen.Plan) -> ModuleType:
     except OSError as exc:
         raise CompileError(f"cannot create the cache directory {directory}: {exc.strerror}", reason=str(exc),
                            hint=f"set {CACHE_ENV} to a writable directory") from None
+    _sweep(directory)
     with _compile_lock(os.path.join(directory, plan.module_name + ".lock")):
         module = load_cached(plan)          # another process may have built it while we waited
         if module is not None:
@@ -193,6 +206,31 @@ def build(plan: codegen.Plan) -> ModuleType:
     logger.info("compiled calls: built %d call shapes in %.2f s into %s", len(plan.shapes), elapsed,
                 _entry_path(plan))
     return module
+
+
+def _sweep(directory: str) -> None:
+    """Remove build directories and partial files that a process killed while compiling left behind.
+
+    (An interpreter that exits while the background compile runs kills that daemon thread mid-build.)
+    """
+    now = time.time()
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(".build-") or name.endswith(".partial")):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if now - os.lstat(path).st_mtime < STALE_SECONDS:
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 class _compile_lock:
