@@ -8,7 +8,7 @@ the point, as in (e)):
     c  ctypes with argtypes/restype set
     d  nativereload Func                             f = reg.func("sample.add")
     e  Module attribute                              mod.add(...)
-d and e are measured once per gate (C and Python). Ratios are to (a).
+d and e are measured once per call path (C gate, compiled, Python gate). Ratios are to (a).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import ctypes
 import cffi
 
 from libs import SAMPLE_CDEF
-from registries import available_gates, func_gate, make_registry
+from registries import available_gates, make_registry, path_label, registry_path
 from timing import compare_calls
 
 BUFFER = b"nativereload" * 5 + b"!!!!"       # 64 bytes for sum_bytes
@@ -44,6 +44,8 @@ def overhead(rows, *, library: str, library_dir: str, tmpdir: str, api_lib, repe
     cdll = ctypes.CDLL(library)
     registries = {gate: make_registry(gate, library_dir, tmpdir) for gate in available_gates()}
     modules = {gate: registry.load("sample", cdef=SAMPLE_CDEF) for gate, registry in registries.items()}
+    for gate, registry in registries.items():
+        assert registry_path(registry) == gate, (gate, registry.status())
     try:
         for name, (args, argtypes, restype) in CALLS.items():
             ctypes_function = getattr(cdll, name)
@@ -57,7 +59,6 @@ def overhead(rows, *, library: str, library_dir: str, tmpdir: str, api_lib, repe
             }
             for gate, registry in registries.items():
                 func = registry.func(f"sample.{name}")
-                assert func_gate(func) == gate, (func, gate)
                 namespace[f"d_{gate}"] = func
                 namespace[f"mod_{gate}"] = modules[gate]
                 statements[f"d_{gate}"] = (f"d_{gate}({args})", namespace)
@@ -73,13 +74,15 @@ def overhead(rows, *, library: str, library_dir: str, tmpdir: str, api_lib, repe
                 "c": "(c) ctypes, argtypes set",
             }
             for gate in registries:
-                labels[f"d_{gate}"] = f"(d) nativereload Func, {gate} gate"
-                labels[f"e_{gate}"] = f"(e) Module attribute mod.{name}, {gate} gate"
+                path = "compiled path" if gate == "compiled" else f"{gate} gate"
+                labels[f"d_{gate}"] = f"(d) nativereload Func, {path}"
+                labels[f"e_{gate}"] = f"(e) Module attribute mod.{name}, {path}"
             signature = {"add": "long add(long, long)", "dot4": "double dot4(4 x double)",
                          "sum_bytes": "long sum_bytes(const char *, long), 64 B"}[name]
             for key, label in labels.items():
+                extra = {"ratio_to_api": stats[key].median / stats["b"].median}
                 rows.add("1 call overhead", f"{signature}: {label}", "ns", stats[key],
-                         ratio=stats[key].median / base.median, ratio_of="a", key=f"call.{name}.{key}")
+                         ratio=stats[key].median / base.median, ratio_of="a", key=f"call.{name}.{key}", extra=extra)
     finally:
         for registry in registries.values():
             registry.close()
@@ -98,7 +101,7 @@ def flatness(rows, *, library: str, library_dir: str, tmpdir: str, reloads: int,
 
             def measure(case: str, key: str) -> None:
                 stats = compare_calls(statements, repeats, block_seconds)
-                rows.add("3 scaling: calls", f"add() via Func, {gate} gate, {case}", "ns", stats["d"],
+                rows.add("3 scaling: calls", f"add() via Func, {path_label(gate)}, {case}", "ns", stats["d"],
                          ratio=stats["d"].median / stats["a"].median, ratio_of="a (same block)",
                          key=f"flat.{gate}.{key}")
 

@@ -16,7 +16,7 @@ import threading
 import time
 
 from libs import SAMPLE_CDEF
-from registries import make_registry
+from registries import make_registry, path_label
 from timing import Stat, percentiles
 
 CALLERS = 2
@@ -84,7 +84,7 @@ def callers_during_reloads(rows, *, gate: str, library_dir: str, tmpdir: str, se
                  "calls_per_s": calls / seconds}
         if index:
             extra["reloads"] = reloads
-        rows.add(section, f"{CALLERS} callers, {gate} gate, {label}: p50 / p99 / max", "ns",
+        rows.add(section, f"{CALLERS} callers, {path_label(gate)}, {label}: p50 / p99 / max", "ns",
                  Stat(p50, p50, high, calls), ratio=p99 / q99 if index else 1.0, ratio_of="p99 without reloader",
                  key=f"contention.{gate}.{key}", extra=extra,
                  text=f"{p50 / 1e3:.2f} / {p99 / 1e3:.2f} / {high / 1e3:.0f} us, {calls / seconds / 1e6:.2f} M calls/s")

@@ -137,9 +137,9 @@ def per_reload(rows, *, directory: Path, tmpdir: str, repeats: int) -> dict[int,
                     samples[name].append((time.perf_counter_ns() - started) / 1000)
         with_, without = Stat.of(samples["with"]), Stat.of(samples["without"])
         ratios[n] = with_.median / without.median
-        rows.add("7 interface check", f"{n} functions: reg.reload() without an interface", "us", without,
+        rows.add("9 interface check", f"{n} functions: reg.reload() without an interface", "us", without,
                  key=f"interface.{n}.without")
-        rows.add("7 interface check", f"{n} functions: reg.reload() of a module that embeds it (checked)", "us",
+        rows.add("9 interface check", f"{n} functions: reg.reload() of a module that embeds it (checked)", "us",
                  with_, ratio=ratios[n], ratio_of="without (same loop)", key=f"interface.{n}.with")
     return ratios
 

@@ -78,9 +78,9 @@ def exclusive_wait(rows, *, gate: str, library_dir: str, tmpdir: str, reloads: i
             stop.set()
             thread.join(10)
             kind = "exclusive" if exclusive else "ordinary"
-            rows.add("8 lifecycle", f"{kind} reload of an idle module, {gate} gate: reload time", "us",
+            rows.add("10 lifecycle", f"{kind} reload of an idle module, {gate} gate: reload time", "us",
                      Stat.of(reload_us), key=f"lifecycle.{gate}.{kind}.reload")
-            rows.add("8 lifecycle", f"{kind} reload, {gate} gate: slowest call during each reload (caller wait)",
+            rows.add("10 lifecycle", f"{kind} reload, {gate} gate: slowest call during each reload (caller wait)",
                      "us", Stat.of(window_max), key=f"lifecycle.{gate}.{kind}.wait")
             results[kind] = (statistics.median(reload_us), statistics.median(window_max))
     finally:
@@ -102,9 +102,9 @@ def canary_cost(rows, *, gate: str, library_dir: str, tmpdir: str, samples: int)
             registry.reload("lifecycle", canary=True)
             canary.append((time.perf_counter() - started) * 1e3)
         cost = [c - p for c, p in zip(canary, plain)]
-        rows.add("8 lifecycle", "reload(canary=True) of a small module", "ms", Stat.of(canary),
+        rows.add("10 lifecycle", "reload(canary=True) of a small module", "ms", Stat.of(canary),
                  key="lifecycle.canary.reload")
-        rows.add("8 lifecycle", "the canary's share (canary reload - plain reload)", "ms", Stat.of(cost),
+        rows.add("10 lifecycle", "the canary's share (canary reload - plain reload)", "ms", Stat.of(cost),
                  key="lifecycle.canary.cost")
         return statistics.median(cost)
     finally:

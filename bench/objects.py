@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import cffi
 
-from registries import available_gates, make_registry
+from registries import available_gates, make_registry, path_label
 from timing import compare_calls
 
 OBJECTS_CDEF = """
@@ -64,7 +64,7 @@ def per_call(rows, *, objects: str, sample: str, library_dir: str, tmpdir: str, 
             for key, (label, _, _) in VARIANTS.items():
                 base, ours = stats[f"{key}.a"], stats[f"{key}.nr"]
                 ratios[gate][key] = ours.median / base.median
-                rows.add("6 objects across reloads", f"{label}, {gate} gate", "ns", ours,
+                rows.add("6 objects across reloads", f"{label}, {path_label(gate)}", "ns", ours,
                          ratio=ratios[gate][key], ratio_of="plain cffi (same block)", key=f"objects.{gate}.{key}")
             pin.release()
             mod.obj_free(namespace["d_obj"])

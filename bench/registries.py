@@ -1,8 +1,11 @@
-"""Make a Registry that uses a chosen gate ("c" or "python"), and tell which gates are available.
+"""Make a Registry on a chosen call path ("c", "compiled" or "python"), and tell which are available.
 
 A Registry picks its gate once, at construction, from
 ``nativereload.gate.implementation()``, which honours
 ``NATIVERELOAD_PURE_PYTHON``: set it around the constructor, then restore it.
+"compiled" is the C gate with ``calls="compiled"`` (the compiled call path,
+compiled during the first load or taken from the cache); "c" is the C gate
+with ``calls="gate"``.
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ ENV = "NATIVERELOAD_PURE_PYTHON"
 
 
 def available_gates() -> list[str]:
-    """"c" first if the C gate is built, then "python"."""
-    return (["c"] if gate.C is not None else []) + ["python"]
+    """"c" first if the C gate is built, then "compiled" if a C compiler is there too, then "python"."""
+    from nativereload.compiled import cache
+
+    if gate.C is None:
+        return ["python"]
+    return ["c"] + (["compiled"] if cache.compiler() is not None else []) + ["python"]
 
 
 def make_registry(gate_name: str, path: str, tmpdir: str) -> nativereload.Registry:
@@ -28,7 +35,8 @@ def make_registry(gate_name: str, path: str, tmpdir: str) -> nativereload.Regist
     else:
         os.environ.pop(ENV, None)
     try:
-        registry = nativereload.Registry(path=[path], tmpdir=tmpdir)
+        registry = nativereload.Registry(path=[path], tmpdir=tmpdir,
+                                         calls="compiled" if gate_name == "compiled" else "gate")
     finally:
         if saved is None:
             os.environ.pop(ENV, None)
@@ -37,6 +45,12 @@ def make_registry(gate_name: str, path: str, tmpdir: str) -> nativereload.Regist
     return registry
 
 
-def func_gate(func) -> str:
-    """Which gate a Func handle calls through: "c" or "python"."""
-    return "c" if gate.C is not None and isinstance(func, gate.C.Func) else "python"
+def registry_path(registry: nativereload.Registry) -> str:
+    """Which call path a registry's (first) module serves on: "c", "compiled" or "python"."""
+    calls = registry.status()[0].calls
+    return {"gate": "c"}.get(calls, calls)
+
+
+def path_label(gate_name: str) -> str:
+    """How the table names a call path: "c gate", "python gate" or "compiled path"."""
+    return "compiled path" if gate_name == "compiled" else f"{gate_name} gate"

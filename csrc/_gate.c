@@ -41,6 +41,41 @@
  * swap (the old value is released after unlocking).  With the GIL the same
  * steps run without releasing it, so the mutex macros compile to nothing.
  *
+ * Striped counters (free-threaded builds).  One pair of enter/exit counters
+ * per image, written by every call on every thread, is the cache line all
+ * cores fight over.  So each gate has NR_STRIPES pairs, each on cache lines
+ * of its own, and each thread counts on one stripe, fixed for the thread's
+ * life (nr_stripe_index): a call counts its exit on the stripe it counted
+ * its enter on, so on every stripe exits never exceed enters.  A drain
+ * reads *every* stripe's exits first, then every stripe's enters, and
+ * compares the sums.  Why that is enough: let t be any moment between the
+ * last exits read and the first enters read.  Each exits_i was read before t
+ * and each enters_i after t, and the counters only grow, so
+ * sum(exits read) <= sum(exits_i(t)) <= sum(enters_i(t)) <= sum(enters read);
+ * if the ends are equal, every stripe had exits_i(t) == enters_i(t): no call
+ * was inside the image at t, which is all the single-counter argument above
+ * uses (with "when it read exits" replaced by t).  The second read of
+ * enters (after holds) compares sums too: the sums are equal only if no
+ * stripe moved.  Everything else (flags, holds, the CAS on drained) is
+ * unchanged.  With the GIL there is one stripe, the same code as before.
+ *
+ * Free-threaded scaling, the other half: the per-call lock and reference
+ * count of the slot's current gate and of the Func's cached function object
+ * are shared writes too.  A plain call (no policy) therefore goes through a
+ * per-thread call cache (nr_tcache, below): the thread holds its own strong
+ * references to the gate and function object of its last call of each Func,
+ * with the gate's serial.  A call that finds the slot still pointing to that
+ * gate, at that serial, counts itself in on its stripe and calls, with no
+ * lock and no reference taken: the thread's references keep both alive.
+ * The protocol steps are the same (read current, count enter, re-check
+ * flags, call, count exit, drain if retired); only who holds the reference
+ * that keeps the gate's memory valid changes, and that reference is taken
+ * before the call reads `current` and released only after it has counted its
+ * exit and done its drain attempt.  Cost: each thread keeps up to 64 old gates
+ * and function objects alive (never an image: a gate holds its image open
+ * only through its counters and holds) until the entry is reused, the thread
+ * exits, or _gate.clear_thread_cache().
+ *
  * Func caches (serial, function object) of the last gate it called through.
  * Each gate gets a process-unique serial at creation and a new one whenever
  * its `functions` attribute is assigned (the registry may swap in {} after a
@@ -67,6 +102,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* Changing a counter.  Free-threaded: a sequentially consistent atomic
  * read-modify-write.  With the GIL: every access to the counters and flags
@@ -98,6 +134,28 @@
 #define NR_RETIRED 1
 #define NR_PAUSED 2
 
+/* Striped counters: see the comment at the top of this file. */
+#ifdef Py_GIL_DISABLED
+#define NR_STRIPES 16
+#define NR_STRIPE_BYTES 128
+static _Atomic(unsigned) nr_next_stripe;
+static __thread int nr_thread_stripe = -1;
+
+/* This thread's stripe: fixed for the thread's life, so a call counts its exit where it counted its enter. */
+static inline int
+nr_stripe_index(void)
+{
+    int index = nr_thread_stripe;
+    if (index < 0)
+        index = nr_thread_stripe = (int)(atomic_fetch_add(&nr_next_stripe, 1) % NR_STRIPES);
+    return index;
+}
+#else
+#define NR_STRIPES 1
+#define nr_stripe_index() 0
+#endif
+#define NR_MY_STRIPE(gate) (&(gate)->stripes[nr_stripe_index()])
+
 /* Set once by configure() (gate.py does it at import): cffi's cdata base
  * type, cffi's gcp (ffi.gc's implementation), the deferred-drain callable
  * (drain this gate soon, on another thread) and the recheck callable (try to
@@ -123,10 +181,17 @@ nr_serial_new(void)
 /* ImageGate                                                                */
 /* ------------------------------------------------------------------------ */
 
+/* The in-flight counters, striped (see "Striped counters" at the top of this file). */
 typedef struct {
-    PyObject_HEAD
     _Atomic(uint64_t) enters;
     _Atomic(uint64_t) exits;
+#ifdef Py_GIL_DISABLED
+    char pad[NR_STRIPE_BYTES - 2 * sizeof(uint64_t)];   /* one stripe per cache line (and its neighbour) */
+#endif
+} nr_stripe;
+
+typedef struct {
+    PyObject_HEAD
     _Atomic(int64_t) holds;     /* pins + pointer results + bound handles */
     _Atomic(int64_t) pins;      /* for status only */
     _Atomic(int64_t) leases;    /* pointer results, for status only */
@@ -141,6 +206,10 @@ typedef struct {
     PyObject *lease_list;       /* with the GIL: the pointer results, alive while referenced elsewhere */
     Py_ssize_t lease_prune_at;
     NR_MUTEX_FIELD
+#ifdef Py_GIL_DISABLED
+    char pad[NR_STRIPE_BYTES];  /* keep the fields above, read by every call, off the stripes' lines */
+#endif
+    nr_stripe stripes[NR_STRIPES];
 } ImageGate;
 
 static PyTypeObject ImageGate_Type;
@@ -206,6 +275,26 @@ ImageGate_dealloc(ImageGate *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* The sums of the stripes' counters.  A drain reads every stripe's exits
+ * (nr_gate_exits) before any stripe's enters (nr_gate_enters): see the top of this file. */
+static inline uint64_t
+nr_gate_exits(ImageGate *self)
+{
+    uint64_t total = 0;
+    for (int i = 0; i < NR_STRIPES; i++)
+        total += atomic_load(&self->stripes[i].exits);
+    return total;
+}
+
+static inline uint64_t
+nr_gate_enters(ImageGate *self)
+{
+    uint64_t total = 0;
+    for (int i = 0; i < NR_STRIPES; i++)
+        total += atomic_load(&self->stripes[i].enters);
+    return total;
+}
+
 /* A strong reference to one of the gate's object fields, or NULL (no error). */
 static PyObject *
 nr_gate_field(ImageGate *self, PyObject **field)
@@ -260,9 +349,9 @@ nr_gate_try_drain(ImageGate *self)
     if (!(atomic_load(&self->flags) & NR_RETIRED) || atomic_load(&self->drained))
         return 0;
     /* exits first, then enters, holds, enters again: see the comment at the top of this file */
-    uint64_t exits = atomic_load(&self->exits);
-    uint64_t enters = atomic_load(&self->enters);
-    if (exits != enters || atomic_load(&self->holds) != 0 || atomic_load(&self->enters) != enters)
+    uint64_t exits = nr_gate_exits(self);
+    uint64_t enters = nr_gate_enters(self);
+    if (exits != enters || atomic_load(&self->holds) != 0 || nr_gate_enters(self) != enters)
         return 0;
 #ifndef Py_GIL_DISABLED
     /* No call is in flight and we hold the GIL: no lease can be added meanwhile. */
@@ -297,8 +386,8 @@ nr_gate_after_exit(ImageGate *self, int flags)
     if (flags & NR_RETIRED)
         return nr_gate_try_drain(self);
     if (flags & NR_PAUSED) {
-        uint64_t exits = atomic_load(&self->exits);
-        if (atomic_load(&self->enters) != exits)
+        uint64_t exits = nr_gate_exits(self);
+        if (nr_gate_enters(self) != exits)
             return 0;
         PyObject *on_quiet = nr_gate_field(self, &self->on_quiet);
         if (on_quiet == NULL)
@@ -470,13 +559,14 @@ ImageGate_lease(ImageGate *self, PyObject *result)
 static int
 nr_gate_try_pin(ImageGate *self)
 {
-    NR_COUNT(self->enters);
+    nr_stripe *stripe = NR_MY_STRIPE(self);
+    NR_COUNT(stripe->enters);
     int flags = atomic_load(&self->flags);
     if (!flags) {
         NR_ADD(self->holds, 1);
         NR_ADD(self->pins, 1);
     }
-    NR_COUNT(self->exits);
+    NR_COUNT(stripe->exits);
     if (flags && nr_gate_after_exit(self, flags) < 0)
         return -1;
     return !flags;
@@ -592,8 +682,8 @@ ImageGate_get_drained(ImageGate *self, void *Py_UNUSED(closure))
 static PyObject *
 ImageGate_get_in_flight(ImageGate *self, void *Py_UNUSED(closure))
 {
-    uint64_t exits = atomic_load(&self->exits);
-    uint64_t enters = atomic_load(&self->enters);
+    uint64_t exits = nr_gate_exits(self);
+    uint64_t enters = nr_gate_enters(self);
     return PyLong_FromUnsignedLongLong(enters > exits ? enters - exits : 0);
 }
 
@@ -765,7 +855,11 @@ Slot_set_current(Slot *self, PyObject *value, void *Py_UNUSED(closure))
     }
     NR_LOCK(self);
     ImageGate *old = self->current;
+#ifdef Py_GIL_DISABLED
+    __atomic_store_n(&self->current, gate, __ATOMIC_RELEASE);   /* read without the lock by nr_cached_call */
+#else
     self->current = gate;
+#endif
     NR_UNLOCK(self);
     /* released outside the lock: the old gate's last reference may run arbitrary code */
     Py_XDECREF(old);
@@ -941,6 +1035,7 @@ typedef struct {
     PyObject *symbol;           /* exact str */
     PyObject *on_missing;       /* on_missing(gate_or_None) -> exception to raise */
     CallPolicy *policy;         /* NULL: a plain call; guarded by mutex on free-threaded builds */
+    uint64_t uid;               /* process-unique, set by __init__: tells a Func from a later one at its address */
     uint64_t cache_serial;      /* serial of the gate cache_function came from; 0 = none */
     PyObject *cache_function;   /* both cache fields guarded by mutex on free-threaded builds */
     NR_MUTEX_FIELD
@@ -979,10 +1074,11 @@ nr_func_raise_missing(Func *self, PyObject *gate_or_none)
  * no exception set when the gate lacks it (missing or None); NULL with an
  * exception set when the lookup itself failed. */
 static PyObject *
-nr_func_lookup(Func *self, ImageGate *gate)
+nr_func_lookup_serial(Func *self, ImageGate *gate, uint64_t *serial_out)
 {
     PyObject *function = NULL;
     uint64_t serial = atomic_load(&gate->serial);
+    *serial_out = serial;
 
     NR_LOCK(self);
     if (self->cache_serial == serial) {
@@ -998,6 +1094,7 @@ nr_func_lookup(Func *self, ImageGate *gate)
     PyObject *functions = gate->functions;
     Py_XINCREF(functions);
     serial = atomic_load(&gate->serial);
+    *serial_out = serial;
     NR_UNLOCK(gate);
     if (functions == NULL)
         return NULL;
@@ -1031,6 +1128,13 @@ nr_func_lookup(Func *self, ImageGate *gate)
     NR_UNLOCK(self);
     Py_XDECREF(old);
     return function;
+}
+
+static PyObject *
+nr_func_lookup(Func *self, ImageGate *gate)
+{
+    uint64_t serial;
+    return nr_func_lookup_serial(self, gate, &serial);
 }
 
 /* Run nr_gate_after_exit() at the end of a call, keeping `result` or the
@@ -1083,7 +1187,7 @@ nr_after_exit_keeping(ImageGate *gate, int flags, PyObject *result)
 static PyObject *
 nr_exit(ImageGate *gate, PyObject *result)
 {
-    NR_COUNT(gate->exits);
+    NR_COUNT(NR_MY_STRIPE(gate)->exits);
     int flags = atomic_load(&gate->flags);
     if (flags)
         result = nr_after_exit_keeping(gate, flags, result);
@@ -1096,7 +1200,7 @@ nr_exit(ImageGate *gate, PyObject *result)
 static int
 nr_back_out(ImageGate *gate, int flags, int yield)
 {
-    NR_COUNT(gate->exits);
+    NR_COUNT(NR_MY_STRIPE(gate)->exits);
     int status = nr_gate_after_exit(gate, flags);
     if (status == 0 && (flags & NR_PAUSED))
         status = nr_gate_wait_resumed(gate);
@@ -1124,7 +1228,7 @@ nr_admit_current(Func *self)
             nr_func_raise_missing(self, Py_None);
             return NULL;
         }
-        NR_COUNT(gate->enters);
+        NR_COUNT(NR_MY_STRIPE(gate)->enters);
         int flags = atomic_load(&gate->flags);
         if (!flags)
             return gate;
@@ -1237,7 +1341,7 @@ nr_policy_call(Func *self, CallPolicy *policy, PyObject *const *args, size_t nar
                 return NULL;
             break;
         }
-        NR_COUNT(target->enters);
+        NR_COUNT(NR_MY_STRIPE(target)->enters);
         int flags = atomic_load(&target->flags);
         if (!(flags & NR_PAUSED)) {
             /* A retired gate is fine: the binding holds it open, if it is still there.  With the GIL,
@@ -1259,7 +1363,7 @@ nr_policy_call(Func *self, CallPolicy *policy, PyObject *const *args, size_t nar
             PyObject *exc = status == 0 ? PyObject_CallOneArg(policy->on_released, (PyObject *)target) : NULL;
             if (status == 0 && exc == NULL)
                 status = -1;
-            NR_COUNT(target->exits);
+            NR_COUNT(NR_MY_STRIPE(target)->exits);
             if (exc != NULL) {
                 int drained = nr_gate_after_exit(target, atomic_load(&target->flags));
                 Py_DECREF(target);
@@ -1297,6 +1401,200 @@ nr_policy_call(Func *self, CallPolicy *policy, PyObject *const *args, size_t nar
     return nr_exit(gate, result);
 }
 
+#ifdef Py_GIL_DISABLED
+/* The per-thread call cache (free-threaded builds only; see "Free-threaded
+ * scaling" at the top of this file).  Each thread keeps, per Func it called,
+ * its own strong references to the gate and the function object it called
+ * last, and the gate's serial then.  A call whose Func's slot still holds
+ * that very gate, with that serial, calls that function without taking a
+ * lock or a reference: the thread's own references keep both alive.  The
+ * gate pointer read from the slot is compared, never dereferenced, until it
+ * has been found equal to the cached one (which cannot have been freed and
+ * reused: this thread holds a reference to it).
+ *
+ * Only the owning thread touches its cache.  A call nested inside another on
+ * the same thread (an argument's __index__, a callback) may evict the entry
+ * the outer call is using: while a cached call is in progress (depth > 0),
+ * evicted references go to the graveyard and are released when the outermost
+ * call returns.  The cache is an object in the thread state's dict, so its
+ * references are released when the thread's state is cleared at its exit. */
+#define NR_TCACHE_SIZE 64
+
+typedef struct {
+    Func *func;                 /* the key: identity (borrowed, never dereferenced unless equal to the caller) */
+    uint64_t func_uid;          /*   ... and uid, so a later Func at the same address misses */
+    ImageGate *gate;            /* strong */
+    uint64_t gate_serial;       /* the gate's serial when `function` was looked up in its mapping */
+    PyObject *function;         /* strong */
+} nr_tcache_entry;
+
+typedef struct {
+    PyObject_HEAD
+    long depth;                 /* cached calls in progress on the owning thread */
+    PyObject *graveyard;        /* a list of references evicted while depth > 0, or NULL */
+    nr_tcache_entry entries[NR_TCACHE_SIZE];
+} nr_tcache;
+
+static __thread nr_tcache *nr_thread_cache;
+static PyObject *nr_tcache_key;
+static char nr_miss_sentinel;
+#define NR_MISS ((PyObject *)&nr_miss_sentinel)
+
+static void
+nr_tcache_dealloc(nr_tcache *self)
+{
+    if (nr_thread_cache == self)        /* it may be cleared from another thread (after fork) */
+        nr_thread_cache = NULL;
+    for (int i = 0; i < NR_TCACHE_SIZE; i++) {
+        Py_CLEAR(self->entries[i].gate);
+        Py_CLEAR(self->entries[i].function);
+    }
+    Py_CLEAR(self->graveyard);
+    PyObject_Free(self);
+}
+
+static PyTypeObject nr_tcache_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nativereload._gate._ThreadCache",
+    .tp_basicsize = sizeof(nr_tcache),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)nr_tcache_dealloc,
+};
+
+/* This thread's cache, made on first use; NULL (no error set) if there is none to be had. */
+static nr_tcache *
+nr_tcache_get(void)
+{
+    nr_tcache *tc = nr_thread_cache;
+    if (tc != NULL)
+        return tc;
+    PyObject *dict = PyThreadState_GetDict();
+    if (dict == NULL)
+        return NULL;
+    tc = PyObject_New(nr_tcache, &nr_tcache_Type);
+    if (tc == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    tc->depth = 0;
+    tc->graveyard = NULL;
+    memset(tc->entries, 0, sizeof(tc->entries));
+    int status = PyDict_SetItem(dict, nr_tcache_key, (PyObject *)tc);
+    Py_DECREF(tc);              /* the thread state's dict holds it */
+    if (status < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    nr_thread_cache = tc;
+    return tc;
+}
+
+/* Drop a reference the cache held: now, or (a cached call in progress) when the outermost returns. */
+static void
+nr_tcache_release(nr_tcache *tc, PyObject *object)
+{
+    if (object == NULL)
+        return;
+    if (tc->depth > 0) {
+        if (tc->graveyard == NULL)
+            tc->graveyard = PyList_New(0);
+        if (tc->graveyard != NULL && PyList_Append(tc->graveyard, object) == 0) {
+            Py_DECREF(object);
+            return;
+        }
+        PyErr_Clear();
+        return;                 /* could not defer: keep the reference (a leak beats a use after free) */
+    }
+    Py_DECREF(object);
+}
+
+static void
+nr_tcache_leave(nr_tcache *tc)
+{
+    if (--tc->depth == 0 && tc->graveyard != NULL) {
+        PyObject *graveyard = tc->graveyard;
+        tc->graveyard = NULL;
+        Py_DECREF(graveyard);
+    }
+}
+
+static inline nr_tcache_entry *
+nr_tcache_entry_for(nr_tcache *tc, Func *func)
+{
+    return &tc->entries[((uintptr_t)func >> 4) & (NR_TCACHE_SIZE - 1)];
+}
+
+static void
+nr_tcache_remember(nr_tcache *tc, Func *func, ImageGate *gate, uint64_t serial, PyObject *function)
+{
+    nr_tcache_entry *entry = nr_tcache_entry_for(tc, func);
+    ImageGate *old_gate = entry->gate;
+    PyObject *old_function = entry->function;
+    entry->func = func;
+    entry->func_uid = func->uid;
+    entry->gate = (ImageGate *)Py_NewRef(gate);
+    entry->gate_serial = serial;
+    entry->function = Py_NewRef(function);
+    nr_tcache_release(tc, (PyObject *)old_gate);
+    nr_tcache_release(tc, old_function);
+}
+
+/* A plain call (no policy) served from the thread's cache: NR_MISS if the
+ * cache cannot serve it (then nothing was counted), else the result. */
+static PyObject *
+nr_cached_call(Func *self, nr_tcache *tc, PyObject *const *args, size_t nargsf)
+{
+    nr_tcache_entry *entry = nr_tcache_entry_for(tc, self);
+    ImageGate *gate = __atomic_load_n(&self->slot->current, __ATOMIC_ACQUIRE);
+    if (gate == NULL || entry->gate != gate || entry->func != self || entry->func_uid != self->uid
+        || entry->gate_serial != atomic_load(&gate->serial))
+        return NR_MISS;
+    PyObject *function = entry->function;
+    nr_stripe *stripe = NR_MY_STRIPE(gate);
+    NR_COUNT(stripe->enters);
+    int flags = atomic_load(&gate->flags);
+    if (flags) {
+        /* retired or paused: back out (drain or notify, as the uncached path would), then take that path */
+        NR_COUNT(stripe->exits);
+        tc->depth++;
+        int status = nr_gate_after_exit(gate, flags);
+        nr_tcache_leave(tc);
+        return status < 0 ? NULL : NR_MISS;
+    }
+    tc->depth++;                /* from here until we leave, `gate` and `function` are not released */
+    PyObject *result = PyObject_Vectorcall(function, args, nargsf, NULL);
+    NR_COUNT(stripe->exits);
+    flags = atomic_load(&gate->flags);
+    if (flags)
+        result = nr_after_exit_keeping(gate, flags, result);
+    nr_tcache_leave(tc);
+    return result;
+}
+
+/* The uncached path of a plain call, remembering what it called in the thread's cache. */
+static PyObject *
+nr_call_remembering(Func *self, nr_tcache *tc, PyObject *const *args, size_t nargsf)
+{
+    ImageGate *gate = nr_admit_current(self);
+    if (gate == NULL)
+        return NULL;
+    uint64_t serial;
+    PyObject *function = nr_func_lookup_serial(self, gate, &serial);
+    if (function == NULL) {
+        if (!PyErr_Occurred())
+            nr_func_raise_missing(self, (PyObject *)gate);
+        return nr_exit(gate, NULL);
+    }
+    tc->depth++;
+    nr_tcache_remember(tc, self, gate, serial, function);
+    PyObject *result = PyObject_Vectorcall(function, args, nargsf, NULL);
+    Py_DECREF(function);
+    result = nr_exit(gate, result);
+    nr_tcache_leave(tc);
+    return result;
+}
+#endif
+
 static PyObject *
 Func_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -1321,6 +1619,15 @@ Func_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
             return result;
         }
     }
+#ifdef Py_GIL_DISABLED
+    nr_tcache *tc = nr_tcache_get();
+    if (tc != NULL) {
+        PyObject *result = nr_cached_call(self, tc, args, nargsf);
+        if (result != NR_MISS)
+            return result;
+        return nr_call_remembering(self, tc, args, nargsf);
+    }
+#endif
     ImageGate *gate = nr_admit_current(self);
     if (gate == NULL)
         return NULL;
@@ -1357,6 +1664,7 @@ Func_init(Func *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->name, qualname);
     Py_XSETREF(self->symbol, symbol);
     Py_XSETREF(self->on_missing, on_missing);
+    self->uid = nr_serial_new();
     /* slot last: a non-NULL slot is what marks the Func initialized */
     Py_INCREF(slot);
     self->slot = (Slot *)slot;
@@ -1489,6 +1797,404 @@ static PyTypeObject Func_Type = {
 };
 
 /* ------------------------------------------------------------------------ */
+/* CompiledFunction: the compiled call path's entry for one symbol of one   */
+/* image (nativereload/compiled/)                                           */
+/* ------------------------------------------------------------------------ */
+
+/* A compiled entry sits in an ImageGate's `functions` where the cffi ABI
+ * function object of that symbol would be, so Func's admission, lookup cache,
+ * routing, leases, pins and drain are the same code on both paths: only what
+ * a call finally calls differs.
+ *
+ * `builtin` is a wrapper of a cffi API-mode extension generated for the
+ * function's *shape* (its signature with every type that cffi does not share
+ * between FFIs spelled `void *`): it takes the target address as an extra
+ * first argument (uintptr_t) and calls it through a function pointer of that
+ * shape.  Passing the address as an argument, rather than in a thread-local,
+ * keeps a call re-entrant: converting an argument may run Python code (an
+ * __index__) that calls another compiled function on the same thread.
+ *
+ * `abi` is the image's cffi ABI function object for the same symbol.  A call
+ * the compiled wrapper could get subtly wrong goes there instead, so that it
+ * behaves (and fails) exactly as on the gate path: a wrong number of
+ * arguments or keywords (cffi's message names the real signature), and an
+ * argument spelled `void *` in the shape that is not a cdata of exactly the
+ * declared ctype (`checks`): cffi types structs per FFI, so the shape cannot
+ * check them; we compare the cdata's ctype with the declared one instead.
+ * A result spelled `void *` is cast back to the declared ctype (`result_type`).
+ *
+ * `fast`: the shape's fast entry, if its types allow one (codegen.py): it
+ * converts exact ints, floats and bytes itself and calls the target with the
+ * GIL released, skipping the argument tuple and cffi's generic conversions;
+ * for any other argument it returns NULL with no exception, and the call
+ * goes through the cffi wrapper, which behaves exactly as cffi does.
+ *
+ * The ctype of a cdata is read from cffi's CDataObject, whose head has been
+ * { PyObject_HEAD; CTypeDescrObject *c_type; char *c_data; ... } since cffi
+ * 0.x; configure_compiled() verifies that on a real cdata and, if it ever
+ * changes, every checked argument takes the ABI path (correct, slower). */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *c_type;
+    char *c_data;
+} nr_cdata_head;
+
+static PyObject *nr_cast;               /* cffi's cast(ctype, value) */
+static int nr_cdata_layout_ok;          /* nr_cdata_head verified on a real cdata */
+
+#define NR_SMALL_ARGS 8
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *builtin;          /* the shape's API-mode wrapper: builtin(address, *args) */
+    PyObject *address;          /* int: the image's function */
+    PyObject *abi;              /* the image's cffi ABI function object (the exact fallback) */
+    PyObject *checks;           /* NULL, or a tuple: per argument None or the ctype it must have */
+    PyObject *result_type;      /* NULL, or the declared ctype of a result spelled void * */
+    Py_ssize_t arity;
+    PyObject *(*fast)(void *, PyObject *const *);  /* the shape's fast entry, or NULL */
+    void *target;               /* the address, for the fast entry */
+    PyCFunction meth;           /* builtin's C function when it is a METH_VARARGS or METH_O builtin, else NULL */
+    PyObject *meth_self;        /* its self (borrowed: builtin holds it) */
+    int meth_flags;
+} CompiledFunction;
+
+static PyTypeObject CompiledFunction_Type;
+
+/* 1 if args[i] may go to the compiled wrapper, 0 if the call must take the ABI path. */
+static int
+nr_compiled_args_ok(CompiledFunction *self, PyObject *const *args)
+{
+    if (self->checks == NULL)
+        return 1;
+    if (!nr_cdata_layout_ok || nr_cdata_type == NULL)
+        return 0;
+    for (Py_ssize_t i = 0; i < self->arity; i++) {
+        PyObject *expected = PyTuple_GET_ITEM(self->checks, i);
+        if (expected == Py_None)
+            continue;
+        PyObject *arg = args[i];
+        if (!PyObject_TypeCheck(arg, nr_cdata_type) || ((nr_cdata_head *)arg)->c_type != expected)
+            return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+CompiledFunction_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    CompiledFunction *self = (CompiledFunction *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+
+    if (nargs != self->arity || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)
+        || !nr_compiled_args_ok(self, args))
+        return PyObject_Vectorcall(self->abi, args, nargsf, kwnames);
+
+    PyObject *result;
+    if (self->fast != NULL) {
+        /* NULL with no exception: an argument it does not convert itself; the wrapper below will */
+        result = self->fast(self->target, args);
+        if (result != NULL || PyErr_Occurred())
+            return result;
+    }
+    if (self->meth != NULL) {
+        /* What calling the builtin would do, minus the generic call machinery: cffi's wrappers are
+         * METH_VARARGS (they unpack a tuple) or, for one argument (the address), METH_O. */
+        if (self->meth_flags == METH_O) {
+            result = self->meth(self->meth_self, self->address);
+        }
+        else {
+            PyObject *tuple = PyTuple_New(nargs + 1);
+            if (tuple == NULL)
+                return NULL;
+#ifdef Py_GIL_DISABLED
+            /* A fresh int per call: a reference to the shared one would be a write to its reference
+             * count, a cache line every calling thread fights over. */
+            PyObject *address = PyLong_FromVoidPtr(PyLong_AsVoidPtr(self->address));
+            if (address == NULL) {
+                Py_DECREF(tuple);
+                return NULL;
+            }
+            PyTuple_SET_ITEM(tuple, 0, address);
+#else
+            PyTuple_SET_ITEM(tuple, 0, Py_NewRef(self->address));
+#endif
+            for (Py_ssize_t i = 0; i < nargs; i++)
+                PyTuple_SET_ITEM(tuple, i + 1, Py_NewRef(args[i]));
+            result = self->meth(self->meth_self, tuple);
+            Py_DECREF(tuple);
+        }
+    }
+    else if (nargsf & PY_VECTORCALL_ARGUMENTS_OFFSET) {
+        /* PEP 590: we may use args[-1] for the call if we put it back */
+        PyObject **slot = (PyObject **)args - 1;
+        PyObject *saved = *slot;
+        *slot = self->address;
+        result = PyObject_Vectorcall(self->builtin, slot, (size_t)nargs + 1, NULL);
+        *slot = saved;
+    }
+    else {
+        PyObject *small[NR_SMALL_ARGS];
+        PyObject **buffer = small;
+        if (nargs + 1 > NR_SMALL_ARGS) {
+            buffer = PyMem_Malloc(((size_t)nargs + 1) * sizeof(PyObject *));
+            if (buffer == NULL)
+                return PyErr_NoMemory();
+        }
+        buffer[0] = self->address;
+        for (Py_ssize_t i = 0; i < nargs; i++)
+            buffer[i + 1] = args[i];
+        result = PyObject_Vectorcall(self->builtin, buffer, (size_t)nargs + 1, NULL);
+        if (buffer != small)
+            PyMem_Free(buffer);
+    }
+    if (result != NULL && self->result_type != NULL && nr_cast != NULL) {
+        PyObject *typed = PyObject_CallFunctionObjArgs(nr_cast, self->result_type, result, NULL);
+        Py_DECREF(result);
+        result = typed;
+    }
+    return result;
+}
+
+/* The address of a cffi function cdata (the layout is verified), or NULL with an exception. */
+static PyObject *
+nr_function_address(PyObject *abi)
+{
+    if (!nr_cdata_layout_ok || nr_cdata_type == NULL || !PyObject_TypeCheck(abi, nr_cdata_type)) {
+        PyErr_SetString(PyExc_TypeError, "CompiledFunction: pass address= (cannot read the cdata's address)");
+        return NULL;
+    }
+    return PyLong_FromVoidPtr(((nr_cdata_head *)abi)->c_data);
+}
+
+static int
+nr_compiled_fill(CompiledFunction *self, PyObject *builtin, PyObject *abi, Py_ssize_t arity, PyObject *checks,
+                 PyObject *result_type, PyObject *address, PyObject *fast)
+{
+    void *fast_entry = NULL;
+    if (fast != NULL && fast != Py_None) {
+        fast_entry = PyLong_AsVoidPtr(fast);
+        if (fast_entry == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "CompiledFunction: fast must be an address or None");
+            return -1;
+        }
+    }
+    if (!PyCallable_Check(builtin) || !PyCallable_Check(abi)) {
+        PyErr_SetString(PyExc_TypeError, "CompiledFunction: builtin and abi must be callable");
+        return -1;
+    }
+    if (arity < 0) {
+        PyErr_SetString(PyExc_ValueError, "CompiledFunction: arity must be >= 0");
+        return -1;
+    }
+    if (checks == Py_None)
+        checks = NULL;
+    if (checks != NULL && (!PyTuple_Check(checks) || PyTuple_GET_SIZE(checks) != arity)) {
+        PyErr_SetString(PyExc_TypeError, "CompiledFunction: checks must be None or a tuple of arity items");
+        return -1;
+    }
+    if (result_type == Py_None)
+        result_type = NULL;
+    if (address == NULL || address == Py_None) {
+        address = nr_function_address(abi);
+        if (address == NULL)
+            return -1;
+    }
+    else {
+        if (!PyLong_Check(address)) {
+            PyErr_SetString(PyExc_TypeError, "CompiledFunction: address must be an int");
+            return -1;
+        }
+        Py_INCREF(address);
+    }
+    self->builtin = Py_NewRef(builtin);
+    self->abi = Py_NewRef(abi);
+    self->checks = Py_XNewRef(checks);
+    self->result_type = Py_XNewRef(result_type);
+    self->address = address;
+    self->arity = arity;
+    self->target = PyLong_AsVoidPtr(address);
+    if (self->target == NULL && PyErr_Occurred())
+        return -1;
+    /* a fast entry calls the target with the checked arguments only: never with checks or a cast result */
+    self->fast = (checks == NULL && result_type == NULL) ? (PyObject *(*)(void *, PyObject *const *))fast_entry
+                                                         : NULL;
+    self->meth = NULL;
+    self->meth_self = NULL;
+    self->meth_flags = 0;
+    if (PyCFunction_Check(builtin)) {
+        int flags = PyCFunction_GET_FLAGS(builtin) & ~(METH_CLASS | METH_STATIC | METH_COEXIST);
+        if ((flags == METH_VARARGS && arity + 1 > 1) || (flags == METH_O && arity == 0)) {
+            self->meth = PyCFunction_GET_FUNCTION(builtin);
+            self->meth_self = PyCFunction_GET_SELF(builtin);
+            self->meth_flags = flags;
+        }
+    }
+    self->vectorcall = CompiledFunction_vectorcall;
+    return 0;
+}
+
+static PyObject *
+CompiledFunction_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"builtin", "abi", "arity", "checks", "result_type", "address", "fast", NULL};
+    PyObject *builtin, *abi, *checks = Py_None, *result_type = Py_None, *address = Py_None, *fast = Py_None;
+    Py_ssize_t arity;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn|OOOO:CompiledFunction", kwlist, &builtin, &abi, &arity,
+                                     &checks, &result_type, &address, &fast))
+        return NULL;
+    CompiledFunction *self = (CompiledFunction *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    if (nr_compiled_fill(self, builtin, abi, arity, checks, result_type, address, fast) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+CompiledFunction_traverse(CompiledFunction *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->builtin);
+    Py_VISIT(self->address);
+    Py_VISIT(self->abi);
+    Py_VISIT(self->checks);
+    Py_VISIT(self->result_type);
+    return 0;
+}
+
+static int
+CompiledFunction_clear(CompiledFunction *self)
+{
+    Py_CLEAR(self->builtin);
+    Py_CLEAR(self->address);
+    Py_CLEAR(self->abi);
+    Py_CLEAR(self->checks);
+    Py_CLEAR(self->result_type);
+    return 0;
+}
+
+static void
+CompiledFunction_dealloc(CompiledFunction *self)
+{
+    PyObject_GC_UnTrack(self);
+    CompiledFunction_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+CompiledFunction_repr(CompiledFunction *self)
+{
+    return PyUnicode_FromFormat("<nativereload compiled function at %S, falling back to %R>",
+                                self->address ? self->address : Py_None, self->abi ? self->abi : Py_None);
+}
+
+static PyObject *CompiledFunction_get_abi(CompiledFunction *s, void *c) { (void)c; return nr_or_none(s->abi); }
+static PyObject *CompiledFunction_get_address(CompiledFunction *s, void *c) { (void)c; return nr_or_none(s->address); }
+static PyObject *CompiledFunction_get_builtin(CompiledFunction *s, void *c) { (void)c; return nr_or_none(s->builtin); }
+
+static PyGetSetDef CompiledFunction_getset[] = {
+    {"abi", (getter)CompiledFunction_get_abi, NULL, "The image's cffi ABI function object (the fallback).", NULL},
+    {"address", (getter)CompiledFunction_get_address, NULL, "The address of the image's function.", NULL},
+    {"builtin", (getter)CompiledFunction_get_builtin, NULL, "The shape's compiled wrapper.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CompiledFunction_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "nativereload._gate.CompiledFunction",
+    .tp_doc = "CompiledFunction(builtin, abi, arity, checks=None, result_type=None, address=None, fast=None)\n--\n\n"
+              "One image's function called through a compiled wrapper (see nativereload.compiled).",
+    .tp_basicsize = sizeof(CompiledFunction),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(CompiledFunction, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_new = CompiledFunction_new,
+    .tp_dealloc = (destructor)CompiledFunction_dealloc,
+    .tp_traverse = (traverseproc)CompiledFunction_traverse,
+    .tp_clear = (inquiry)CompiledFunction_clear,
+    .tp_repr = (reprfunc)CompiledFunction_repr,
+    .tp_getset = CompiledFunction_getset,
+};
+
+/* compiled_functions(specs, functions) -> dict: for each symbol of `functions`
+ * (the image's ABI function objects) with an entry (builtin, arity, checks,
+ * result_type) in `specs`, a CompiledFunction; the others as they are.  One
+ * C loop, so that attaching the compiled path adds little to a reload. */
+static PyObject *
+nr_compiled_functions(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *specs, *functions;
+    if (!PyArg_ParseTuple(args, "O!O!:compiled_functions", &PyDict_Type, &specs, &PyDict_Type, &functions))
+        return NULL;
+    PyObject *table = PyDict_New();
+    if (table == NULL)
+        return NULL;
+    Py_ssize_t pos = 0;
+    PyObject *symbol, *abi;
+    while (PyDict_Next(functions, &pos, &symbol, &abi)) {
+        PyObject *spec = PyDict_GetItemWithError(specs, symbol);       /* borrowed */
+        PyObject *entry;
+        if (spec == NULL) {
+            if (PyErr_Occurred())
+                goto fail;
+            entry = Py_NewRef(abi);
+        }
+        else {
+            if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 5) {
+                PyErr_SetString(PyExc_TypeError,
+                                "compiled_functions: a spec is (builtin, arity, checks, result_type, fast)");
+                goto fail;
+            }
+            Py_ssize_t arity = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 1));
+            if (arity == -1 && PyErr_Occurred())
+                goto fail;
+            CompiledFunction *compiled = PyObject_GC_New(CompiledFunction, &CompiledFunction_Type);
+            if (compiled == NULL)
+                goto fail;
+            compiled->builtin = compiled->address = compiled->abi = compiled->checks = compiled->result_type = NULL;
+            if (nr_compiled_fill(compiled, PyTuple_GET_ITEM(spec, 0), abi, arity, PyTuple_GET_ITEM(spec, 2),
+                                 PyTuple_GET_ITEM(spec, 3), NULL, PyTuple_GET_ITEM(spec, 4)) < 0) {
+                PyObject_GC_Track(compiled);
+                Py_DECREF(compiled);
+                goto fail;
+            }
+            PyObject_GC_Track(compiled);
+            entry = (PyObject *)compiled;
+        }
+        int status = PyDict_SetItem(table, symbol, entry);
+        Py_DECREF(entry);
+        if (status < 0)
+            goto fail;
+    }
+    return table;
+fail:
+    Py_DECREF(table);
+    return NULL;
+}
+
+static PyObject *
+nr_configure_compiled(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *cast, *sample, *sample_type;
+    if (!PyArg_ParseTuple(args, "OOO:configure_compiled", &cast, &sample, &sample_type))
+        return NULL;
+    if (!PyCallable_Check(cast)) {
+        PyErr_SetString(PyExc_TypeError, "configure_compiled: cast must be callable");
+        return NULL;
+    }
+    Py_XSETREF(nr_cast, Py_NewRef(cast));
+    /* the cdata head we read (see above), checked on a cdata whose ctype we know */
+    nr_cdata_layout_ok = nr_cdata_type != NULL && PyObject_TypeCheck(sample, nr_cdata_type)
+                         && ((nr_cdata_head *)sample)->c_type == sample_type;
+    return PyBool_FromLong(nr_cdata_layout_ok);
+}
+
+/* ------------------------------------------------------------------------ */
 /* module                                                                   */
 /* ------------------------------------------------------------------------ */
 
@@ -1510,7 +2216,34 @@ nr_configure(PyObject *Py_UNUSED(module), PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+nr_clear_thread_cache(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+#ifdef Py_GIL_DISABLED
+    nr_tcache *tc = nr_thread_cache;
+    if (tc != NULL && tc->depth == 0) {
+        for (int i = 0; i < NR_TCACHE_SIZE; i++) {
+            tc->entries[i].func = NULL;
+            Py_CLEAR(tc->entries[i].gate);
+            Py_CLEAR(tc->entries[i].function);
+        }
+    }
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef gate_functions[] = {
+    {"clear_thread_cache", nr_clear_thread_cache, METH_NOARGS,
+     "clear_thread_cache()\n--\n\n"
+     "Free-threaded builds: drop the calling thread's cached references to gates and function objects "
+     "(each thread keeps those of the last call of each Func, at most 64). A no-op with the GIL."},
+    {"compiled_functions", nr_compiled_functions, METH_VARARGS,
+     "compiled_functions(specs, functions)\n--\n\n"
+     "A new functions mapping: CompiledFunction for each symbol with a spec (builtin, arity, checks, "
+     "result_type, fast), the ABI function object for the others."},
+    {"configure_compiled", nr_configure_compiled, METH_VARARGS,
+     "configure_compiled(cast, sample_cdata, its_ctype)\n--\n\n"
+     "cffi's cast, and a cdata to verify the cdata layout on; returns whether it was verified."},
     {"configure", nr_configure, METH_VARARGS,
      "configure(cdata_type, gcp, deferred_drain, recheck_later)\n--\n\n"
      "cffi's cdata base type and gcp (ffi.gc); the callables that drain a gate on another thread, soon or "
@@ -1530,10 +2263,16 @@ PyMODINIT_FUNC
 PyInit__gate(void)
 {
     if (PyType_Ready(&ImageGate_Type) < 0 || PyType_Ready(&Slot_Type) < 0 || PyType_Ready(&Func_Type) < 0
-        || PyType_Ready(&CallPolicy_Type) < 0)
+        || PyType_Ready(&CallPolicy_Type) < 0 || PyType_Ready(&CompiledFunction_Type) < 0)
         return NULL;
     if (nr_str_get == NULL && (nr_str_get = PyUnicode_InternFromString("get")) == NULL)
         return NULL;
+#ifdef Py_GIL_DISABLED
+    if (PyType_Ready(&nr_tcache_Type) < 0)
+        return NULL;
+    if (nr_tcache_key == NULL && (nr_tcache_key = PyUnicode_InternFromString("nativereload._gate.thread_cache")) == NULL)
+        return NULL;
+#endif
     PyObject *module = PyModule_Create(&gate_module);
     if (module == NULL)
         return NULL;
@@ -1544,7 +2283,8 @@ PyInit__gate(void)
     if (PyModule_AddObjectRef(module, "ImageGate", (PyObject *)&ImageGate_Type) < 0
         || PyModule_AddObjectRef(module, "Slot", (PyObject *)&Slot_Type) < 0
         || PyModule_AddObjectRef(module, "Func", (PyObject *)&Func_Type) < 0
-        || PyModule_AddObjectRef(module, "CallPolicy", (PyObject *)&CallPolicy_Type) < 0) {
+        || PyModule_AddObjectRef(module, "CallPolicy", (PyObject *)&CallPolicy_Type) < 0
+        || PyModule_AddObjectRef(module, "CompiledFunction", (PyObject *)&CompiledFunction_Type) < 0) {
         Py_DECREF(module);
         return NULL;
     }

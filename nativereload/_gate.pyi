@@ -88,3 +88,38 @@ class Func:
     def __init__(self, slot: Slot, qualname: str, symbol: str,
                  on_missing: Callable[[ImageGate | None], BaseException]) -> None: ...
     def __call__(self, *args: Any) -> Any: ...
+
+@final
+class CompiledFunction:
+    """One image's function called through a compiled wrapper (nativereload/compiled/).
+
+    Stored in an ImageGate's ``functions`` in place of the cffi ABI function
+    object ``abi``: a Func calls it like any function object. A call with
+    ``arity`` positional arguments that pass ``checks`` (per argument: None, or
+    the ctype a cdata argument must have exactly) goes to ``fast`` (the shape's
+    fast entry, an address, when it converts every argument itself) or else to
+    ``builtin(address, *args)`` (the shape's cffi API-mode wrapper); a result is
+    cast back to ``result_type`` when one is given. Any other call goes to
+    ``abi``, so it behaves and fails exactly as on the gate path.
+    """
+
+    @property
+    def abi(self) -> Any: ...
+    @property
+    def address(self) -> int: ...
+    @property
+    def builtin(self) -> Any: ...
+    def __init__(self, builtin: Callable[..., Any], abi: Callable[..., Any], arity: int, checks: tuple | None = None,
+                 result_type: Any = None, address: int | None = None, fast: int | None = None) -> None: ...
+    def __call__(self, *args: Any) -> Any: ...
+
+def compiled_functions(specs: Mapping[str, tuple], functions: Mapping[str, Any]) -> dict[str, Any]:
+    """``functions`` with a CompiledFunction for each symbol that has a spec (builtin, arity, checks,
+    result_type, fast); the address of each is read from its cffi function object."""
+
+def configure_compiled(cast: Callable[[Any, Any], Any], sample_cdata: Any, sample_ctype: Any) -> bool:
+    """Give the compiled path cffi's cast; verify the cdata layout it reads on a sample. True if verified."""
+
+def clear_thread_cache() -> None:
+    """Free-threaded builds: drop the calling thread's cached references to gates and function objects
+    (each thread keeps those of its last call of each Func, at most 64). A no-op with the GIL."""

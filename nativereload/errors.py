@@ -23,6 +23,7 @@ exception also carries its facts as attributes (``.module``, ``.path``,
      +-- ControlError                        the control socket cannot be served or reached
      |    +-- ProtocolError                  a request that is not valid JSON or not a valid operation
      +-- BuildError                          CMake configure or build failed (or CMake is missing)
+ +-- CompileError                        calls="compiled" and the compiled call path could not be built
      +-- DemoError                           the demo module could not be compiled
 
 This module imports nothing from the package.
@@ -35,6 +36,7 @@ import os
 __all__ = [
     "BuildError",
     "CanaryFailed",
+    "CompileError",
     "ControlError",
     "DemoError",
     "DrainTimeout",
@@ -232,6 +234,21 @@ class BuildError(NativeReloadError):
         self.hint = hint
 
 
+class CompileError(NativeReloadError):
+    """``Registry(calls="compiled")`` could not compile (or load) the compiled call path of an interface.
+
+    Attributes:
+        reason: what failed, in the compiler's or loader's own words where there are some.
+        hint: what to try next, for the CLI's ``hint:`` line.
+    """
+
+    def __init__(self, message: str, *, module: str | None = None, reason: str | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, module=module)
+        self.reason = reason
+        self.hint = hint
+
+
 class DemoError(NativeReloadError):
     """``nativereload demo`` could not compile its module (no compiler, or it failed).
 
@@ -246,7 +263,7 @@ class DemoError(NativeReloadError):
 
 for _cls in (NativeReloadError, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleConflict, ReloadPending,
              LoadError, SymbolError, InterfaceError, ModuleUnloaded, HandleError, PinReleased, ControlError,
-             ProtocolError, BuildError, DemoError, InitRefused, CanaryFailed, DrainTimeout):
+             ProtocolError, BuildError, CompileError, DemoError, InitRefused, CanaryFailed, DrainTimeout):
     # Tracebacks read "nativereload.LoadError", the name users import.
     _cls.__module__ = "nativereload"
 del _cls

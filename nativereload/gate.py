@@ -61,6 +61,12 @@ the binding gone at step 3 and backs out. Holds are only ever taken by a call
 or pin that is counted in at that moment, so a drain that saw no call and no
 hold cannot miss one being taken. The model in tools/model checks this.
 
+On free-threaded builds the C gate stripes ``enters``/``exits`` per thread
+(a call counts both on its thread's stripe) and a drain reads every stripe's
+exits before any stripe's enters, comparing sums; csrc/_gate.c gives the
+argument. An image's ``functions`` may hold compiled entries instead of cffi
+function objects (nativereload/compiled/): the protocol does not change.
+
 Counters of the Python gate are ``itertools.count`` (``next()`` is atomic
 under the GIL and thread-safe on free-threaded CPython, gh-117657); a count
 that goes down is a pair of them (up, down), read down first, so a snapshot

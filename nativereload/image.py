@@ -168,6 +168,8 @@ class Image:
         self._dlopen(refused)
         functions = self._resolve(refused, lazy=missing == "lazy")
         self.hooks = Hooks(self._lib, self.module, self.generation)
+        self.functions = functions       # symbol -> cffi ABI function object (the gate path's entries)
+        self.compiled = frozenset()      # symbols served by compiled entries (attach_calls)
         self.gate = gate_type(functions, self.close)
         self.load_seconds = time.perf_counter() - self._started
 
@@ -399,6 +401,19 @@ class Image:
             return False
         return True
 
+    def attach_calls(self, functions: dict, compiled: frozenset) -> bool:
+        """Serve from ``functions`` (compiled entries for the symbols in ``compiled``); False if already closed.
+
+        One assignment of the gate's mapping: Funcs find the new entries at
+        their next call; a call in flight finishes on what it looked up.
+        """
+        with self._lock:
+            if self.state in ("closed", "leaked"):
+                return False
+            self.gate.functions = functions
+            self.compiled = compiled
+            return True
+
     def retire(self) -> None:
         """Stop new calls from entering; the image closes when its last call returns (maybe now)."""
         with self._lock:
@@ -426,6 +441,8 @@ class Image:
             try:
                 unmapped = self._unmap()
                 self.gate.functions = {}     # drop the function objects: they point into unmapped code
+                self.functions = {}
+                self.compiled = frozenset()
                 if unmapped and self._owner == os.getpid():
                     self._remove_partial(None, self.copy_path)
             except Exception:

@@ -35,6 +35,7 @@ from . import gate as _gate
 from . import interface as _interface
 from .affinity import Pin
 from . import canary as _canary
+from .compiled import CallPath
 from .errors import (DrainTimeout, InterfaceError, LoadError, ModuleConflict, ModuleNameError, ModuleNotFound,
                      ModuleNotLoaded, NativeReloadError, ReloadPending, SymbolError)
 from .gate import Func
@@ -112,6 +113,11 @@ class ModuleStatus(NamedTuple):
         generation: the current (or, once unloaded, the last) generation.
         images: its images not yet closed, oldest first.
         kept: the files kept for rollback, oldest first, as (generation, sha256 prefix).
+        calls: how the current image's calls are made: "compiled", "compiling"
+            (on the C gate until the compiled path is ready), "gate" (the C
+            gate's cffi call) or "python" (the pure-Python gate).
+        compiled: the functions the current image serves on the compiled path
+            (the others stay on the gate: variadic, or a struct passed by value).
     """
 
     name: str
@@ -119,6 +125,8 @@ class ModuleStatus(NamedTuple):
     generation: int
     images: list[ImageStatus]
     kept: list[tuple[int, str]] = []
+    calls: str = "gate"
+    compiled: tuple[str, ...] = ()
 
 
 def _check_name(name: object) -> str:
@@ -158,6 +166,15 @@ class Registry:
             ``(path, digest) -> bool``; None allows any content.
         history: how many earlier images of each module to keep (their files,
             in the registry's directory) for :meth:`rollback`; 0 keeps none.
+        calls: how calls reach the C functions. "auto" (the default, or
+            $NATIVERELOAD_CALLS): serve at once through the C gate, compile a
+            faster call path for the module's declarations in the background
+            (cached on disk: $NATIVERELOAD_CACHE_DIR, else
+            $XDG_CACHE_HOME/nativereload), and switch every function and
+            handle to it when it is ready; without a C compiler, stay on the
+            gate. "compiled": compile (or take from the cache) during load,
+            and fail with CompileError if that cannot be done. "gate": the C
+            gate's cffi call only. ``status()`` shows which functions are compiled.
 
     Use as a context manager, or call :meth:`close`.
     """
@@ -165,13 +182,14 @@ class Registry:
     def __init__(self, path: Iterable[str | os.PathLike] | str | os.PathLike = (),
                  tmpdir: str | os.PathLike | None = None, *, auto_reload: bool = False,
                  held_warning: float | None = 60.0, trust_writable: bool = False,
-                 trusted_hashes: TrustedHashes = None, history: int = 1) -> None:
+                 trusted_hashes: TrustedHashes = None, history: int = 1, calls: str | None = None) -> None:
         if isinstance(path, (str, os.PathLike)):
             path = [path]
         self._path = [os.fspath(entry) for entry in path]
         self._tmpdir = tmpdir
         self._trust = Trust(trust_writable, trusted_hashes)
         self._gate = _gate.implementation()
+        self._calls = CallPath(calls, self._gate)
         self._admin = threading.Lock()
         self._state = threading.Condition(threading.Lock())
         self._modules: dict[str, Module] = {}
@@ -184,6 +202,7 @@ class Registry:
             raise ValueError(f"history must be a number of images >= 0, not {history!r}")
         self._history_size = history
         self._events = Events()
+        self._calls.bind(self._admin, self._live_images)
         remove_stale(resolve_tmpdir(tmpdir))
         if auto_reload:
             self.watch_files()
@@ -281,7 +300,9 @@ class Registry:
                 module = Module(name, path, declarations, self._gate, missing)
                 objects = module._objects_for(declarations, handles, destructors)
                 image.objects = objects
+                self._calls.require(declarations, name)
                 image.open(declarations, gate_type=self._gate.ImageGate, refused="load refused", missing=missing)
+                self._calls.prepare(image)      # compiled entries, before the image serves, if they are ready
                 image.on_closing = functools.partial(self._finish, module)
                 image.hooks.run_init(None, "load refused")
             except BaseException:
@@ -518,7 +539,9 @@ class Registry:
                 objects = module._objects_for(declarations, objects.handles if handles is _KEEP else handles,
                                               objects.destructors if destructors is _KEEP else destructors)
             image.objects = objects
+            self._calls.require(declarations, name)
             image.open(declarations, gate_type=self._gate.ImageGate, refused=refused, missing=module._missing_mode)
+            self._calls.prepare(image)          # compiled entries, before the image serves, if they are ready
             image.on_closing = functools.partial(self._finish, module)
             self._check_exports_kept(module, serving, image, allow_change, refused)
             if not exclusive:
@@ -802,11 +825,13 @@ class Registry:
         """
         with self._state:
             modules = sorted(self._modules.values(), key=lambda m: m.name) + list(self._unloaded)
-            images = [(module, list(module._images)) for module in modules]
+            images = [(module, list(module._images), module._active) for module in modules]
         return [ModuleStatus(module.name, module.path, module.generation,
                              [self._image_status(module, image) for image in module_images],
-                             [(kept.generation, kept.sha256) for kept in module._history.kept])
-                for module, module_images in images]
+                             [(kept.generation, kept.sha256) for kept in module._history.kept],
+                             self._calls.state(active),
+                             tuple(sorted(active.compiled)) if active is not None else ())
+                for module, module_images, active in images]
 
     def _image_status(self, module: Module, image: Image) -> ImageStatus:
         gate = image.gate
@@ -988,6 +1013,11 @@ class Registry:
         except BaseException:
             self._release_idle_workdirs()
             raise
+
+    def _live_images(self) -> list[Image]:
+        """Every image not yet closed, of loaded and unloaded modules (for the compiled path's upgrade)."""
+        with self._state:
+            return [image for module in (*self._modules.values(), *self._unloaded) for image in module._images]
 
     def _workdir(self, module: str) -> Workdir:
         """This registry's directory in the current tmpdir (made, after a stale-directory sweep, on first use)."""

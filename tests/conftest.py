@@ -83,6 +83,36 @@ CONTRACT_VARIANTS = ("contract", "contract_v2", "contract_return", "contract_par
                      "contract_enum", "contract_drop", "contract_add", "contract_abort")
 
 
+# .ci/run runs the suite three times: by default (every call path of gate_impl), with
+# NATIVERELOAD_PURE_PYTHON=1 (everything on the pure-Python gate) and with NATIVERELOAD_CALLS=compiled
+# (everything on the compiled path). In the last two, gate_impl's other paths would only repeat the first run.
+if os.environ.get("NATIVERELOAD_PURE_PYTHON", "") not in ("", "0"):
+    _ONLY_PATH: str | None = "python"
+elif os.environ.get("NATIVERELOAD_CALLS") == "compiled":
+    _ONLY_PATH = "compiled"
+else:
+    _ONLY_PATH = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_cache(tmp_path_factory):
+    """The tests' compiled call paths go to a cache of this session, never to the user's.
+
+    Tests that do not choose a call path (through ``gate_impl``) run on the C gate as before
+    (calls="gate"): the background compile of calls="auto" is tested on purpose in test_compiled.py.
+    A cache given by the environment ($NATIVERELOAD_CACHE_DIR) is kept, so CI can reuse builds.
+    """
+    saved = {name: os.environ.get(name) for name in ("NATIVERELOAD_CACHE_DIR", "NATIVERELOAD_CALLS")}
+    os.environ.setdefault("NATIVERELOAD_CACHE_DIR", str(tmp_path_factory.mktemp("compiled-cache")))
+    os.environ.setdefault("NATIVERELOAD_CALLS", "gate")
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def cmake_build(source: Path, build: Path, *defines: str) -> Path:
     """Configure (once) and build the project at ``source`` into ``build``; return ``build/modules``."""
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
@@ -182,15 +212,28 @@ def reg(moddir, tmpdir_for_copies, gate_impl):
     registry.close(timeout=10)
 
 
-@pytest.fixture(params=["python", "c"])
+@pytest.fixture(params=["python", "c", "compiled"])
 def gate_impl(request, monkeypatch):
-    """Run a test once per gate implementation (the C one only where it is built)."""
+    """Run a test once per call path: the pure-Python gate, the C gate, and the compiled path behind the C gate.
+
+    "c" and "compiled" need the C gate; "compiled" also a C compiler (registries made during the test
+    compile their call path during load: calls="compiled", through $NATIVERELOAD_CALLS).
+    """
     from nativereload import gate
 
-    if request.param == "c":
+    only = _ONLY_PATH
+    if only is not None and request.param != only:
+        pytest.skip(f"this run is the {only!r} one (the default run covers every call path)")
+    if request.param in ("c", "compiled"):
         if gate.C is None:
             pytest.skip("C gate not built in this environment")
         monkeypatch.delenv("NATIVERELOAD_PURE_PYTHON", raising=False)
+        monkeypatch.setenv("NATIVERELOAD_CALLS", "gate" if request.param == "c" else "compiled")
+        if request.param == "compiled":
+            from nativereload.compiled import cache
+
+            if cache.compiler() is None:
+                pytest.skip("no C compiler for the compiled call path")
     else:
         monkeypatch.setenv("NATIVERELOAD_PURE_PYTHON", "1")
     return request.param

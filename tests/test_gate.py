@@ -25,6 +25,13 @@ from nativereload import gate
 WAIT = 30.0     # a bound on waits for other threads, never an expectation
 
 
+def clear_thread_cache() -> None:
+    """Free-threaded builds: the C gate's per-thread call cache keeps the last gate and function object of
+    each Func this thread called (at most 64); drop them, so that what the test tracks can go."""
+    if gate._c_gate is not None:
+        gate._c_gate.clear_thread_cache()
+
+
 @pytest.fixture(params=["python", "python-locked", "c"])
 def impl(request) -> gate.Implementation:
     """The gate implementation under test: the Python gate, its lock-based variant (the one free-threaded
@@ -478,6 +485,7 @@ def test_reference_cycles_are_collected(impl):
         f()
 
     build()
+    clear_thread_cache()
     gc.collect()
     assert finalized == [1]
 
@@ -523,10 +531,12 @@ def test_no_references_leak_on_any_path(impl, libc):
             funcs[0](1)
 
     cycle()                       # warm up caches that live for the process (interned names, type caches)
+    clear_thread_cache()
     gc.collect()
     before = {name: sys.getrefcount(obj) for name, obj in tracked.items()}
     for _ in range(20):
         cycle()
+    clear_thread_cache()
     gc.collect()
     assert {name: sys.getrefcount(obj) for name, obj in tracked.items()} == before
 
@@ -593,3 +603,28 @@ def test_the_python_gate_reads_its_counters(impl):
     image, slot, f = make(impl, {"f": lambda: image.in_flight})
     assert f() == 1 and image.in_flight == 0
     assert gate._count_value(__import__("itertools").count(41)) == 41
+
+
+def test_a_call_nested_in_an_argument_conversion_keeps_the_outer_gate(impl):
+    """Free-threaded builds cache each thread's gate per Func: a call made while converting another call's
+    argument may evict that entry and replace the image, and the outer call must still finish on its gate."""
+    ffi = cffi.FFI()
+    ffi.cdef("double fabs(double);")
+    fabs = ffi.dlopen(None).fabs
+    slot = impl.Slot()
+    slot.current = impl.ImageGate({"fabs": fabs}, lambda: None)
+    outer = impl.Func(slot, "mod.fabs", "fabs", lambda gate_or_none: LookupError())
+    assert outer(-1.0) == 1.0                  # now cached (free-threaded C gate)
+
+    class Reentrant:
+        def __float__(self):                   # cffi converts a double argument with it, inside the call
+            old = slot.current
+            slot.current = impl.ImageGate({"fabs": fabs}, lambda: None)
+            old.retire()                       # the outer call is counted in: it cannot drain yet
+            del old
+            for index in range(200):          # enough Funcs to reuse every entry of the cache
+                impl.Func(slot, f"mod.fabs{index}", "fabs", lambda gate_or_none: LookupError())(-2.0)
+            return -5.0
+
+    assert outer(Reentrant()) == 5.0
+    assert outer(-3.0) == 3.0

@@ -329,4 +329,5 @@ def test_unload_with_two_generations_draining(reg, moddir, samples):
 def test_each_gate_fixture_uses_its_gate(reg, gate_impl):
     from nativereload import gate
 
-    assert reg._gate is (gate.C if gate_impl == "c" else gate.PYTHON)
+    assert reg._gate is (gate.C if gate_impl in ("c", "compiled") else gate.PYTHON)
+    assert reg._calls.mode == {"c": "gate", "compiled": "compiled"}.get(gate_impl, reg._calls.mode)

@@ -439,6 +439,8 @@ def _module_status(registry: Any) -> list[dict]:
             "images": [{"generation": i.generation, "state": i.state, "in_flight": i.in_flight, "pins": i.pins,
                         "handles": dict(i.handles), "pointer_results": i.pointer_results, "held_by": i.held_by}
                        for i in m.images],
+            "calls": m.calls,
+            "compiled": list(m.compiled),
         })
     return modules
 
