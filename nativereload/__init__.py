@@ -13,9 +13,9 @@ describes each operation.
 """
 
 from .affinity import Pin
-from .errors import (BuildError, ControlError, DemoError, HandleError, InterfaceError, LoadError, ModuleConflict,
-                     ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleUnloaded, NativeReloadError,
-                     PinReleased, ProtocolError, ReloadPending, SymbolError)
+from .errors import (BuildError, ClusterReloadError, ControlError, DemoError, HandleError, InterfaceError, LoadError,
+                     ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleUnloaded,
+                     NativeReloadError, PinReleased, ProtocolError, ReloadPending, SymbolError)
 from .gate import Func
 from .lifecycle import StagedReload
 from .module import Module
@@ -36,6 +36,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BuildError",
+    "ClusterReloadError",
     "ControlError",
     "DemoError",
     "Func",

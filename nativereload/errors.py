@@ -21,6 +21,8 @@ exception also carries its facts as attributes (``.module``, ``.path``,
      |    +-- ProtocolError                  a request that is not valid JSON or not a valid operation
      +-- BuildError                          CMake configure or build failed (or CMake is missing)
      +-- DemoError                           the demo module could not be compiled
+     +-- ClusterReloadError                  a reload or unload across a Dask cluster refused, stopped
+                                             or could not start (``.report`` says per worker)
 
 This module imports nothing from the package.
 """
@@ -31,6 +33,7 @@ import os
 
 __all__ = [
     "BuildError",
+    "ClusterReloadError",
     "ControlError",
     "DemoError",
     "HandleError",
@@ -196,9 +199,25 @@ class DemoError(NativeReloadError):
         self.hint = hint
 
 
+class ClusterReloadError(NativeReloadError):
+    """A reload or unload across a Dask cluster (``nativereload.dask``) was refused, stopped, or could not start.
+
+    Attributes:
+        report: what happened on each worker (a ``nativereload.dask.ClusterReport``; ``None`` if no worker
+            was asked, e.g. another cluster reload of the module held the lock).
+        hint: what to try next, for the CLI's ``hint:`` line.
+    """
+
+    def __init__(self, message: str, *, module: str | None = None, report: object | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, module=module)
+        self.report = report
+        self.hint = hint
+
+
 for _cls in (NativeReloadError, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleConflict, ReloadPending,
              LoadError, SymbolError, InterfaceError, ModuleUnloaded, HandleError, PinReleased, ControlError,
-             ProtocolError, BuildError, DemoError):
+             ProtocolError, BuildError, DemoError, ClusterReloadError):
     # Tracebacks read "nativereload.LoadError", the name users import.
     _cls.__module__ = "nativereload"
 del _cls
