@@ -113,6 +113,37 @@ def measure(n: int, directory: Path, rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def per_reload(rows, *, directory: Path, tmpdir: str, repeats: int) -> dict[int, float]:
+    """Section 7: reg.reload() of a module that embeds its interface (checked on every reload) against the same
+    code without one, for 10 and 100 functions, round-robin; returns {N: ratio}."""
+    from registries import available_gates, make_registry
+    from timing import Stat
+
+    ratios = {}
+    gate = available_gates()[0]
+    for n in (10, 100):
+        embedded, cdef = build(directory, n)
+        plain_source = directory / f"plain{n}.c"
+        plain_source.write_text("".join(f"long f{i}(long x) {{ return x + {i}; }}\n" for i in range(n)))
+        plain = compile_shared(plain_source, directory / f"plain{n}.so")
+        with make_registry(gate, str(directory), tmpdir) as reg:
+            reg.load("with", file=embedded)
+            reg.load("without", cdef=cdef, file=plain)
+            samples: dict[str, list[float]] = {"with": [], "without": []}
+            for r in range(repeats):
+                for name in (("with", "without") if r % 2 else ("without", "with")):
+                    started = time.perf_counter_ns()
+                    reg.reload(name)
+                    samples[name].append((time.perf_counter_ns() - started) / 1000)
+        with_, without = Stat.of(samples["with"]), Stat.of(samples["without"])
+        ratios[n] = with_.median / without.median
+        rows.add("7 interface check", f"{n} functions: reg.reload() without an interface", "us", without,
+                 key=f"interface.{n}.without")
+        rows.add("7 interface check", f"{n} functions: reg.reload() of a module that embeds it (checked)", "us",
+                 with_, ratio=ratios[n], ratio_of="without (same loop)", key=f"interface.{n}.with")
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke test)")

@@ -13,11 +13,12 @@ describes each operation.
 """
 
 from .affinity import Pin
-from .errors import (BuildError, ClusterReloadError, ControlError, DemoError, HandleError, InterfaceError, LoadError,
-                     ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleUnloaded,
-                     NativeReloadError, PinReleased, ProtocolError, ReloadPending, SymbolError)
+from .errors import (BuildError, CanaryFailed, ClusterReloadError, ControlError, DemoError, DrainTimeout,
+                     HandleError, InitRefused, InterfaceError, LoadError, ModuleConflict, ModuleNameError,
+                     ModuleNotFound, ModuleNotLoaded, ModuleUnloaded, NativeReloadError, PinReleased, ProtocolError,
+                     ReloadPending, SymbolError)
 from .gate import Func
-from .lifecycle import StagedReload
+from .lifecycle import ReloadEvent, StagedReload
 from .module import Module
 from .registry import ImageStatus, ModuleStatus, Registry
 
@@ -36,12 +37,15 @@ def __getattr__(name: str):
 
 __all__ = [
     "BuildError",
+    "CanaryFailed",
     "ClusterReloadError",
     "ControlError",
     "DemoError",
+    "DrainTimeout",
     "Func",
     "HandleError",
     "ImageStatus",
+    "InitRefused",
     "InterfaceError",
     "LoadError",
     "Module",
@@ -56,6 +60,7 @@ __all__ = [
     "PinReleased",
     "ProtocolError",
     "Registry",
+    "ReloadEvent",
     "ReloadPending",
     "StagedReload",
     "SymbolError",

@@ -305,7 +305,8 @@ def compile_sources(sources: Iterable[str | os.PathLike], output_dir: str | os.P
                     defines: Mapping[str, object] | Iterable[str] = (), libraries: Iterable[str] = (),
                     library_dirs: Iterable[str | os.PathLike] = (), cflags: Iterable[str] = (),
                     ldflags: Iterable[str] = (), output: IO[str] | None = None, force: bool = False,
-                    cwd: str | os.PathLike | None = None) -> BuildResult:
+                    cwd: str | os.PathLike | None = None,
+                    interface: str | os.PathLike | None = None) -> BuildResult:
     """Compile C (or C++) files into ``output_dir/NAME.so``, with no build system; skip it if nothing changed.
 
     The flags are those of the CMake helper: ``-fPIC -O2 -g``, linked
@@ -324,6 +325,9 @@ def compile_sources(sources: Iterable[str | os.PathLike], output_dir: str | os.P
         cwd: the directory relative paths are taken from, and the compiler
             runs in (default: the current one). The compiler is given each
             source relative to it, so its messages name ``counter.c:3:5``.
+        interface: the module's header: its declarations are embedded in the
+            module (as ``nativereload embed`` does), so it loads with no cdef
+            and every reload is checked against them.
 
     Returns:
         a BuildResult with the one module, in ``built`` only if it was rebuilt.
@@ -351,6 +355,9 @@ def compile_sources(sources: Iterable[str | os.PathLike], output_dir: str | os.P
     compiler = _compiler(cxx)
     cflags = [*_CFLAGS, *(["-fno-gnu-unique"] if cxx and _is_gcc(compiler) else []),
               *(f"-I{base / d}" for d in include_dirs), *_define_flags(defines), *cflags]
+    if interface is not None:
+        sources.append(_embed_interface(base / interface, stamps / f"{name}_interface.c",
+                                        [base / d for d in include_dirs], _define_flags(defines)))
     objects, commands = [], []
     for i, src in enumerate(sources):
         obj = stamps / f"{i}-{src.stem}.o"
@@ -392,6 +399,36 @@ def compile_sources(sources: Iterable[str | os.PathLike], output_dir: str | os.P
     logger.info("built module '%s' in %.1f s: %s", name, seconds, target)
     module = Module(name, target)
     return BuildResult(modules=(module,), built=(module,), configured=False, seconds=seconds)
+
+
+def _embed_interface(header: Path, output: Path, include_dirs: list[Path], define_flags: list[str]) -> Path:
+    """Write the C file that embeds ``header``'s interface (only if its text changed: the build stays incremental).
+
+    Raises:
+        BuildError: the header is missing, or its declarations cannot be turned into an interface.
+    """
+    from . import cdefgen
+    from .errors import InterfaceError
+
+    if not header.is_file():
+        raise BuildError(f"interface header {header} does not exist", hint="pass --interface HEADER, the header "
+                         "the module's sources include")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fresh = output.with_name(output.name + ".new")
+    try:
+        cdefgen.embed_header(header, fresh, include_dirs, [flag[2:] for flag in define_flags])
+    except InterfaceError as exc:
+        raise BuildError(f"cannot embed the interface of {header}: {exc}",
+                         hint="hide what cffi cannot parse behind #ifndef NATIVERELOAD_CDEF") from None
+    try:
+        unchanged = output.read_bytes() == fresh.read_bytes()
+    except OSError:
+        unchanged = False
+    if unchanged:
+        fresh.unlink()
+    else:
+        os.replace(fresh, output)
+    return output
 
 
 def _same_inputs(inputs: dict) -> bool:

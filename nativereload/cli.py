@@ -55,6 +55,9 @@ _HINTS = {
     "InterfaceError": "the old version keeps serving; keep the old declarations (add new functions instead), "
                       "or accept the change with --allow-interface-change",
     "ReloadPending": "the process has prepared a reload of this module; it must commit() or abort() it first",
+    "CanaryFailed": "the old version keeps serving and never loaded the new build; fix the crash or failure "
+                    "the canary reports, rebuild, and reload again",
+    "InitRefused": "the old version keeps serving; the module's nativereload_init() said why above",
 }
 
 
@@ -105,8 +108,6 @@ def _add_dask_options(parser: argparse.ArgumentParser, reload: bool = False) -> 
         group.add_argument("--batch", type=int, metavar="N", help="with --rolling: workers per batch (default: 1)")
         group.add_argument("--rollback", action="store_true",
                            help="with --rolling: after a failure, take the workers already switched back")
-        group.add_argument("--canary", action="store_true", help="have each worker try the build in a crash "
-                           "canary first")
 
 
 def _add_json(parser: argparse.ArgumentParser, what: str = "the result") -> None:
@@ -130,6 +131,9 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
                        help="link a library (repeatable)")
     group.add_argument("--cflags", default="", metavar="FLAGS", help="more compiler flags, e.g. --cflags=-O0")
     group.add_argument("--ldflags", default="", metavar="FLAGS", help="more linker flags")
+    group.add_argument("--interface", metavar="HEADER",
+                       help="embed HEADER's declarations in the module: it then loads with no cdef, and a reload "
+                            "that would change them under the caller is refused")
 
 
 def _subcommand(sub: Any, name: str, summary: str, description: str, examples: str,
@@ -187,9 +191,23 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-interface-change", action="store_true",
                    help="accept a new build whose interface changes a function or a type incompatibly (refused "
                         "otherwise); says what changed")
+    r.add_argument("--canary", action="store_true",
+                   help="first load the new build in a separate process (constructors, init, selftest): a crash "
+                        "or failure there refuses the reload before the serving process loads it")
     _add_target_options(r)
     _add_dask_options(r, reload=True)
     _add_json(r)
+
+    rb = _subcommand(sub, "rollback", "reload the previous build a running process kept",
+                     "Reload the build a module served before (the registry keeps the last Registry(history=N), "
+                     "default 1) as a new generation, with the same checks and hooks as a reload.", """
+                     nativereload rollback counter
+                     nativereload rollback counter --to 3 --pid 4242""", targets=True)
+    rb.add_argument("module", help="the module name, as the process loaded it")
+    rb.add_argument("--to", type=int, metavar="GENERATION", help="the generation whose build to bring back "
+                    "(default: the last one kept)")
+    _add_target_options(rb)
+    _add_json(rb)
 
     u = _subcommand(sub, "unload", "unload a module in running process(es)",
                     "Unload a module in a running process: new calls raise ModuleUnloaded, calls in flight "
@@ -366,7 +384,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return _dask_command(args)
 
     def describe(target: Target, reply: dict) -> str:
-        lines = [f"{target.label}: reloaded {args.module!r} generation {reply['generation_before']} "
+        verb = "rolled back" if args.command == "rollback" else "reloaded"
+        lines = [f"{target.label}: {verb} {args.module!r} generation {reply['generation_before']} "
                  f"{arrow(sys.stdout)} {reply['generation']} in {reply['seconds'] * 1000:.1f} ms"]
         change = reply.get("interface_change")
         if change:
@@ -380,9 +399,14 @@ def cmd_reload(args: argparse.Namespace) -> int:
                          "fail?")
         return "\n".join(lines)
 
-    fields = {"module": args.module}
-    if args.allow_interface_change:
+    fields: dict[str, Any] = {"module": args.module}
+    if getattr(args, "allow_interface_change", False):
         fields["allow_interface_change"] = True
+    if getattr(args, "canary", False):
+        fields["canary"] = True
+    if args.command == "rollback":
+        fields = {"module": args.module} if args.to is None else {"module": args.module, "generation": args.to}
+        return _each_target(args, "rollback", f"rollback of {args.module!r}", describe, **fields)
     return _each_target(args, "reload", f"reload of {args.module!r}", describe, **fields)
 
 
@@ -409,14 +433,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _dask_wanted(args: argparse.Namespace) -> bool:
     """Whether reload/unload/status address a Dask cluster (--dask); usage errors for options that need it."""
+    dask = getattr(args, "dask", None)
     options = [("--file", getattr(args, "file", None) is not None), ("--rolling", getattr(args, "rolling", False)),
-               ("--batch", getattr(args, "batch", None) is not None), ("--rollback", getattr(args, "rollback", False)),
-               ("--canary", getattr(args, "canary", False))]
+               ("--batch", getattr(args, "batch", None) is not None), ("--rollback", getattr(args, "rollback", False))]
     given = [option for option, present in options if present]
     usage = None
-    if args.dask is None and given:
+    if dask is None and given:
         usage = f"{given[0]} is for a Dask cluster: add --dask SCHEDULER_ADDRESS"
-    elif args.dask is not None:
+    elif dask is not None:
         local = [opt for opt, value in (("--socket", args.socket), ("--pid", args.pid), ("--name", args.name),
                                         ("--all", args.all)) if value]
         if local:
@@ -426,7 +450,7 @@ def _dask_wanted(args: argparse.Namespace) -> bool:
     if usage:
         raise CLIError(usage, hint=f"`nativereload {args.command} --help` shows the options", code=EXIT_USAGE,
                        kind="UsageError")
-    return args.dask is not None
+    return dask is not None
 
 
 def _dask_command(args: argparse.Namespace) -> int:
@@ -574,7 +598,8 @@ def _compile_kwargs(args: argparse.Namespace) -> dict:
 
     return {"name": args.module_name, "include_dirs": args.include_dirs, "defines": args.defines,
             "libraries": args.libraries, "library_dirs": args.library_dirs,
-            "cflags": shlex.split(args.cflags), "ldflags": shlex.split(args.ldflags)}
+            "cflags": shlex.split(args.cflags), "ldflags": shlex.split(args.ldflags),
+            "interface": getattr(args, "interface", None)}
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -734,7 +759,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "build": cmd_build, "reload": cmd_reload, "unload": cmd_unload, "status": cmd_status, "ps": cmd_ps,
+    "build": cmd_build, "reload": cmd_reload, "rollback": cmd_reload, "unload": cmd_unload, "status": cmd_status, "ps": cmd_ps,
     "watch": cmd_watch, "demo": cmd_demo, "cdef": cmd_cdef, "embed": cmd_embed, "check": cmd_check,
 }
 

@@ -38,7 +38,6 @@ import asyncio
 import collections
 import contextlib
 import hashlib
-import inspect
 import logging
 import os
 import shutil
@@ -266,25 +265,17 @@ class NativeReload(WorkerPlugin):
         return {m.name: m.generation for m in self._registry.status() if any(i.state == "active" for i in m.images)}
 
     def _sweep(self) -> None:
-        """Delete the files no module serves, waits to commit, or may roll back to."""
-        keep = {i.path for i in (*self._current.values(), *self._previous.values())}
-        keep |= {p.installed.path for p in self._pending.values()}
+        """Delete the files received that no module serves or waits to commit."""
+        keep = {i.path for i in self._current.values()} | {p.installed.path for p in self._pending.values()}
         files = os.path.join(self._directory, "files")
         for entry in os.listdir(files):
             if os.path.join(files, entry) not in keep:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(files, entry))
 
-    def _prepare(self, name: str, cdef: str | None, path: str, allow_interface_change: bool,
-                 canary: bool | str) -> Any:
-        options: dict[str, Any] = {"allow_interface_change": allow_interface_change}
-        if canary:
-            _require_canary(name, self._address)
-            options["canary"] = canary
-        return self._registry.prepare(name, cdef, file=path, **options)
-
     def _switched(self, name: str, installed: _Installed) -> None:
-        """``installed`` now serves ``name``; what served before is what a rollback goes back to."""
+        """``installed`` now serves ``name``; what it replaced is what a rollback brings back (its bytes are
+        the registry's to keep: only its description stays here)."""
         if name in self._current:
             self._previous[name] = self._current[name]
         self._current[name] = installed
@@ -308,8 +299,8 @@ class NativeReload(WorkerPlugin):
                                     f"{self._address} (it aborts itself when it expires)", module=name)
         installed = await asyncio.to_thread(self._install, build)
         try:
-            staged = await asyncio.to_thread(self._prepare, name, build.cdef, installed.path,
-                                             allow_interface_change, canary)
+            staged = await asyncio.to_thread(self._registry.prepare, name, build.cdef, file=installed.path,
+                                             allow_interface_change=allow_interface_change, canary=canary)
         except BaseException:
             self._sweep()
             raise
@@ -353,19 +344,12 @@ class NativeReload(WorkerPlugin):
         return {**answer, **committed}
 
     async def _op_rollback(self, name: str) -> dict:
-        """Back to the build served before the last reload (the registry's rollback where it has one)."""
+        """Back to the build served before the last reload (``Registry.rollback``: the registry kept its bytes)."""
         before = self._loaded().get(name)
-        previous = self._previous.get(name)
-        rollback = getattr(self._registry, "rollback", None)
-        if rollback is not None:
-            module = await asyncio.to_thread(rollback, name)
-        elif previous is None:
-            raise NativeReloadError(f"module '{name}': worker {self._address} keeps no earlier build to roll back "
-                                    "to", module=name)
-        else:
-            module = await asyncio.to_thread(self._registry.reload, name, file=previous.path)
+        module = await asyncio.to_thread(self._registry.rollback, name)
+        previous = self._previous.pop(name, None)
         if previous is not None:
-            self._switched(name, previous)      # and what it replaced becomes the one to roll back to
+            self._switched(name, previous)
         return {"generation_before": before, "generation": module.generation}
 
     async def _op_unload(self, name: str) -> dict:
@@ -403,13 +387,6 @@ class NativeReload(WorkerPlugin):
             logger.warning("worker %s: aborting the prepared reload of '%s' %s", self._address, name, why)
         await asyncio.to_thread(pending.staged.abort)
         self._sweep()
-
-
-def _require_canary(name: str, where: str) -> None:
-    if "canary" not in inspect.signature(Registry.prepare).parameters:
-        raise NativeReloadError(f"module '{name}': canary= needs a nativereload with the crash canary, which "
-                                f"{where} does not have — upgrade nativereload there, or reload without a canary",
-                                module=name)
 
 
 async def _worker_op(op: str, kwargs: dict, dask_worker: Any = None) -> dict:
@@ -607,7 +584,8 @@ def reload(client: distributed.Client, name: str, file: str | os.PathLike | byte
             everywhere), or "rolling" (``batch`` workers at a time, prepare + commit, stopping at
             the first failure).
         rollback: rolling only: after a failure, take the workers already switched back.
-        canary: passed to each worker's ``Registry.prepare`` (the crash canary), when it has one.
+        canary: passed to each worker's ``Registry.prepare``: the build is tried in a crash canary
+            process on each worker first (True, or "package.module:function" to call there).
         cdef, allow_interface_change: as for ``Registry.reload``.
         timeout: seconds to wait for the module's lock, and for each round of messages.
 
@@ -625,8 +603,6 @@ def reload(client: distributed.Client, name: str, file: str | os.PathLike | byte
         raise ValueError(f"batch must be at least 1, not {batch!r}")
     if rollback and mode != "rolling":
         raise ValueError("rollback is for mode='rolling': an all-or-nothing reload never leaves a worker switched")
-    if canary:
-        _require_canary(name, "this client")
     started = time.perf_counter()
     options = {"allow_interface_change": allow_interface_change, "canary": canary}
     with _exclusive(client, name, timeout):

@@ -11,6 +11,9 @@ exception also carries its facts as attributes (``.module``, ``.path``,
      +-- ModuleConflict                      load() of a loaded module with another cdef/file
      +-- ReloadPending                       reload/prepare/unload while a prepared reload waits
      +-- LoadError                           copy, ELF check or dlopen failed
+     |    +-- InitRefused                    the module's nativereload_init() returned non-zero
+     |    +-- CanaryFailed                   the new build crashed or failed in the canary process
+     +-- DrainTimeout (also TimeoutError)    an exclusive reload's old image did not drain in time
      +-- SymbolError (also AttributeError)   declared symbols missing from the image
      +-- InterfaceError                      the cdef is missing or does not parse, or an interface
      |                                       changed incompatibly (shows old and new declarations)
@@ -33,10 +36,13 @@ import os
 
 __all__ = [
     "BuildError",
+    "CanaryFailed",
     "ClusterReloadError",
     "ControlError",
     "DemoError",
+    "DrainTimeout",
     "HandleError",
+    "InitRefused",
     "InterfaceError",
     "LoadError",
     "ModuleConflict",
@@ -105,6 +111,48 @@ class LoadError(NativeReloadError):
         super().__init__(message, module=module)
         self.path = path
         self.reason = reason
+
+
+class InitRefused(LoadError):
+    """The module's ``nativereload_init()`` returned non-zero: the image was closed, the old one serves.
+
+    Attributes:
+        generation: the refused image's generation.
+        code: what init returned.
+        reason: the message it wrote into ``ctx->error`` ("" if none).
+    """
+
+    def __init__(self, message: str, *, module: str | None = None, generation: int = 0, code: int = 0,
+                 reason: str = "") -> None:
+        super().__init__(message, module=module, reason=reason)
+        self.generation = generation
+        self.code = code
+
+
+class CanaryFailed(LoadError):
+    """The new build failed in the canary process; the serving process never loaded it.
+
+    Attributes:
+        signal: the signal that killed the canary (e.g. "SIGSEGV"), or None.
+        selftest: what ``nativereload_selftest()`` returned, if it ran and failed.
+        error: the last line of a Python traceback in the canary, or None.
+        timed_out: the canary did not finish in time.
+        stderr: the tail of the canary's stderr.
+    """
+
+    def __init__(self, message: str, *, module: str | None = None, path: str | None = None,
+                 signal: str | None = None, selftest: int | None = None, error: str | None = None,
+                 timed_out: bool = False, stderr: str = "") -> None:
+        super().__init__(message, module=module, path=path, reason=message)
+        self.signal = signal
+        self.selftest = selftest
+        self.error = error
+        self.timed_out = timed_out
+        self.stderr = stderr
+
+
+class DrainTimeout(NativeReloadError, TimeoutError):
+    """An exclusive reload's old image still had calls in flight when its timeout ran out: refused."""
 
 
 class SymbolError(NativeReloadError, AttributeError):
@@ -217,7 +265,7 @@ class ClusterReloadError(NativeReloadError):
 
 for _cls in (NativeReloadError, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleConflict, ReloadPending,
              LoadError, SymbolError, InterfaceError, ModuleUnloaded, HandleError, PinReleased, ControlError,
-             ProtocolError, BuildError, DemoError, ClusterReloadError):
+             ProtocolError, BuildError, DemoError, InitRefused, CanaryFailed, DrainTimeout, ClusterReloadError):
     # Tracebacks read "nativereload.LoadError", the name users import.
     _cls.__module__ = "nativereload"
 del _cls

@@ -539,20 +539,6 @@ class _LockedImageGate(ImageGate):
         elif self.paused:
             self._quiet_check()
 
-    def try_drain(self) -> None:
-        if not self.retired or self._drained:
-            return
-        with self._lock:
-            if self._drained:
-                return
-            exits = _count_value(self._exits)
-            enters = _count_value(self._enters)
-            if exits != enters or self._holds.value != 0 or _count_value(self._enters) != enters:
-                return
-            self._drained = True
-            callback, self._on_drained = self._on_drained, None
-        callback()
-
     def retire(self) -> None:
         with self._lock:
             self.retired = True

@@ -38,6 +38,7 @@ import cffi
 from . import dynamic, elf
 from . import interface as _interface
 from .errors import LoadError, ModuleNotFound, SymbolError
+from .lifecycle import Hooks
 from .trust import Trust
 
 __all__ = ["Image"]
@@ -89,7 +90,8 @@ class Image:
 
     @classmethod
     def copy(cls, *, module: str, generation: int, source: str, directory: str,
-             on_closed: Callable[["Image"], None], refused: str, trust: Trust | None = None) -> "Image":
+             on_closed: Callable[["Image"], None], refused: str, trust: Trust | None = None,
+             original: tuple[int, bytes] | None = None) -> "Image":
         """Copy ``source`` into ``directory`` and check the copy; nothing of it runs.
 
         Args:
@@ -97,6 +99,8 @@ class Image:
                 error message (e.g. "reload refused; generation 3 still serving").
             trust: who may have written the file, and which contents may load (trust.py).
             on_closed: called once, with this image, after :meth:`close`.
+            original: when ``source`` is a kept copy (rollback), the bytes its
+                private soname replaced, so that content_hash() is the build's.
 
         Raises:
             ModuleNotFound: ``source`` does not exist (any more).
@@ -117,7 +121,10 @@ class Image:
         self.soname = None             # what the copy's DT_SONAME was made (dynamic.py)
         self.signature: tuple[int, int, int, int] | None = None
         self.embeds_interface = False
-        self._soname_patch: tuple[int, bytes] | None = None
+        self.hooks: Hooks | None = None      # its lifecycle hooks (lifecycle.py), after open()
+        self.on_closing: Callable[["Image"], None] | None = None   # the registry's: runs fini before the unmap
+        self.fini_reason: int | None = None  # set when the reason is known before the close (an abort)
+        self.original_bytes: tuple[int, bytes] | None = None    # (offset, bytes) the private soname replaced
         self._hash: str | None = None
         self.on_closed = on_closed     # the registry's: called once, after close()
         self._handle = None
@@ -125,7 +132,7 @@ class Image:
         self._lock = threading.Lock()
         self._owner = os.getpid()          # a forked child never deletes its parent's copy
         self._started = time.perf_counter()
-        self.copy_path = self._copy(directory, refused, trust)
+        self.copy_path = self._copy(directory, refused, trust, original)
         return self
 
     def read_interface(self, serving: _interface.Interface | None = None) -> _interface.Interface | None:
@@ -160,20 +167,55 @@ class Image:
         self.declarations = declarations
         self._dlopen(refused)
         functions = self._resolve(refused, lazy=missing == "lazy")
+        self.hooks = Hooks(self._lib, self.module, self.generation)
         self.gate = gate_type(functions, self.close)
         self.load_seconds = time.perf_counter() - self._started
 
     def discard(self) -> None:
         """Undo a load that failed part-way, or that was prepared and aborted: close the handle, delete the copy.
 
-        The image never served (no call can be inside it).
+        The image never served (no call can be inside it). An aborted image
+        whose init ran gets its fini first (``on_closing``).
         """
         with self._lock:
             if self.state in ("closed", "leaked"):
                 return
             self.state = "closed"
+        if self.on_closing is not None and self.hooks is not None:
+            try:
+                self.on_closing(self)
+            except Exception:
+                logger.exception("module '%s' generation %d: error before closing", self.module, self.generation)
         self._unmap()
         self._remove_partial(None, self.copy_path)
+
+    def _original_chunks(self):
+        """The bytes the copy was made from, in pieces: read from the copy, the private soname put back.
+
+        Raises:
+            OSError: the copy is gone (a tmp cleaner removed it).
+        """
+        fd = os.open(self.copy_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            offset = 0
+            while True:
+                chunk = os.pread(fd, 1 << 20, offset)
+                if not chunk:
+                    return
+                if self.original_bytes is not None:
+                    chunk = _restore(chunk, offset, *self.original_bytes)
+                yield chunk
+                offset += len(chunk)
+        finally:
+            os.close(fd)
+
+    def read_original(self) -> bytes:
+        """The bytes the copy was made from (what the user built).
+
+        Raises:
+            OSError: the copy is gone (a tmp cleaner removed it).
+        """
+        return b"".join(self._original_chunks())
 
     def content_hash(self) -> str:
         """SHA-256 (hex) of the library as it was copied (the soname this module changed restored); cached.
@@ -183,21 +225,14 @@ class Image:
         """
         if self._hash is None:
             digest = hashlib.sha256()
-            fd = os.open(self.copy_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            try:
-                offset = 0
-                while True:
-                    chunk = os.pread(fd, 1 << 20, offset)
-                    if not chunk:
-                        break
-                    if self._soname_patch is not None:
-                        chunk = _restore(chunk, offset, *self._soname_patch)
-                    digest.update(chunk)
-                    offset += len(chunk)
-            finally:
-                os.close(fd)
+            for chunk in self._original_chunks():
+                digest.update(chunk)
             self._hash = digest.hexdigest()
         return self._hash
+
+    def cached_hash(self) -> str | None:
+        """The first 12 hex digits of content_hash() if it was computed already, else None."""
+        return None if self._hash is None else self._hash[:12]
 
     def same_content(self, other: "Image") -> bool:
         """Whether ``other`` was copied from byte-identical contents (cheap when the file did not change)."""
@@ -212,7 +247,8 @@ class Image:
 
     # -- loading --------------------------------------------------------------------------
 
-    def _copy(self, directory: str, refused: str, trust: Trust | None = None) -> str:
+    def _copy(self, directory: str, refused: str, trust: Trust | None = None,
+              original: tuple[int, bytes] | None = None) -> str:
         """Copy the source to a new file in ``directory`` and check it is a complete ELF; return its path."""
         try:
             # Never block: O_NONBLOCK opens a FIFO without waiting for a
@@ -252,7 +288,9 @@ class Image:
                 trust.check_content(self.source, copy_fd, module=self.module, refused=refused)
             # Not findable by its soname: a dlopen("libfoo.so.1") elsewhere in the
             # process must get the system's library, never this copy.
-            self.soname, self._soname_patch = dynamic.make_soname_private(copy_fd)
+            self.soname, self.original_bytes = dynamic.make_soname_private(copy_fd)
+            if original is not None:          # the source is itself a copy (a kept file): hash what the user built
+                self.original_bytes = original
         except elf.ELFError as exc:
             self._remove_partial(copy_fd, copy_path)
             raise self._load_error(str(exc), refused, exc) from None
@@ -380,6 +418,11 @@ class Image:
         with self._lock:
             if self.state in ("closed", "leaked"):
                 return
+            try:
+                if self.on_closing is not None:
+                    self.on_closing(self)      # the module's fini, while its code is still mapped
+            except Exception:
+                logger.exception("module '%s' generation %d: error before closing", self.module, self.generation)
             try:
                 unmapped = self._unmap()
                 self.gate.functions = {}     # drop the function objects: they point into unmapped code

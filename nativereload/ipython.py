@@ -218,9 +218,15 @@ class NativeReloadMagics(Magics):
         try:
             if loaded:
                 generation = next(m.generation for m in registry.status() if m.name == name)
-                module = registry.reload(name, cdef=cdef)
+                # The cell is both the code and its declarations, and its author the only caller: a
+                # re-run that changes a signature is meant, so it is accepted (and said), not refused.
+                module = registry.reload(name, cdef=cdef, allow_interface_change=True)
                 print(f"reloaded '{name}' generation {generation} -> {module.generation} in "
                       f"{(time.perf_counter() - started) * 1e3:.1f} ms: {_function_list(module)}")
+                change = module.interface_change
+                if change is not None and not change.compatible:
+                    print(f"interface changed: {change.summary()} (objects made before from changed types "
+                          "must be made again)")
             else:
                 module = registry.load(name, cdef=cdef, file=installed)
                 print(f"loaded '{name}' generation {module.generation}: {_function_list(module)}")

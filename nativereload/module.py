@@ -21,6 +21,7 @@ from . import gate as _gate
 from .affinity import Pin
 from .errors import ModuleUnloaded, NativeReloadError, SymbolError
 from .gate import Func
+from .lifecycle import History
 
 if TYPE_CHECKING:
     from .image import Image
@@ -82,6 +83,7 @@ class Module:
         self._lock = threading.Lock()
         self._bindings = affinity.Bindings(name)
         self._objects = Objects(None, (), {}, {})
+        self._history = History(0)          # the files kept for rollback (the registry sets its size)
 
     @property
     def cdef(self) -> str:

@@ -24,21 +24,23 @@ import atexit
 import functools
 import logging
 import os
+import tempfile
 import threading
 import time
 import typing
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple
 
 from . import gate as _gate
 from . import interface as _interface
 from .affinity import Pin
-from .errors import (InterfaceError, ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
-                     NativeReloadError, ReloadPending, SymbolError)
+from . import canary as _canary
+from .errors import (DrainTimeout, InterfaceError, LoadError, ModuleConflict, ModuleNameError, ModuleNotFound,
+                     ModuleNotLoaded, NativeReloadError, ReloadPending, SymbolError)
 from .gate import Func
 from .image import Image
 from .interface import Declarations, Diff
-from .lifecycle import StagedReload
+from .lifecycle import FINI_ABORTED, FINI_REPLACED, FINI_UNLOADED, Events, History, ReloadEvent, StagedReload
 from .module import Module
 from .trust import Trust, TrustedHashes
 from .workdir import Workdir, remove_stale, resolve_tmpdir
@@ -47,11 +49,13 @@ if TYPE_CHECKING:      # imported when used: serve() and watch_files() are optio
     from .control.server import Server
     from .watch import ModuleFileWatcher
 
-__all__ = ["ImageStatus", "Module", "ModuleStatus", "Registry", "StagedReload"]
+__all__ = ["ImageStatus", "Module", "ModuleStatus", "Registry", "ReloadEvent", "StagedReload"]
 
 logger = logging.getLogger(__name__.rpartition(".")[0])
 
 PATH_ENV = "NATIVERELOAD_PATH"
+DEFAULT_EXCLUSIVE_TIMEOUT = 10.0
+"""Seconds an exclusive reload waits for the old image's calls by default."""
 
 
 class _Keep:
@@ -107,12 +111,14 @@ class ModuleStatus(NamedTuple):
         path: the file its images are copied from.
         generation: the current (or, once unloaded, the last) generation.
         images: its images not yet closed, oldest first.
+        kept: the files kept for rollback, oldest first, as (generation, sha256 prefix).
     """
 
     name: str
     path: str
     generation: int
     images: list[ImageStatus]
+    kept: list[tuple[int, str]] = []
 
 
 def _check_name(name: object) -> str:
@@ -150,6 +156,8 @@ class Registry:
         trust_writable: load files that another user could have written (refused by default).
         trusted_hashes: the SHA-256 digests (hex) a loaded file may have, or a callable
             ``(path, digest) -> bool``; None allows any content.
+        history: how many earlier images of each module to keep (their files,
+            in the registry's directory) for :meth:`rollback`; 0 keeps none.
 
     Use as a context manager, or call :meth:`close`.
     """
@@ -157,7 +165,7 @@ class Registry:
     def __init__(self, path: Iterable[str | os.PathLike] | str | os.PathLike = (),
                  tmpdir: str | os.PathLike | None = None, *, auto_reload: bool = False,
                  held_warning: float | None = 60.0, trust_writable: bool = False,
-                 trusted_hashes: TrustedHashes = None) -> None:
+                 trusted_hashes: TrustedHashes = None, history: int = 1) -> None:
         if isinstance(path, (str, os.PathLike)):
             path = [path]
         self._path = [os.fspath(entry) for entry in path]
@@ -172,6 +180,10 @@ class Registry:
         self._closers: list = []
         self._closed = False
         self._held_warning = held_warning
+        if not isinstance(history, int) or history < 0:
+            raise ValueError(f"history must be a number of images >= 0, not {history!r}")
+        self._history_size = history
+        self._events = Events()
         remove_stale(resolve_tmpdir(tmpdir))
         if auto_reload:
             self.watch_files()
@@ -270,11 +282,14 @@ class Registry:
                 objects = module._objects_for(declarations, handles, destructors)
                 image.objects = objects
                 image.open(declarations, gate_type=self._gate.ImageGate, refused="load refused", missing=missing)
+                image.on_closing = functools.partial(self._finish, module)
+                image.hooks.run_init(None, "load refused")
             except BaseException:
                 image.discard()
                 self._release_idle_workdirs()
                 raise
             image.on_closed = functools.partial(self._image_closed, module)
+            module._history = History(self._history_size)
             module._apply_objects(objects)
             module._content_since = 1
             with self._state:
@@ -289,11 +304,15 @@ class Registry:
 
     def prepare(self, name: str, cdef: str | None = None, *, file: str | os.PathLike | None = None,
                 handles: Iterable[str] | None | _Keep = _KEEP, destructors: Iterable[str] | _Keep = _KEEP,
-                allow_interface_change: bool = False) -> StagedReload:
+                allow_interface_change: bool = False, canary: bool | str = False,
+                canary_timeout: float | None = None, exclusive: bool = False,
+                timeout: float | None = None) -> StagedReload:
         """Do everything a reload does up to the switch; return the StagedReload to commit() or abort().
 
         Copies the file, checks the interface it embeds (or ``cdef``) against
-        the serving one, dlopens it and resolves every declared function.
+        the serving one, runs the canary if asked, dlopens it, resolves every
+        declared function and runs its ``nativereload_init`` (with the serving
+        image's state; for an exclusive reload, init runs at commit instead).
         Calls keep going to the serving image until ``commit()``; status()
         shows the new image as "prepared". While it is pending, another
         reload, prepare or unload of this module raises ReloadPending; if the
@@ -302,21 +321,23 @@ class Registry:
         Args: as for :meth:`reload`.
 
         Raises:
-            ModuleNotLoaded, ModuleNotFound, LoadError, SymbolError, InterfaceError,
-            ReloadPending: a reload of this module is already prepared.
+            as :meth:`reload`; ReloadPending: a reload of this module is already prepared.
             Nothing changes on any error.
         """
         _check_name(name)
         started = time.perf_counter()
         with self._admin:
-            staged = self._prepare(name, cdef, file, handles, destructors, allow_interface_change)
+            staged = self._prepare(name, cdef, file, handles, destructors, allow_interface_change, canary,
+                                   canary_timeout, exclusive, timeout, started)
         logger.info("prepared '%s' generation %d in %.2f ms (generation %d serving)", name, staged.generation,
                     (time.perf_counter() - started) * 1e3, staged.serving_generation)
         return staged
 
     def reload(self, name: str, cdef: str | None = None, *, file: str | os.PathLike | None = None,
                handles: Iterable[str] | None | _Keep = _KEEP, destructors: Iterable[str] | _Keep = _KEEP,
-               allow_interface_change: bool = False) -> Module:
+               allow_interface_change: bool = False, canary: bool | str = False,
+               canary_timeout: float | None = None, exclusive: bool = False,
+               timeout: float | None = None) -> Module:
         """Load a fresh copy of the module's file and switch new calls to it: ``prepare(...).commit()``.
 
         Calls in flight finish on the old image; objects it made (bound
@@ -330,6 +351,10 @@ class Registry:
         before stay valid); a changed or removed function, or a changed
         struct, union or enum, is refused unless ``allow_interface_change``.
 
+        The order of events: new image loaded -> its ``nativereload_init``
+        (sees the old image's state) -> switch -> old image drains -> its
+        ``nativereload_fini`` (told whether its state was adopted) -> unmapped.
+
         Args:
             cdef: new declarations for the new image; default: the interface
                 the new file embeds, else the current declarations.
@@ -338,6 +363,19 @@ class Registry:
             allow_interface_change: accept an incompatible interface on purpose
                 (logged, with what changed; cdata of the old declarations do not
                 fit the new ones).
+            canary: first load the new file in a separate process (constructors,
+                init, ``nativereload_selftest``; a string "package.module:function"
+                also calls that with the loaded module there): a crash, a
+                failed selftest, an exception or a hang refuses the reload
+                before this process loads the file.
+            canary_timeout: seconds the canary may take (default 30).
+            exclusive: new calls wait (they are not refused) while the calls in
+                flight on the old image finish; then init runs with no call in
+                either image, then the switch. Calls routed to the old image by
+                its handles, and calls through pins, are not paused.
+            timeout: for an exclusive reload, how long to wait for the old
+                image's calls (default 10 s); then the reload is refused and
+                the waiting calls go on to the old image.
 
         Returns:
             the Module, its generation one higher.
@@ -345,14 +383,64 @@ class Registry:
         Raises:
             ModuleNotLoaded, ModuleNotFound, LoadError, SymbolError,
             InterfaceError: an incompatible interface (showing old and new declarations),
+            InitRefused: the module's init returned non-zero (with its message),
+            CanaryFailed: the canary crashed or failed (signal, selftest, traceback),
+            DrainTimeout: an exclusive reload's old image did not drain in time,
             ReloadPending: a reload of this module is prepared (prepare()) and pending.
             On any error the old image keeps serving and the generation is unchanged.
         """
         _check_name(name)
         started = time.perf_counter()
         with self._admin:
-            staged = self._prepare(name, cdef, file, handles, destructors, allow_interface_change)
-            return self._commit_locked(staged, started)
+            staged = self._prepare(name, cdef, file, handles, destructors, allow_interface_change, canary,
+                                   canary_timeout, exclusive, timeout, started)
+            return self._commit_locked(staged)
+
+    def rollback(self, name: str, generation: int | None = None, *, allow_interface_change: bool = False,
+                 canary: bool | str = False, canary_timeout: float | None = None, exclusive: bool = False,
+                 timeout: float | None = None) -> Module:
+        """Reload the previous kept version of the module (or the one that served as ``generation``).
+
+        The kept bytes load as a new generation (generations only grow), with
+        the same checks, hooks and options as :meth:`reload`; the module's
+        path stays what it was. ``Registry(history=N)`` says how many
+        versions are kept (default 1).
+
+        Raises:
+            ModuleNotLoaded; NativeReloadError: no kept version (or none of that
+            generation); and whatever :meth:`reload` raises.
+        """
+        _check_name(name)
+        started = time.perf_counter()
+        with self._admin:
+            module = self._loaded(name)
+            kept = module._history.find(generation)
+            if kept is None:
+                have = ", ".join(str(k.generation) for k in module._history.kept) or "none"
+                why = ("Registry(history=0) keeps none" if self._history_size == 0 else f"kept: {have}")
+                raise NativeReloadError(
+                    f"module '{name}': no kept version {'of generation ' + str(generation) + ' ' if generation else ''}"
+                    f"to roll back to ({why}) — rollback(name) takes the last one kept; Registry(history=N) keeps "
+                    "more", module=name)
+            staged = self._prepare(name, None, None, _KEEP, _KEEP, allow_interface_change, canary, canary_timeout,
+                                   exclusive, timeout, started, kept=kept)
+            module = self._commit_locked(staged)
+        logger.info("rolled back '%s' to the build of generation %d, now generation %d", name, kept.generation,
+                    module.generation)
+        return module
+
+    def on_reload(self, callback: Callable[[ReloadEvent], object]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every prepared, committed, aborted, refused, drained and unloaded event.
+
+        Callbacks run one at a time, in the order the events happened, on a
+        daemon thread of the registry (never on the thread that reloads or
+        calls); an exception in one is logged and changes nothing. close()
+        delivers the events so far before it returns.
+
+        Returns:
+            a function that removes the callback.
+        """
+        return self._events.subscribe(callback)
 
     def unload(self, name: str) -> None:
         """Unload the module: new calls raise ModuleUnloaded; calls in flight finish first.
@@ -375,6 +463,8 @@ class Registry:
             module._slot.current = None
             active, module._active = module._active, None
             self._unloaded.append(module)
+        module._history.clear()
+        self._emit("unloaded", module, module.generation, module.generation, time.perf_counter() - started)
         self._retire(module, active)
         logger.info("unloaded '%s' generation %d in %.2f ms (%s)", module.name, module.generation,
                     (time.perf_counter() - started) * 1e3,
@@ -383,65 +473,112 @@ class Registry:
     # -- the reload transaction (lifecycle.py) -------------------------------------------------
 
     def _prepare(self, name: str, cdef: str | None, file: str | os.PathLike | None, handles: Any,
-                 destructors: Any, allow_change: bool) -> StagedReload:
-        """prepare() with ``_admin`` held."""
+                 destructors: Any, allow_change: bool, canary: bool | str, canary_timeout: float | None,
+                 exclusive: bool, timeout: float | None, started: float, kept: Any = None) -> StagedReload:
+        """prepare() with ``_admin`` held; ``kept``: load that kept file (a rollback), keeping the module's path."""
         self._check_open()
         module = self._loaded(name)
         self._check_not_pending(module, "reload")
+        try:
+            staged = self._stage(module, cdef, file, handles, destructors, allow_change, canary, canary_timeout,
+                                 exclusive, timeout, started, kept)
+        except BaseException as exc:
+            self._emit("refused", module, module.generation + 1, module.generation, time.perf_counter() - started,
+                       exc)
+            raise
+        self._emit("prepared", module, staged.generation, staged.serving_generation, time.perf_counter() - started)
+        return staged
+
+    def _stage(self, module: Module, cdef: str | None, file: str | os.PathLike | None, handles: Any,
+               destructors: Any, allow_change: bool, canary: bool | str, canary_timeout: float | None,
+               exclusive: bool, timeout: float | None, started: float, kept: Any) -> StagedReload:
+        name = module.name
         serving = module._active
         refused = f"reload refused; generation {module.generation} still serving"
-        path = os.path.abspath(os.fspath(file)) if file is not None else module.path
-        image = self._copy(name, module.generation + 1, path, module, refused)
+        if kept is not None:
+            path, source = module.path, self._write_kept(name, kept, refused)
+        else:
+            path = source = os.path.abspath(os.fspath(file)) if file is not None else module.path
+        try:
+            image = self._copy(name, module.generation + 1, source, module, refused, trusted=kept is not None)
+        finally:
+            if kept is not None:
+                os.unlink(source)           # the copy is made: the kept bytes' file has done its job
         try:
             embedded = image.read_interface(serving=module._declarations.interface)
             declarations, change = self._declarations_for(name, module._declarations, embedded, cdef,
-                                                          allow_change, path, refused)
+                                                          allow_change, source, refused)
+            if canary:
+                seconds = _canary.check(image.copy_path, module=name, cdef=None if embedded else declarations.cdef,
+                                        missing=module._missing_mode, call=canary if isinstance(canary, str) else None,
+                                        timeout=canary_timeout, refused=refused)
+                logger.info("canary of '%s' generation %d passed in %.0f ms", name, image.generation, seconds * 1e3)
             objects = module._objects
             if declarations is not module._declarations or handles is not _KEEP or destructors is not _KEEP:
                 objects = module._objects_for(declarations, objects.handles if handles is _KEEP else handles,
                                               objects.destructors if destructors is _KEEP else destructors)
             image.objects = objects
             image.open(declarations, gate_type=self._gate.ImageGate, refused=refused, missing=module._missing_mode)
+            image.on_closing = functools.partial(self._finish, module)
             self._check_exports_kept(module, serving, image, allow_change, refused)
+            if not exclusive:
+                image.hooks.run_init(serving.hooks, refused)
         except BaseException:
             image.discard()
             self._release_idle_workdirs()
             raise
         unchanged = module._content_since if serving.same_content(image) else None
-        staged = StagedReload(self, module, image, declarations, objects, change, unchanged, path)
+        staged = StagedReload(self, module, image, declarations, objects, change, unchanged, path,
+                              exclusive=exclusive, timeout=timeout, started=started)
         with self._state:
             module._pending = staged
             module._images.append(image)
         return staged
 
     def _commit(self, staged: StagedReload) -> Module:
-        started = time.perf_counter()
         with self._admin:
-            return self._commit_locked(staged, started)
+            return self._commit_locked(staged)
 
-    def _commit_locked(self, staged: StagedReload, started: float) -> Module:
+    def _commit_locked(self, staged: StagedReload) -> Module:
         if staged.state != "prepared":
             raise NativeReloadError(
                 f"module '{staged.module}': the reload to generation {staged.generation} was {staged.state} — "
                 f"prepare a new one", module=staged.module)
         module, image = staged._module, staged._image
         serving = module.generation
-        module._apply_objects(staged._objects)
-        with self._state:
-            old = module._active
-            module._active = image
-            module._pending = None
-            module._declarations = staged._declarations
-            module.path = staged._path
-            module._forget_undeclared()
-            module.generation = staged.generation
-            module.unchanged_since = staged.unchanged_since
-            module.interface_change = staged.interface_change
-            if staged.unchanged_since is None:
-                module._content_since = staged.generation
-            module._slot.current = image.gate     # from here on, new calls go to the new image
-            staged.state = "committed"
-        self._retire(module, old)
+        old = module._active
+        if staged._exclusive:
+            resume = self._pause_for_exclusive(staged, old)      # the old image is quiet, new calls wait
+        try:
+            if staged._exclusive:
+                image.hooks.run_init(old.hooks, f"reload refused; generation {serving} still serving")
+            module._history.keep(old)
+            module._apply_objects(staged._objects)
+            with self._state:
+                module._active = image
+                module._pending = None
+                module._declarations = staged._declarations
+                module.path = staged._path
+                module._forget_undeclared()
+                module.generation = staged.generation
+                module.unchanged_since = staged.unchanged_since
+                module.interface_change = staged.interface_change
+                if staged.unchanged_since is None:
+                    module._content_since = staged.generation
+                module._slot.current = image.gate     # from here on, new calls go to the new image
+                staged.state = "committed"
+            seconds = time.perf_counter() - staged._started
+            self._emit("committed", module, staged.generation, serving, seconds)    # before the old drains
+            self._retire(module, old)
+        except BaseException as exc:
+            # Only an exclusive reload can fail here (its init refused): nothing switched.
+            self._abort_locked(staged)
+            self._emit("refused", module, staged.generation, serving, time.perf_counter() - staged._started, exc)
+            raise
+        finally:
+            if staged._exclusive:
+                old.gate.unpause()
+                resume.set()                          # the waiting calls go on (to the new image, if it switched)
         self._release_idle_workdirs()        # the old image's, if $TMPDIR changed since
         if old.state == "retired":
             outcome = f"generation {serving} draining, {self._held_by(module, old)}"
@@ -454,8 +591,39 @@ class Registry:
             notes.append(f"note: {os.path.basename(module.path)} is unchanged since generation "
                          f"{staged.unchanged_since} — did the build fail?")
         logger.info("reloaded '%s' generation %d in %.2f ms (%s)%s", module.name, staged.generation,
-                    (time.perf_counter() - started) * 1e3, outcome, "".join(f"; {n}" for n in notes))
+                    seconds * 1e3, outcome, "".join(f"; {n}" for n in notes))
         return module
+
+    def _pause_for_exclusive(self, staged: StagedReload, old: Image) -> threading.Event:
+        """Make new calls to ``old`` wait, and wait until none is in flight; return the event that resumes them.
+
+        Raises:
+            DrainTimeout: calls were still in flight when the timeout ran out
+                (the staged reload is aborted, the waiting calls resume on ``old``).
+        """
+        gate = old.gate
+        resume, quiet = threading.Event(), threading.Event()
+        gate.pause(resume, quiet.set)
+        timeout = DEFAULT_EXCLUSIVE_TIMEOUT if staged._timeout is None else staged._timeout
+        deadline = time.monotonic() + timeout
+        while gate.in_flight > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                gate.unpause()
+                resume.set()
+                calls = gate.in_flight
+                self._abort_locked(staged)
+                error = DrainTimeout(
+                    f"module '{staged.module}': the exclusive reload to generation {staged.generation} waited "
+                    f"{timeout:g} s and generation {staged.serving_generation} still has {calls} call(s) in flight "
+                    f"(reload refused; generation {staged.serving_generation} still serving, the waiting calls go "
+                    "on to it) — reload again when it is idle, or give a longer timeout", module=staged.module)
+                self._emit("refused", staged._module, staged.generation, staged.serving_generation,
+                           time.perf_counter() - staged._started, error)
+                raise error
+            quiet.wait(min(left, 0.05))      # on_quiet wakes us when the last call leaves
+            quiet.clear()
+        return resume
 
     def _abort(self, staged: StagedReload, why: str = "") -> None:
         with self._admin:
@@ -472,13 +640,38 @@ class Registry:
         with self._state:
             staged.state = "aborted"
             module._pending = None
+        image.fini_reason = FINI_ABORTED
+        image.discard()                       # its fini runs first, if its init ran
+        with self._state:
             if image in module._images:
                 module._images.remove(image)
-        image.discard()
         self._release_idle_workdirs()
+        self._emit("aborted", module, staged.generation, module.generation, time.perf_counter() - staged._started)
         log = logger.warning if why else logger.info
         log("aborted the prepared reload of '%s' to generation %d%s (generation %d still serving)", staged.module,
             staged.generation, f" {why}" if why else "", module.generation)
+
+    def _finish(self, module: Module, image: Image) -> None:
+        """Run ``image``'s fini (Image.close and discard call this, before the unmap).
+
+        Its state is "adopted" when another image of the module that has not
+        finished yet holds the same state pointer: the last image holding a
+        state is the one told to free it.
+        """
+        hooks = image.hooks
+        if hooks is None:
+            return
+        with self._state:
+            reason = image.fini_reason or (FINI_UNLOADED if module._unloaded and image.generation == module.generation
+                                           else FINI_REPLACED)
+            adopted = bool(hooks.state) and any(other is not image and other.hooks is not None
+                                                and not other.hooks.finished and other.hooks.state == hooks.state
+                                                for other in module._images)
+        hooks.run_fini(reason, adopted)
+
+    def _emit(self, kind: str, module: Module, generation: int, previous: int, seconds: float = 0.0,
+              error: BaseException | None = None) -> None:
+        self._events.emit(ReloadEvent(kind, module.name, generation, previous, seconds, error))
 
     def _check_not_pending(self, module: Module, what: str) -> None:
         staged = module._pending
@@ -611,7 +804,8 @@ class Registry:
             modules = sorted(self._modules.values(), key=lambda m: m.name) + list(self._unloaded)
             images = [(module, list(module._images)) for module in modules]
         return [ModuleStatus(module.name, module.path, module.generation,
-                             [self._image_status(module, image) for image in module_images])
+                             [self._image_status(module, image) for image in module_images],
+                             [(kept.generation, kept.sha256) for kept in module._history.kept])
                 for module, module_images in images]
 
     def _image_status(self, module: Module, image: Image) -> ImageStatus:
@@ -675,6 +869,7 @@ class Registry:
                     self._unload(module)
         drained = self.wait_drained(timeout)
         self._remove_workdirs_if_drained()
+        self._events.flush(timeout=5.0)
         logger.info("closed the registry in %.2f ms (%s)", (time.perf_counter() - started) * 1e3,
                     "all images closed" if drained else "images still draining")
         return drained
@@ -746,7 +941,7 @@ class Registry:
     def _warn_held(self, module: Module, image: Image) -> None:
         if image.state != "retired":
             return
-        logger.warning("module '%s' generation %d was retired %.0f s ago and is still held open by %s — "
+        logger.warning("module '%s' generation %d was retired %g s ago and is still held open by %s — "
                        "let calls return, release() pins, pass handles to their destructor or reg.release(), "
                        "and drop pointer results", module.name, image.generation, self._held_warning,
                        self._held_by(module, image))
@@ -765,13 +960,31 @@ class Registry:
             raise self._not_loaded(name)
         return module
 
-    def _copy(self, name: str, generation: int, path: str, module: Module | None, refused: str) -> Image:
-        """Step 1 of a load: the private copy of ``path``, checked (nothing of it runs yet)."""
+    def _write_kept(self, name: str, kept: Any, refused: str) -> str:
+        """A file in our directory holding a kept build's bytes, to copy from (rollback)."""
+        fd, path = tempfile.mkstemp(prefix=f".{name}.kept-g{kept.generation}.", suffix=".so",
+                                    dir=self._workdir(name).path)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(kept.data)
+        except OSError as exc:
+            os.unlink(path)
+            raise LoadError(f"module '{name}': cannot write the kept build of generation {kept.generation}: "
+                            f"{exc.strerror or exc} ({refused})", module=name, path=path, reason=str(exc)) from None
+        return path
+
+    def _copy(self, name: str, generation: int, path: str, module: Module | None, refused: str, *,
+              trusted: bool = False) -> Image:
+        """Step 1 of a load: the private copy of ``path``, checked (nothing of it runs yet).
+
+        ``trusted``: ``path`` is a kept build written into our own directory (rollback): the trust rules checked
+        it when it was first loaded.
+        """
         try:
             return Image.copy(module=name, generation=generation, source=path,
                               directory=self._workdir(name).path,
                               on_closed=functools.partial(self._image_closed, module) if module else _no_module,
-                              refused=refused, trust=self._trust)
+                              refused=refused, trust=None if trusted else self._trust)
         except BaseException:
             self._release_idle_workdirs()
             raise
@@ -799,6 +1012,7 @@ class Registry:
         timer = getattr(image, "held_timer", None)
         if timer is not None:
             timer.cancel()
+        self._emit("drained", module, image.generation, image.generation)
         with self._state:
             if image.state == "closed":
                 module._images.remove(image)
@@ -819,8 +1033,8 @@ class Registry:
         progress must not see its directory vanish.
         """
         with self._state:
-            busy = {os.path.dirname(image.copy_path)
-                    for module in (*self._modules.values(), *self._unloaded) for image in module._images}
+            modules = (*self._modules.values(), *self._unloaded)
+            busy = {os.path.dirname(image.copy_path) for module in modules for image in module._images}
             for tmpdir, workdir in list(self._workdirs.items()):
                 if workdir.path not in busy and workdir.remove():
                     del self._workdirs[tmpdir]

@@ -9,6 +9,9 @@
                     (RLIMIT_FSIZE) is lower cannot store it (the cluster tests' refusing worker)
     unique          a C++ library glibc keeps mapped after dlclose
     objects1, objects2  csrc/samples/objects.c (objects that cross reloads) with SAMPLE_VERSION 1 and 2
+    lifecycle1, lifecycle2  csrc/samples/lifecycle.c (init/fini hooks, state handed over) with SAMPLE_VERSION 1, 2
+    lifecycle_crash, lifecycle_selftest3, lifecycle_hang
+                    lifecycle v2 crashing in a constructor, failing its selftest, hanging in it (canary)
   csrc/samples/contract.c, each with its interface (contract.h) embedded, so it
   loads with no cdef; the variants change one declaration each:
     contract        the baseline: contract_version() returns 1
@@ -69,6 +72,15 @@ long stream_push(struct stream *, long);
 int stream_end(struct stream *);
 """
 WRONG_IMAGE = -1000
+
+LIFECYCLE_CDEF = """
+int lifecycle_version(void);
+long lifecycle_next(void);
+long lifecycle_reloads(void);
+long lifecycle_work(long);
+long lifecycle_violations(void);
+int lifecycle_wait_fd(int);
+"""
 CONTRACT_VARIANTS = ("contract", "contract_v2", "contract_return", "contract_param", "contract_struct",
                      "contract_enum", "contract_drop", "contract_add", "contract_abort")
 
@@ -113,12 +125,13 @@ def build_samples(base: Path, build: bool = True) -> dict[str, Path]:
                         f"-DNATIVERELOAD_SAMPLE_VARIANTS={variants}")
         built[f"v{version}"] = modules / "sample.so"
         built[f"objects{version}"] = modules / "objects.so"
+        built[f"lifecycle{version}"] = modules / "lifecycle.so"
         if version == 2:
             built["nosym"] = modules / "sample_nosym.so"
             built["undef"] = modules / "sample_undef.so"
             built["big"] = modules / "sample_big.so"
             built["unique"] = modules / "unique.so"
-            for variant in CONTRACT_VARIANTS:
+            for variant in CONTRACT_VARIANTS + ("lifecycle_crash", "lifecycle_selftest3", "lifecycle_hang"):
                 built[variant] = modules / f"{variant}.so"
     for path in built.values():
         assert path.is_file(), path

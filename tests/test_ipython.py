@@ -184,3 +184,13 @@ def test_the_readme_cells(shell):
         result = shell.run_cell(body)
         assert result.success, result.error_in_exec
     assert shell.user_ns["counter"].add(2, 3) == 5
+
+
+def test_a_rerun_that_changes_a_signature_is_accepted_and_said(shell, capsys):
+    assert run(shell, "counter", CELL_V2).success
+    counter = shell.user_ns["counter"]
+    assert counter.version() == 2
+    assert run(shell, "counter", "double version(void) { return 2.5; }\n").success
+    out = capsys.readouterr().out
+    assert "interface changed: 1 changed, 1 removed (incompatible)" in out
+    assert counter.version() == 2.5 and counter.generation == 2

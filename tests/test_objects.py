@@ -285,3 +285,25 @@ def test_status_says_what_holds_a_retired_image(reg, objects, moddir, samples):
     assert old["held_by"] == "0 calls, 1 handle (obj *)"
     assert "objects: generation 1: retired — 0 calls, 1 handle (obj *)" in cli.format_status(reply, "/s")
     objects.obj_free(made)
+
+
+def test_a_retired_image_held_too_long_is_named_in_a_warning(moddir, samples, tmpdir_for_copies, caplog):
+    import logging
+    import time
+
+    from nativereload import Registry
+
+    install(samples["objects1"], moddir / "objects.so")
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies, held_warning=0.2) as registry:
+        mod = registry.load("objects", cdef=OBJECTS_CDEF, destructors=["obj_free"])
+        made = mod.obj_new(1)
+        with caplog.at_level(logging.WARNING, logger="nativereload"):
+            registry.reload("objects")
+            for _ in range(200):
+                if "still held open" in caplog.text:
+                    break
+                time.sleep(0.01)
+        assert ("module 'objects' generation 1 was retired 0.2 s ago and is still held open by 0 calls, 1 handle "
+                "(obj *)") in caplog.text
+        assert caplog.text.count("still held open") == 1          # once per image
+        mod.obj_free(made)

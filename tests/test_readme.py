@@ -77,6 +77,7 @@ DRIVER = textwrap.dedent(r'''
 def test_the_quickstart_works_pasted_into_an_empty_directory(tmp_path):
     found = blocks("Quickstart")
     assert [lang for lang, _ in found] == ["sh", "python", "sh", "python", "sh", "python"]
+    assert "interface" in found[0][1] and 'reg.load("counter")' in found[1][1]
     work = tmp_path / "empty"
     work.mkdir()
     # `nativereload` on PATH: this checkout's, whatever is installed.
@@ -102,6 +103,36 @@ def test_the_readme_shows_every_command():
     commands = cli._parser()._subparsers._group_actions[0].choices
     for command in commands:
         assert f"| `nativereload {command}" in table, command
+
+
+OBJECTS_DRIVER = textwrap.dedent(r'''
+    import code, json, sys
+    console = code.InteractiveConsole()
+    shown, errors = [], []
+    sys.displayhook = lambda value: shown.append(value) if value is not None else None
+    console.showtraceback = lambda: errors.append(__import__("traceback").format_exc())
+    for line in json.load(open(sys.argv[1])).splitlines():
+        console.push(line)
+        if errors:
+            sys.exit(f"line {line!r} raised:\n{errors[0]}")
+    console.push("")
+    print(json.dumps([repr(value) for value in shown]))
+''')
+
+
+@pytest.mark.timeout(120)
+def test_the_sqlite_example_of_objects_across_reloads_works(tmp_path):
+    if not Path("/usr/lib/x86_64-linux-gnu/libsqlite3.so.0").exists():
+        pytest.skip("the system SQLite of the example is not installed")
+    [(lang, body)] = blocks("Objects that cross a reload")
+    assert lang == "python"
+    (tmp_path / "block.json").write_text(json.dumps(body))
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", OBJECTS_DRIVER, str(tmp_path / "block.json")], env=env,
+                            capture_output=True, text=True, timeout=100)
+    assert result.returncode == 0, result.stdout + result.stderr
+    shown = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "(100, 42)" in shown and repr("0 calls, 1 handle (sqlite3 *)") in shown and "True" in shown
 
 
 @pytest.mark.timeout(240)

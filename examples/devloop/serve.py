@@ -5,7 +5,7 @@
     python serve.py &               # prints what counter says, twice a second
     $EDITOR counter.c               # make version() return 2
     nativereload build && nativereload reload counter
-    nativereload status             # generation 2, the old image drained
+    nativereload status             # generation 2, the old image drained; step()'s total carried on
 """
 
 import logging
@@ -17,7 +17,7 @@ import nativereload
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 reg = nativereload.Registry(path=["build/modules"])
-counter = reg.load("counter", cdef="int version(void); long step(long);")
+counter = reg.load("counter")  # the declarations come from counter.h, embedded in counter.so
 server = reg.serve()  # $XDG_RUNTIME_DIR/nativereload/<pid>.sock: the CLI finds it by itself
 print(f"serving on {server.path}; Ctrl-C to stop", flush=True)
 

@@ -11,11 +11,15 @@ form:
                 "path", "generation", "images": [{"generation", "state", "in_flight", "pins",
                 "handles": {C type: count}, "pointer_results", "held_by"}]}]}
     reload  {"op": "reload", "module": NAME,          nativereload reload NAME
-             "allow_interface_change": false}          [--allow-interface-change]
+             "allow_interface_change": false,          [--allow-interface-change]
+             "canary": false}                          [--canary]
             -> {"ok": true, "pid": 123, "module": NAME, "generation_before": 1,
                 "generation": 2, "seconds": 0.0004, "path": "/.../counter.so", "unchanged_since": null,
                 "interface_change": null | {"summary": "1 added (compatible)", "text": "...",
                 "compatible": true, "added": [...], "removed": [...], "changed": [...]}}
+    rollback {"op": "rollback", "module": NAME,       nativereload rollback NAME [--to GENERATION]
+             "generation": 3}
+            -> the same reply as reload
     unload  {"op": "unload", "module": NAME}          nativereload unload NAME
             -> {"ok": true, "pid": 123, "module": NAME, "generation": 2}
     any failure
@@ -44,7 +48,8 @@ MAX_REQUEST = 64 * 1024
 OPS: dict[str, dict[str, tuple[type, bool]]] = {
     "ping": {},
     "status": {},
-    "reload": {"module": (str, True), "allow_interface_change": (bool, False)},
+    "reload": {"module": (str, True), "allow_interface_change": (bool, False), "canary": (bool, False)},
+    "rollback": {"module": (str, True), "generation": (int, False)},
     "unload": {"module": (str, True)},
 }
 """Each operation's fields besides ``op``: name -> (JSON type, required)."""

@@ -502,7 +502,11 @@ def handle(registry: Any, req: Any, *, name: str | None = None,
             registry.unload(name)
             return {"ok": True, "pid": pid, "module": name, "generation": before}
         started = time.perf_counter()
-        module = registry.reload(name, allow_interface_change=req.get("allow_interface_change", False))
+        if op == "rollback":
+            module = registry.rollback(name, req.get("generation"))
+        else:
+            module = registry.reload(name, allow_interface_change=req.get("allow_interface_change", False),
+                                     canary=req.get("canary", False))
         seconds = time.perf_counter() - started
         change = module.interface_change
     return {"ok": True, "pid": pid, "module": name, "generation_before": before,

@@ -61,9 +61,59 @@ extern "C" {
 #endif
 
 /* ==== Lifecycle hooks ====================================================
- * Reserved: the module context struct and nativereload_init() /
- * nativereload_fini() are declared here (see the lifecycle issue).
+ * A module may export any of these; nativereload calls what it finds.
+ *
+ *   int  nativereload_init(nativereload_context *ctx);
+ *        Runs when the image is loaded (in Registry.prepare(), or during the
+ *        pause of an exclusive reload), after its functions are resolved and
+ *        before any call reaches it. ctx->state / ctx->state_version hold the
+ *        state of the image it replaces (NULL / 0 on a first load): read it,
+ *        adopt it (leave the same pointer in ctx->state) or build a new one
+ *        from it (a migration: set ctx->state and ctx->state_version to
+ *        yours). Never free or change the old state here: the reload can
+ *        still be aborted, and the old image keeps serving until the switch.
+ *        Return 0 to accept; anything else refuses the load or reload (write
+ *        why into ctx->error): the image is closed without fini and the old
+ *        one keeps serving.
+ *
+ *   void nativereload_fini(nativereload_context *ctx);
+ *        Runs once, when the image has drained (after a reload, an unload, or
+ *        the registry closing; or when a prepared reload is aborted), before
+ *        it is unmapped: stop the threads it started, flush its files. Free
+ *        ctx->state only if ctx->adopted is 0: adopted means another image of
+ *        the module (its successor) holds the same state pointer.
+ *
+ *   int  nativereload_selftest(void);
+ *        Run by the crash canary (reload(..., canary=True)) in a separate
+ *        process before the serving process loads the build: 0 = pass.
+ *
+ * The order of a reload: new image loaded -> new init (sees the old state)
+ * -> switch (new calls go to the new image) -> old image drains -> old fini
+ * (adopted: 1 or 0) -> old image unmapped.
  * ======================================================================= */
+
+#define NATIVERELOAD_ERROR_SIZE 256
+
+/* Why fini runs (nativereload_context.reason). */
+#define NATIVERELOAD_FINI_REPLACED 1   /* a reload switched to a successor and this image drained */
+#define NATIVERELOAD_FINI_UNLOADED 2   /* the module was unloaded, or the registry closed */
+#define NATIVERELOAD_FINI_ABORTED  3   /* a prepared reload was aborted: this image never served */
+
+typedef struct nativereload_context {
+    unsigned int size;                 /* sizeof(nativereload_context) as nativereload knows it */
+    const char *module;                /* the module's name */
+    unsigned long generation;          /* this image's generation */
+    unsigned long previous_generation; /* init: the generation it replaces (0 on a first load) */
+    void *state;                       /* init: in, the previous image's state; out, this image's */
+    unsigned long state_version;       /* the layout version of *state, as its owner set it */
+    int adopted;                       /* fini: 1 if another image holds the same state pointer */
+    int reason;                        /* fini: NATIVERELOAD_FINI_* */
+    char error[NATIVERELOAD_ERROR_SIZE];   /* init: why it refused (NUL-terminated) */
+} nativereload_context;
+
+NATIVERELOAD_EXPORT int nativereload_init(nativereload_context *ctx);
+NATIVERELOAD_EXPORT void nativereload_fini(nativereload_context *ctx);
+NATIVERELOAD_EXPORT int nativereload_selftest(void);
 
 #ifdef __cplusplus
 }
