@@ -21,7 +21,7 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from conftest import ROOT, SAMPLE_CDEF  # noqa: E402
+from conftest import LIFECYCLE_CDEF, ROOT, SAMPLE_CDEF  # noqa: E402
 
 import nativereload  # noqa: E402
 from nativereload import cli  # noqa: E402
@@ -189,36 +189,63 @@ def test_twenty_reloads_while_tasks_call_continuously(client, plugin, samples):
 # --------------------------------------------------------------------------- a build one worker refuses
 
 
-def _limit_file_size(limit):
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    return soft
+@pytest.fixture
+def lifecycle(client, cluster, samples):
+    """The plugin with the lifecycle module (init/fini hooks: its counter carries on across reloads), v1."""
+    cluster.scale(WORKERS)
+    _wait_for_workers(client, WORKERS)
+    client.register_plugin(nrdask.NativeReload({"lifecycle": samples["lifecycle1"]}, cdef={"lifecycle": LIFECYCLE_CDEF},
+                                               held_warning=None))
+    yield
+    client.unregister_worker_plugin(nrdask.PLUGIN_NAME)
+
+
+def _setenv(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 @pytest.fixture
-def refusing_worker(client, plugin):
-    """The middle worker, made unable to store a file of 128 KiB or more (samples["big"] is 270 KB)."""
+def refusing_worker(client, lifecycle):
+    """The middle worker, where the lifecycle module's init refuses version 2 (LIFECYCLE_REFUSE=2)."""
     worker = sorted(client.nthreads())[1]
-    before = client.run(_limit_file_size, 128 * 1024, workers=[worker])[worker]
+    client.run(_setenv, "LIFECYCLE_REFUSE", "2", workers=[worker])
     yield worker
-    client.run(_limit_file_size, before, workers=[worker])
+    client.run(_setenv, "LIFECYCLE_REFUSE", None, workers=[worker])
 
 
-def test_all_or_nothing_refused_by_one_worker_leaves_every_worker_as_it_was(client, samples, refusing_worker):
-    nrdask.reload(client, "sample", file=samples["v2"])
-    before = serving(client)
+def counters(client) -> dict[str, int]:
+    """Worker -> the lifecycle module's counter, one higher (it carries on across reloads there)."""
+    return {w: client.submit(lambda _: nrdask.func("lifecycle.lifecycle_next")(), w, workers=[w], pure=False,
+                             allow_other_workers=False).result() for w in sorted(client.nthreads())}
+
+
+def serving_lifecycle(client) -> dict[str, tuple[int, str]]:
+    return {s.address: (m.generation, [i.sha256 for i in m.images if i.state == "active"][0])
+            for s in nrdask.status(client) for m in s.modules if m.name == "lifecycle"}
+
+
+def test_all_or_nothing_refused_by_one_workers_init_leaves_every_worker_as_it_was(client, samples,
+                                                                                  refusing_worker):
+    assert set(counters(client).values()) == {1}
+    before = serving_lifecycle(client)
     files = leftovers(client)
     with pytest.raises(nativereload.ClusterReloadError, match="refused by 1 ") as caught:
-        nrdask.reload(client, "sample", file=samples["big"])
+        nrdask.reload(client, "lifecycle", file=samples["lifecycle2"])
     report = caught.value.report
     assert not report.ok
-    states = {w.address: w for w in report.workers}
-    assert states[refusing_worker].state == "refused" and "File too large" in states[refusing_worker].error
-    assert {w.state for a, w in states.items() if a != refusing_worker} == {"aborted"}
-    assert all(w.generation_before == w.generation_after == 2 for w in report.workers)
-    assert serving(client) == before                # the old build everywhere, same generation
-    assert leftovers(client) == files               # no copy, no received file left on any worker
+    rows = {w.address: w for w in report.workers}
+    assert rows[refusing_worker].state == "refused"
+    assert rows[refusing_worker].error.startswith("InitRefused: ") and "version 2 will not start" in \
+        rows[refusing_worker].error
+    assert {w.state for a, w in rows.items() if a != refusing_worker} == {"aborted"}
+    assert all(w.generation_before == w.generation_after == 1 for w in report.workers)
+    assert serving_lifecycle(client) == before       # the old build everywhere, same generation
+    assert leftovers(client) == files                # no copy, no received file left on any worker
     assert "prepared" not in {i.state for s in nrdask.status(client) for m in s.modules for i in m.images}
+    assert set(counters(client).values()) == {2}     # the state every worker had carries on
     doc = json.loads(json.dumps(report.to_json()))
     assert doc["ok"] is False and len(doc["workers"]) == WORKERS
     assert "refused" in report.table() and refusing_worker in report.table()
@@ -226,21 +253,57 @@ def test_all_or_nothing_refused_by_one_worker_leaves_every_worker_as_it_was(clie
 
 def test_rolling_stops_at_the_refusing_worker_and_can_roll_back(client, samples, refusing_worker):
     first, _, last = sorted(client.nthreads())
+    assert set(counters(client).values()) == {1}
     with pytest.raises(nativereload.ClusterReloadError) as caught:
-        nrdask.reload(client, "sample", file=samples["big"], mode="rolling", rollback=True)
+        nrdask.reload(client, "lifecycle", file=samples["lifecycle2"], mode="rolling", rollback=True)
     report = caught.value.report
     assert [(w.address, w.state, w.generation_before, w.generation_after) for w in report.workers] == [
         (first, "rolled back", 1, 3), (refusing_worker, "refused", 1, 1), (last, "not reached", 1, 1)]
-    assert {s for _, s in serving(client).values()} == {sha(samples["v1"])[:12]}
+    assert {s for _, s in serving_lifecycle(client).values()} == {sha(samples["lifecycle1"])[:12]}
 
     with pytest.raises(nativereload.ClusterReloadError) as caught:
-        nrdask.reload(client, "sample", file=samples["big"], mode="rolling", batch=1)
+        nrdask.reload(client, "lifecycle", file=samples["lifecycle2"], mode="rolling", batch=1)
     report = caught.value.report
     assert [(w.address, w.state, w.generation_before, w.generation_after) for w in report.workers] == [
         (first, "switched", 3, 4), (refusing_worker, "refused", 1, 1), (last, "not reached", 1, 1)]
     assert "1 switched, 1 refused, 1 not reached" in report.summary()
-    assert serving(client) == {first: (4, sha(samples["big"])[:12]), refusing_worker: (1, sha(samples["v1"])[:12]),
-                               last: (1, sha(samples["v1"])[:12])}
+    assert serving_lifecycle(client) == {first: (4, sha(samples["lifecycle2"])[:12]),
+                                         refusing_worker: (1, sha(samples["lifecycle1"])[:12]),
+                                         last: (1, sha(samples["lifecycle1"])[:12])}
+    assert set(counters(client).values()) == {2}     # on the first, across v2, the rollback to v1 and v2 again
+
+
+def test_a_build_that_crashes_is_refused_by_every_workers_canary(client, cluster, samples, lifecycle, capsys):
+    before = serving_lifecycle(client)
+    with pytest.raises(nativereload.ClusterReloadError, match=f"refused by {WORKERS} ") as caught:
+        nrdask.reload(client, "lifecycle", file=samples["lifecycle_crash"], canary=True)
+    assert all(w.error.startswith("CanaryFailed: ") and "SIGSEGV" in w.error for w in caught.value.report.workers)
+    assert cli.main(["reload", "lifecycle", "--dask", cluster.scheduler_address, "--file",
+                     str(samples["lifecycle_crash"]), "--canary"]) == 1
+    assert "CanaryFailed" in capsys.readouterr().err
+    assert serving_lifecycle(client) == before       # no worker ever loaded it
+
+
+def _limit_file_size(limit):
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    return soft
+
+
+def test_a_worker_that_cannot_store_the_build_refuses_it_for_every_worker(client, plugin, samples):
+    worker = sorted(client.nthreads())[2]
+    files = leftovers(client)
+    # That worker may write no file of 128 KiB or more; samples["big"] is 270 KB.
+    before = client.run(_limit_file_size, 128 * 1024, workers=[worker])[worker]
+    try:
+        with pytest.raises(nativereload.ClusterReloadError, match="refused by 1 ") as caught:
+            nrdask.reload(client, "sample", file=samples["big"])
+    finally:
+        client.run(_limit_file_size, before, workers=[worker])
+    [refused] = [w for w in caught.value.report.workers if w.state == "refused"]
+    assert refused.address == worker and "cannot store the new build" in refused.error
+    assert "File too large" in refused.error
+    assert {g for g, _ in serving(client).values()} == {1} and leftovers(client) == files
 
 
 # --------------------------------------------------------------------------- workers that join later
