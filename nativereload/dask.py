@@ -58,8 +58,8 @@ from .errors import ClusterReloadError, LoadError, ModuleNotFound, ModuleNotLoad
 from .output import arrow
 from .registry import ImageStatus, ModuleStatus, Registry
 
-__all__ = ["ClusterReport", "NativeReload", "WorkerResult", "WorkerStatus", "func", "registry", "reload",
-           "status", "status_table", "unload"]
+__all__ = ["ClusterReport", "MODES", "NativeReload", "PLUGIN_NAME", "WorkerResult", "WorkerStatus", "func",
+           "registry", "reload", "status", "status_json", "status_table", "unload"]
 
 logger = logging.getLogger(__name__.rpartition(".")[0])
 

@@ -439,6 +439,14 @@ def test_an_unreachable_scheduler_is_an_error_not_a_traceback(capsys):
     assert doc["ok"] is False and "tcp://127.0.0.1:9" in doc["error"]["message"]
 
 
+def test_the_public_api_is_listed_and_documented():
+    public = {name for name, value in vars(nrdask).items() if not name.startswith("_")
+              and getattr(value, "__module__", nrdask.__name__) == nrdask.__name__ and callable(value)}
+    assert public <= set(nrdask.__all__) and sorted(nrdask.__all__) == nrdask.__all__
+    for name in nrdask.__all__:
+        assert getattr(nrdask, name).__doc__ or name in ("MODES", "PLUGIN_NAME"), name
+
+
 def test_the_package_imports_without_distributed():
     code = ("import sys; sys.modules['distributed'] = None\n"
             "import nativereload, nativereload.cli\n"
