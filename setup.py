@@ -54,9 +54,11 @@ setup(
     package_data={"nativereload": ["cmake/*.cmake", "include/*.h", "py.typed", "*.pyi", "data/*"]},
     install_requires=["cffi>=1.17"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "watchfiles>=0.21", "ipython>=8"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "watchfiles>=0.21", "ipython>=8", "distributed>=2024.8"],
         "watch": ["watchfiles>=0.21"],
         "ipython": ["ipython>=8"],
+        # nativereload.dask: reload modules in every worker of a Dask cluster.
+        "dask": ["distributed>=2024.8"],
     },
     entry_points={
         "console_scripts": ["nativereload = nativereload.cli:main"],

@@ -13,10 +13,10 @@ describes each operation.
 """
 
 from .affinity import Pin
-from .errors import (BuildError, CanaryFailed, CompileError, ControlError, DemoError, DrainTimeout, HandleError,
-                     InitRefused, InterfaceError, LoadError, ModuleConflict, ModuleNameError, ModuleNotFound,
-                     ModuleNotLoaded, ModuleUnloaded, NativeReloadError, PinReleased, ProtocolError, ReloadPending,
-                     SymbolError)
+from .errors import (BuildError, CanaryFailed, ClusterReloadError, CompileError, ControlError, DemoError,
+                     DrainTimeout, HandleError, InitRefused, InterfaceError, LoadError, ModuleConflict, ModuleNameError,
+                     ModuleNotFound, ModuleNotLoaded, ModuleUnloaded, NativeReloadError, PinReleased, ProtocolError,
+                     ReloadPending, SymbolError)
 from .gate import Func
 from .lifecycle import ReloadEvent, StagedReload
 from .module import Module
@@ -38,6 +38,7 @@ def __getattr__(name: str):
 __all__ = [
     "BuildError",
     "CanaryFailed",
+    "ClusterReloadError",
     "CompileError",
     "ControlError",
     "DemoError",

@@ -17,6 +17,8 @@ Targets (reload, unload, status): the rules are ``discovery.find_targets``'s
 (``--socket``, ``--pid``, ``--name``, ``--all``; with none, the only live
 process of this user). ``watch`` takes the same options, but with none it
 reloads in every live process of this user that has the changed file loaded.
+With ``--dask ADDRESS``, reload, unload and status act on every worker of that
+Dask cluster instead (nativereload.dask; exit 1 if any worker failed).
 """
 
 from __future__ import annotations
@@ -90,6 +92,22 @@ def _add_target_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pid", type=int, metavar="PID", help="the process with this pid")
     group.add_argument("--name", metavar="NAME", help="the process serving under this name")
     group.add_argument("--all", action="store_true", help="every live process of this user (or of --name)")
+
+
+def _add_dask_options(parser: argparse.ArgumentParser, reload: bool = False) -> None:
+    group = parser.add_argument_group('every worker of a Dask cluster instead (pip install "nativereload[dask]")')
+    group.add_argument("--dask", metavar="ADDRESS", help="the scheduler's address, e.g. tcp://scheduler:8786")
+    group.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="with --dask: seconds to wait for the scheduler, the module's lock and each round of "
+                            "messages (default: 60)")
+    if reload:
+        group.add_argument("--file", metavar="PATH", help="the new build, sent to every worker (default: the file "
+                           "the module was registered or last reloaded from)")
+        group.add_argument("--rolling", action="store_true", help="a batch of workers at a time, stopping at the "
+                           "first failure (default: all-or-nothing: every worker prepares it, then all switch)")
+        group.add_argument("--batch", type=int, metavar="N", help="with --rolling: workers per batch (default: 1)")
+        group.add_argument("--rollback", action="store_true",
+                           help="with --rolling: after a failure, take the workers already switched back")
 
 
 def _add_json(parser: argparse.ArgumentParser, what: str = "the result") -> None:
@@ -167,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
                     "was loaded from and switches new calls to it; calls in flight finish on the old image. A "
                     "refused reload leaves the old version serving.", """
                     nativereload reload counter
-                    nativereload reload counter --name api --all --json""", targets=True)
+                    nativereload reload counter --name api --all --json
+                    nativereload build && nativereload reload counter --dask tcp://scheduler:8786""", targets=True)
     r.add_argument("module", help="the module name, as the process loaded it")
     r.add_argument("--allow-interface-change", action="store_true",
                    help="accept a new build whose interface changes a function or a type incompatibly (refused "
@@ -176,6 +195,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="first load the new build in a separate process (constructors, init, selftest): a crash "
                         "or failure there refuses the reload before the serving process loads it")
     _add_target_options(r)
+    _add_dask_options(r, reload=True)
     _add_json(r)
 
     rb = _subcommand(sub, "rollback", "reload the previous build a running process kept",
@@ -195,14 +215,17 @@ def _parser() -> argparse.ArgumentParser:
                     nativereload unload counter --pid 4242""", targets=True)
     u.add_argument("module", help="the module name, as the process loaded it")
     _add_target_options(u)
+    _add_dask_options(u)
     _add_json(u)
 
     s = _subcommand(sub, "status", "modules, generations and images of running process(es)",
                     "Show a running process's modules: generation, images (active, retired and draining, "
                     "leaked) with their calls in flight, and what became of older generations.", """
                     nativereload status
-                    nativereload status --all --json""", targets=True)
+                    nativereload status --all --json
+                    nativereload status --dask tcp://scheduler:8786""", targets=True)
     _add_target_options(s)
+    _add_dask_options(s)
     _add_json(s, "the status")
 
     ps = _subcommand(sub, "ps", "list the live processes of yours that serve, with their modules",
@@ -357,6 +380,9 @@ def _each_target(args: argparse.Namespace, op: str, what: str, describe: Callabl
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    if _dask_wanted(args):
+        return _dask_command(args)
+
     def describe(target: Target, reply: dict) -> str:
         verb = "rolled back" if args.command == "rollback" else "reloaded"
         lines = [f"{target.label}: {verb} {args.module!r} generation {reply['generation_before']} "
@@ -385,12 +411,16 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
+    if _dask_wanted(args):
+        return _dask_command(args)
     return _each_target(args, "unload", f"unload of {args.module!r}", lambda target, reply: (
         f"{target.label}: unloaded {args.module!r} (generation {reply['generation']} draining)"),
         module=args.module)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if _dask_wanted(args):
+        return _dask_command(args)
     first = [True]
 
     def table(target: Target, reply: dict) -> str:
@@ -399,6 +429,76 @@ def cmd_status(args: argparse.Namespace) -> int:
         return text
 
     return _each_target(args, "status", "status", table)
+
+
+def _dask_wanted(args: argparse.Namespace) -> bool:
+    """Whether reload/unload/status address a Dask cluster (--dask); usage errors for options that need it."""
+    dask = getattr(args, "dask", None)
+    options = [("--file", getattr(args, "file", None) is not None), ("--rolling", getattr(args, "rolling", False)),
+               ("--batch", getattr(args, "batch", None) is not None), ("--rollback", getattr(args, "rollback", False))]
+    given = [option for option, present in options if present]
+    usage = None
+    if dask is None and given:
+        usage = f"{given[0]} is for a Dask cluster: add --dask SCHEDULER_ADDRESS"
+    elif dask is not None:
+        local = [opt for opt, value in (("--socket", args.socket), ("--pid", args.pid), ("--name", args.name),
+                                        ("--all", args.all)) if value]
+        if local:
+            usage = f"--dask reaches every worker of the cluster: drop {' and '.join(local)}"
+        elif ("--batch" in given or "--rollback" in given) and "--rolling" not in given:
+            usage = f"{'--batch' if '--batch' in given else '--rollback'} is for --rolling"
+    if usage:
+        raise CLIError(usage, hint=f"`nativereload {args.command} --help` shows the options", code=EXIT_USAGE,
+                       kind="UsageError")
+    return dask is not None
+
+
+def _dask_command(args: argparse.Namespace) -> int:
+    """reload, unload or status on every worker of the cluster at ``--dask`` (nativereload.dask)."""
+    try:
+        from distributed import Client
+
+        from . import dask as cluster
+    except ImportError as exc:
+        raise CLIError(str(exc), hint='pip install "nativereload[dask]" (here and on every worker)',
+                       kind="ImportError") from None
+    try:
+        client = Client(args.dask, timeout=args.timeout, set_as_default=False)
+    except (OSError, TimeoutError) as exc:
+        raise CLIError(f"cannot reach the Dask scheduler at {args.dask}: {exc}",
+                       hint="check the address (tcp://HOST:8786) and that the scheduler runs", kind="ControlError") \
+            from None
+    with client:
+        if args.command == "status":
+            statuses = cluster.status(client, timeout=args.timeout)
+            if args.json:
+                _emit_json(cluster.status_json(statuses))
+            else:
+                print(cluster.status_table(statuses))
+            return EXIT_FAILED if any(s.error for s in statuses) else EXIT_OK
+        try:
+            if args.command == "unload":
+                report = cluster.unload(client, args.module, timeout=args.timeout)
+            else:
+                report = cluster.reload(client, args.module, args.file, mode="rolling" if args.rolling else
+                                        "all-or-nothing", batch=args.batch or 1, rollback=args.rollback,
+                                        canary=args.canary, allow_interface_change=args.allow_interface_change,
+                                        timeout=args.timeout)
+        except NativeReloadError as exc:
+            if getattr(exc, "report", None) is None:
+                raise
+            # The report is the result (stdout, or the one JSON document); what failed goes to stderr.
+            if args.json:
+                _emit_json(exc.report.to_json())
+            else:
+                print(exc.report.table(sys.stdout))
+            print_error(str(exc), exc.hint)
+            return EXIT_FAILED
+    if args.json:
+        _emit_json(report.to_json())
+    else:
+        print(report.table(sys.stdout))
+    return EXIT_OK
 
 
 def format_status(reply: dict, socket_path: str) -> str:

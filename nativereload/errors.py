@@ -23,8 +23,10 @@ exception also carries its facts as attributes (``.module``, ``.path``,
      +-- ControlError                        the control socket cannot be served or reached
      |    +-- ProtocolError                  a request that is not valid JSON or not a valid operation
      +-- BuildError                          CMake configure or build failed (or CMake is missing)
- +-- CompileError                        calls="compiled" and the compiled call path could not be built
+     +-- CompileError                        calls="compiled" and the compiled call path could not be built
      +-- DemoError                           the demo module could not be compiled
+     +-- ClusterReloadError                  a reload or unload across a Dask cluster refused, stopped
+                                             or could not start (``.report`` says per worker)
 
 This module imports nothing from the package.
 """
@@ -36,6 +38,7 @@ import os
 __all__ = [
     "BuildError",
     "CanaryFailed",
+    "ClusterReloadError",
     "CompileError",
     "ControlError",
     "DemoError",
@@ -261,9 +264,26 @@ class DemoError(NativeReloadError):
         self.hint = hint
 
 
+class ClusterReloadError(NativeReloadError):
+    """A reload or unload across a Dask cluster (``nativereload.dask``) was refused, stopped, or could not start.
+
+    Attributes:
+        report: what happened on each worker (a ``nativereload.dask.ClusterReport``; ``None`` if no worker
+            was asked, e.g. another cluster reload of the module held the lock).
+        hint: what to try next, for the CLI's ``hint:`` line.
+    """
+
+    def __init__(self, message: str, *, module: str | None = None, report: object | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, module=module)
+        self.report = report
+        self.hint = hint
+
+
 for _cls in (NativeReloadError, ModuleNameError, ModuleNotFound, ModuleNotLoaded, ModuleConflict, ReloadPending,
              LoadError, SymbolError, InterfaceError, ModuleUnloaded, HandleError, PinReleased, ControlError,
-             ProtocolError, BuildError, CompileError, DemoError, InitRefused, CanaryFailed, DrainTimeout):
+             ProtocolError, BuildError, CompileError, DemoError, InitRefused, CanaryFailed, DrainTimeout,
+             ClusterReloadError):
     # Tracebacks read "nativereload.LoadError", the name users import.
     _cls.__module__ = "nativereload"
 del _cls

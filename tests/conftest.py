@@ -5,6 +5,8 @@
     v3              the same with SAMPLE_VERSION 3
     nosym           v2 without scaled()
     undef           v2 calling a function no library defines (dlopen fails)
+    big             v2 with 256 KiB of read-only padding: a process whose file size limit
+                    (RLIMIT_FSIZE) is lower cannot store it (the cluster tests' refusing worker)
     unique          a C++ library glibc keeps mapped after dlclose
     objects1, objects2  csrc/samples/objects.c (objects that cross reloads) with SAMPLE_VERSION 1 and 2
     lifecycle1, lifecycle2  csrc/samples/lifecycle.c (init/fini hooks, state handed over) with SAMPLE_VERSION 1, 2
@@ -157,6 +159,7 @@ def build_samples(base: Path, build: bool = True) -> dict[str, Path]:
         if version == 2:
             built["nosym"] = modules / "sample_nosym.so"
             built["undef"] = modules / "sample_undef.so"
+            built["big"] = modules / "sample_big.so"
             built["unique"] = modules / "unique.so"
             for variant in CONTRACT_VARIANTS + ("lifecycle_crash", "lifecycle_selftest3", "lifecycle_hang"):
                 built[variant] = modules / f"{variant}.so"

@@ -133,3 +133,32 @@ def test_the_sqlite_example_of_objects_across_reloads_works(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     shown = json.loads(result.stdout.strip().splitlines()[-1])
     assert "(100, 42)" in shown and repr("0 calls, 1 handle (sqlite3 *)") in shown and "True" in shown
+
+
+@pytest.mark.timeout(240)
+def test_the_cluster_example_works_pasted_into_an_empty_directory(tmp_path):
+    pytest.importorskip("distributed")
+    import socket
+
+    found = blocks("Cluster: every worker of a Dask cluster")
+    assert [lang for lang, _ in found[:4]] == ["sh", "python", "sh", "python"]
+    # The example's scheduler port, replaced by a free one (tests may run side by side).
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    pasted = [(lang, body.replace("8786", port)) for lang, body in found[:4]]
+    assert all(port in body for _, body in pasted[1:3])
+    work = tmp_path / "empty"
+    work.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "nativereload"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m nativereload "$@"\n')
+    shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
+    (tmp_path / "blocks.json").write_text(json.dumps(pasted))
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", DRIVER, str(tmp_path / "blocks.json")], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=220)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr[-3000:]
+    assert "reloaded 'counter' on 3 workers (rolling)" in result.stdout

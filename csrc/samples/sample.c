@@ -4,6 +4,9 @@
  *   SAMPLE_VERSION=N        what version() and scaled() report (1 by default)
  *   SAMPLE_DROP_SYMBOL      leaves out scaled(): a reload without a new cdef must be refused
  *   SAMPLE_UNDEFINED        calls a function no library defines: dlopen(RTLD_NOW) must fail
+ *   SAMPLE_PADDING=BYTES    adds that many bytes of read-only data: a build too big for a process
+ *                           whose file size limit (RLIMIT_FSIZE) is lower to store (a cluster
+ *                           worker that refuses it while the others take it)
  */
 #include <stddef.h>
 #include <unistd.h>
@@ -17,6 +20,10 @@
 
 #ifdef SAMPLE_UNDEFINED
 extern int nativereload_sample_missing_function(void);
+#endif
+
+#ifdef SAMPLE_PADDING
+__attribute__((used)) static const unsigned char sample_padding[SAMPLE_PADDING] = {1};
 #endif
 
 /* Per-image state: a fresh image starts again at zero. */
