@@ -509,13 +509,13 @@ def format_status(reply: dict, socket_path: str) -> str:
     if not modules:
         lines.append("  no modules loaded")
         return "\n".join(lines)
-    rows = [("MODULE", "GEN", "IMAGE", "STATE", "IN FLIGHT", "PATH")]
+    rows = [("MODULE", "GEN", "CALLS", "IMAGE", "STATE", "IN FLIGHT", "PATH")]
     for m in modules:
         images = m.get("images") or [{}]
         for i, image in enumerate(images):
             first = i == 0
             rows.append((m["name"] if first else "", str(m.get("generation")) if first else "",
-                         str(image.get("generation", "-")), image.get("state", "-"),
+                         _calls(m) if first else "", str(image.get("generation", "-")), image.get("state", "-"),
                          str(image.get("in_flight", "-")), (m.get("path") or "") if first else ""))
     lines += _columns(rows)
     for m in modules:
@@ -523,6 +523,11 @@ def format_status(reply: dict, socket_path: str) -> str:
         if note:
             lines.append(f"  {m['name']}: {note}")
     return "\n".join(lines)
+
+
+def _calls(module: dict) -> str:
+    """How the module's calls are made: "compiled", "compiling", "gate" or "python" (older servers: "-")."""
+    return module.get("calls") or "-"
 
 
 def _columns(rows: list[tuple[str, ...]]) -> list[str]:
