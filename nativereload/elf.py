@@ -75,7 +75,7 @@ _PT_LOAD, _PT_DYNAMIC, _PT_NOTE, _PT_PHDR, _PT_TLS = 1, 2, 4, 6, 7
 _PT_GNU_EH_FRAME, _PT_GNU_RELRO, _PT_GNU_PROPERTY = 0x6474E550, 0x6474E552, 0x6474E553
 _PF_X, _PF_W, _PF_R = 1, 2, 4
 
-_DT_NULL, _DT_NEEDED, _DT_PLTRELSZ, _DT_PLTGOT, _DT_HASH = 0, 1, 2, 3, 4
+_DT_NULL, _DT_NEEDED, _DT_PLTRELSZ, _DT_HASH = 0, 1, 2, 4
 _DT_STRTAB, _DT_SYMTAB, _DT_RELA, _DT_RELASZ, _DT_RELAENT = 5, 6, 7, 8, 9
 _DT_STRSZ, _DT_SYMENT, _DT_INIT, _DT_FINI, _DT_SONAME, _DT_RPATH = 10, 11, 12, 13, 14, 15
 _DT_REL, _DT_RELSZ, _DT_RELENT, _DT_PLTREL, _DT_TEXTREL, _DT_JMPREL = 17, 18, 19, 20, 22, 23
@@ -84,7 +84,7 @@ _DT_RUNPATH, _DT_FLAGS, _DT_PREINIT_ARRAY, _DT_PREINIT_ARRAYSZ = 29, 30, 32, 33
 _DT_RELRSZ, _DT_RELR, _DT_RELRENT = 35, 36, 37
 _DT_GNU_HASH = 0x6FFFFEF5
 _DT_VERSYM, _DT_RELACOUNT, _DT_RELCOUNT = 0x6FFFFFF0, 0x6FFFFFF9, 0x6FFFFFFA
-_DT_VERDEF, _DT_VERDEFNUM, _DT_VERNEED, _DT_VERNEEDNUM = 0x6FFFFFFC, 0x6FFFFFFD, 0x6FFFFFFE, 0x6FFFFFFF
+_DT_VERDEF, _DT_VERNEED = 0x6FFFFFFC, 0x6FFFFFFE
 _DT_AUXILIARY, _DT_FILTER = 0x7FFFFFFD, 0x7FFFFFFF
 _DF_TEXTREL = 0x4
 _MAX_VERSION_ENTRIES = 1 << 16
@@ -101,13 +101,13 @@ _SHF_WRITE, _SHF_ALLOC, _SHF_EXECINSTR, _SHF_TLS = 0x1, 0x2, 0x4, 0x400
 _SHT_DYNAMIC, _SHT_NOBITS = 6, 8
 
 # Machines whose ld.so processes only RELA relocations (glibc's generic
-# ELF_MACHINE_NO_REL); x86, ARM and MIPS also take REL. Unlisted: either.
-_REL_MACHINES = {3, 8, 40}
+# ELF_MACHINE_NO_REL); x86, ARM and MIPS also take REL, as may unlisted ones.
 _RELA_ONLY = {2, 15, 18, 20, 21, 22, 43, 62, 183, 243, 258}
 # (R_*_RELATIVE, symbolic word relocations, R_*_IRELATIVE) per machine: how an
 # init/fini array slot gets its address, and which addends are IFUNC resolvers.
 _RELOC_TYPES = {62: (8, {1, 6}, 37), 3: (8, {1, 6}, 42), 183: (1027, {257, 1025}, 1032), 40: (23, {2, 21}, 160),
-                243: (3, {2}, 58), 21: (22, {38}, 248), 22: (12, {4, 10}, 61), 258: (3, {2}, 12)}
+                243: (3, {1, 2}, 58), 21: (22, {20, 38}, 248), 20: (22, {1, 20}, 248), 22: (12, {4, 10, 22}, 61),
+                258: (3, {1, 2}, 12)}
 _R_X86_64_RELATIVE64 = 38
 
 

@@ -708,3 +708,138 @@ def test_a_crash_it_prevents(samples, tmp_path):
     result = run_python(f"import ctypes; ctypes.CDLL({str(path)!r})")
     assert result.returncode < 0 or result.returncode == 127
     refused(path, "DT_INIT")
+
+
+DT_RELSZ, DT_RELENT, DT_RELCOUNT = 18, 19, 0x6FFFFFFA
+
+
+# -- what the check knows of other machines (exercised here by pretending to be one) -----------------------
+
+# From each psABI (glibc's elf.h): machine -> (name, RELATIVE, symbolic word relocations, IRELATIVE, RELA only).
+MACHINES = {
+    3: ("x86", 8, (1, 6), 42, False),
+    8: ("MIPS", None, (), None, False),
+    20: ("PowerPC", 22, (1, 20), 248, True),
+    21: ("PowerPC64", 22, (20, 38), 248, True),
+    22: ("s390", 12, (4, 10, 22), 61, True),
+    40: ("ARM", 23, (2, 21), 160, False),
+    62: ("x86-64", 8, (1, 6), 37, True),
+    183: ("AArch64", 1027, (257, 1025), 1032, True),
+    243: ("RISC-V", 3, (1, 2), 58, True),
+    258: ("LoongArch", 3, (1, 2), 12, True),
+    2: ("machine 2", None, (), None, True),
+    15: ("machine 15", None, (), None, True),
+    18: ("machine 18", None, (), None, True),
+    43: ("machine 43", None, (), None, True),
+    4242: ("machine 4242", None, (), None, False),
+}
+
+
+def test_machine_names_are_the_real_ones():
+    assert {m: name for m, (name, *_rest) in MACHINES.items() if not name.startswith("machine")} == \
+        elf._MACHINE_NAMES
+
+
+def as_machine(monkeypatch, machine):
+    """Make the check believe this process runs on ``machine``; return an edit that retypes the sample for it."""
+    monkeypatch.setattr(elf, "HOST_MACHINE", machine)
+    _name, relative, _symbolic, _irelative, _rela_only = MACHINES[machine]
+
+    def change(e):
+        e.put(18, machine, 2)
+        for table, size in ((DT_RELA, DT_RELASZ), (DT_JMPREL, DT_PLTRELSZ)):
+            for at, _offset, info, _addend in e.relocations(table, size):
+                if info & 0xFFFFFFFF == 8 and relative is not None:
+                    e.put(at + 8, (info & ~0xFFFFFFFF) | relative)
+    return change
+
+
+@pytest.mark.parametrize("machine", sorted(m for m in MACHINES if MACHINES[m][1] is not None))
+def test_relocation_types_of_each_machine(samples, tmp_path, monkeypatch, machine):
+    name, relative, symbolic, irelative, rela_only = MACHINES[machine]
+    retype = as_machine(monkeypatch, machine)
+    elf.check(edited(samples, tmp_path, retype))
+    # An x86-64 RELATIVE where this machine expects its own is not relative here.
+    if relative != 8:
+        refused(edited(samples, tmp_path, lambda e: retype(e) or e.put(e.relocations()[0][0] + 8, 8)),
+                r"\(DT_RELACOUNT\) is not a relative relocation|not relocated to a function|is relocated to")
+    # Every symbolic word relocation fills an init array slot from a symbol.
+    for kind in symbolic:
+        def from_symbol(e, kind=kind):
+            retype(e)
+            at = e.relocations()[0][0]
+            e.put(at + 8, (e.symbol_index(b"add") << 32) | kind)
+            e.put(at + 16, 0)
+            e.set_dyn(DT_RELACOUNT, 0)
+        elf.check(edited(samples, tmp_path, from_symbol))
+    # This machine's IFUNC relocation calls its addend.
+    def ifunc(e):
+        retype(e)
+        at = e.relocations()[3][0]
+        e.put(at + 8, irelative)
+        e.put(at + 16, 0x2000)
+    refused(edited(samples, tmp_path, ifunc), "IFUNC resolver at 0x2000")
+
+
+@pytest.mark.parametrize("machine", sorted(MACHINES))
+def test_rel_or_rela_per_machine(samples, tmp_path, monkeypatch, machine):
+    name, _relative, _symbolic, _irelative, rela_only = MACHINES[machine]
+    retype = as_machine(monkeypatch, machine)
+    pltrel_rel = edited(samples, tmp_path, lambda e: retype(e) or e.set_dyn(DT_PLTREL, 17))
+    if rela_only:
+        refused(pltrel_rel, r"DT_PLTREL is 17 \(ld.so asserts DT_RELA\)")
+        refused(edited(samples, tmp_path, lambda e: retype(e) or e.retag(DT_SYMBOLIC_TAG, DT_REL, 0x4f8)),
+                f"REL relocations, which ld.so on {name} ignores")
+    else:
+        # REL is allowed: the PLT table is then read as REL (16-byte entries)
+        with pytest.raises(elf.ELFError) as info:
+            elf.check(pltrel_rel)
+        assert "DT_PLTREL is" not in str(info.value) and "DT_PLTRELSZ is 24, not a multiple of 16" in str(info.value)
+        refused(edited(samples, tmp_path, lambda e: retype(e) or e.set_dyn(DT_PLTREL, 18)),
+                r"DT_PLTREL is 18 \(ld.so asserts DT_RELA or DT_REL\)")
+
+
+def test_rel_tables_where_the_machine_takes_them(samples, tmp_path, monkeypatch):
+    retype = as_machine(monkeypatch, 3)             # x86 (32-bit) takes REL tables too
+
+    def rel(*, entry_size=16, drop=None, count=None):
+        def change(e):
+            retype(e)
+            e.retag(DT_SYMBOLIC_TAG, DT_REL, e.dyn(DT_RELA))
+            e.retag(DT_INIT, DT_RELSZ, 32)                  # two 16-byte entries
+            e.retag(DT_FINI, DT_RELENT, entry_size)
+            if drop is not None:
+                e.retag(drop, DT_DEBUG)
+            if count is not None:
+                e.retag(DT_RELACOUNT, DT_RELCOUNT, count)
+        return change
+    refused(edited(samples, tmp_path, rel(entry_size=8)), r"DT_RELENT is 8 \(ld.so asserts 16\)")
+    refused(edited(samples, tmp_path, rel(drop=DT_RELSZ)), "DT_REL without DT_RELSZ")
+    refused(edited(samples, tmp_path, rel(drop=DT_RELENT)), "DT_REL without DT_RELENT")
+    refused(edited(samples, tmp_path, rel(count=5)), r"DT_RELCOUNT \(5\) exceeds the 2 relocations")
+
+
+def test_more_string_tags(samples, tmp_path):
+    for tag, name in ((15, "DT_RPATH"), (29, "DT_RUNPATH"), (0x7FFFFFFD, "DT_AUXILIARY")):
+        refused(edited(samples, tmp_path, lambda e: e.retag(DT_SYMBOLIC_TAG, tag, 5000)),
+                f"{name} names offset 5000")
+    refused(edited(samples, tmp_path, lambda e: e.retag(DT_SYMBOLIC_TAG, 0x7FFFFFFD, 0)),
+            "DT_AUXILIARY names an empty file name")
+    elf.check(edited(samples, tmp_path, lambda e: e.retag(DT_SYMBOLIC_TAG, 15, 0)))     # an empty rpath: harmless
+
+
+def test_preinit_array_bounds(samples, tmp_path):
+    def preinit(size):
+        def change(e):
+            e.retag(DT_SYMBOLIC_TAG, DT_PREINIT_ARRAY, 0x3dc8)
+            e.retag(DT_FLAGS, DT_PREINIT_ARRAYSZ, size)
+        return change
+    elf.check(edited(samples, tmp_path, preinit(8)))
+    refused(edited(samples, tmp_path, preinit(0x100000)), r"DT_PREINIT_ARRAY: \[0x3dc8")
+    refused(edited(samples, tmp_path, preinit(4)), "DT_PREINIT_ARRAYSZ is 4, not a multiple of 8")
+
+
+def test_only_df_textrel_makes_text_writable(samples, tmp_path):
+    for flags in (0x1, 0x2, 0x8, 0x10):
+        refused(edited(samples, tmp_path, lambda e: e.put(e.relocations()[4][0], 0x1008) or
+                       e.set_dyn(DT_FLAGS, flags)), "one writes to 0x1008")
