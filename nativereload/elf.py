@@ -485,7 +485,7 @@ def _check_hash_tables(f: _File, d: _Dynamic) -> int:
     if sysv is not None:
         nbucket, nchain = struct.unpack(f.order + "II", f.read_at(sysv, 8, "hash table (DT_HASH)"))
         table = f.words(f.read_at(sysv + 8, 4 * (nbucket + nchain), "hash table (DT_HASH)"), "I")
-        if nbucket + nchain and max(table) >= max(nchain, 1):
+        if nbucket + nchain and max(table.tolist()) >= max(nchain, 1):
             raise _corrupt(f"hash table (DT_HASH): it names a symbol past its {nchain} chains")
         counts.append(nchain)
     if not counts:
@@ -503,7 +503,7 @@ def _check_gnu_hash(f: _File, address: int) -> int:
     buckets = f.words(f.read_at(address + 16, bloom_size * f.word + 4 * nbuckets, what)[bloom_size * f.word:],
                       "I")
     chains_at = buckets_at + 4 * nbuckets
-    used = [bucket for bucket in buckets if bucket]
+    used = list(filter(None, buckets.tolist()))
     if not used:
         return symoffset
     if min(used) < symoffset:
@@ -530,12 +530,13 @@ class _Symbols:
     """The dynamic symbol table, as columns (native integers: the byte order is the host's)."""
 
     def __init__(self, f: _File, data: bytes) -> None:
+        # (tolist(): iterating a strided memoryview is several times slower)
         if f.is64:
-            self.names = f.words(data, "I")[0::6]
+            self.names = f.words(data, "I")[0::6].tolist()
             self.info, self.other = data[4::24], data[5::24]
-            self.shndx, self.values = f.words(data, "H")[3::12], f.words(data, "Q")[1::3]
+            self.shndx, self.values = f.words(data, "H")[3::12], f.words(data, "Q")[1::3].tolist()
         else:
-            self.names, self.values = f.words(data, "I")[0::4], f.words(data, "I")[1::4]
+            self.names, self.values = f.words(data, "I")[0::4].tolist(), f.words(data, "I")[1::4].tolist()
             self.info, self.other, self.shndx = data[12::16], data[13::16], f.words(data, "H")[7::8]
 
     def __len__(self) -> int:
@@ -638,11 +639,11 @@ def _check_versions(f: _File, d: _Dynamic, nsyms: int, strtab: bytes) -> None:
         # Relocations index the table ld.so built with each symbol's version:
         # an index past it reads a wild pointer.
         data = f.read_at(versym, 2 * nsyms, "symbol versions (DT_VERSYM)")
-        if max(f.words(data, "H")) > highest:
+        if max(f.words(data, "H").tolist()) > highest:
             masked = bytearray(data)           # clear the "hidden" bit (bit 15) of each entry
             high = slice(1, None, 2) if sys.byteorder == "little" else slice(0, None, 2)
             masked[high] = masked[high].translate(_CLEAR_TOP_BIT)
-            top = max(f.words(bytes(masked), "H"))
+            top = max(f.words(bytes(masked), "H").tolist())
             if top > highest:
                 raise _corrupt(f"symbol versions (DT_VERSYM): version index {top} is not defined or needed")
 
@@ -791,7 +792,7 @@ def _check_relocations(f: _File, d: _Dynamic, machine: int, tables: list[tuple],
     relocated: dict[int, int] = {}
     for kind, address, words, relative, types, indexes in tables:
         columns = 3 if kind == "rela" else 2
-        offsets = words[0::columns]
+        offsets = words[0::columns].tolist()
         if not offsets:
             continue
         what = f"relocations at {address:#x}"
@@ -816,8 +817,7 @@ def _check_relocations(f: _File, d: _Dynamic, machine: int, tables: list[tuple],
             _check_code(f, [addends(i) for i, t in enumerate(types) if t == irelative_type],
                         f"{what}: IFUNC resolver")
         if slots:
-            listed = offsets.tolist()
-            positions = {slot: listed.index(slot) for slot in slots if slot in listed}
+            positions = {slot: offsets.index(slot) for slot in slots if slot in offsets}
             for slot, i in positions.items():
                 if i < relative or types[i] == relative_type:
                     relocated[slot] = addends(i)
@@ -853,7 +853,7 @@ def _split_info(f: _File, infos: memoryview) -> tuple[list[int], list[int]]:
     return [value & 0xFF for value in values], [value >> 8 for value in values]
 
 
-def _addends(f: _File, kind: str, words: memoryview, columns: int, offsets: memoryview):
+def _addends(f: _File, kind: str, words: memoryview, columns: int, offsets: list[int]):
     """A function: relocation i -> its addend (RELA: r_addend, signed; REL: the word at its target)."""
     bits = 8 * f.word
     if kind == "rela":
