@@ -4,6 +4,7 @@
     python tools/mutate.py registry --jobs 2      # two mutants at a time (one repository copy each)
     python tools/mutate.py gate --only 17 -v      # one mutant, its diff and the test output
     python tools/mutate.py workdir --list         # list the mutants, run nothing
+    python tools/mutate.py elf --rerun out.json   # only the survivors of an earlier run (--json out.json)
 
 Each mutant is one change to the module's syntax tree (mutmut 3.8 could not
 be used: the tests start child interpreters, which its trampolines do not
@@ -19,8 +20,10 @@ reach):
 It runs in a copy of the repository (so the working tree is never touched),
 with the sample libraries built once and shared (``NATIVERELOAD_SAMPLES_CACHE``).
 For each mutant: the module's own test files with ``-x`` (the first failure
-kills it); for each survivor, the whole suite. A mutant that times out counts
-as killed (it hung), one that does not compile is left out. Survivors judged
+kills it); with ``--full``, each survivor then runs the whole suite (run
+that on the survivors of a first pass: ``--full --only N --only M ...``).
+A mutant that times out counts as killed (it hung), one that does not
+compile is left out. Survivors judged
 equivalent (no behaviour changes) are listed, each with its reason, in
 ``tools/mutate-equivalent.txt`` beside this script, keyed by module,
 operator and the source text it changes; they are reported, not counted.
@@ -264,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("module", help="a module of nativereload: " + ", ".join(TESTS))
     parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (one repository copy each)")
     parser.add_argument("--only", type=int, action="append", help="test only mutant N (repeatable)")
+    parser.add_argument("--rerun", type=Path, help="test only the survivors recorded in this --json file (by key)")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
-    parser.add_argument("--no-full", action="store_true", help="do not rerun survivors on the whole suite")
+    parser.add_argument("--full", action="store_true", help="rerun each survivor on the whole suite")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per test run before it counts as a hang")
     parser.add_argument("--json", type=Path, help="write every mutant's outcome here")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every mutant, and survivors' output")
@@ -279,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     tree, all_mutants = mutants(source, module)
     if args.only:
         all_mutants = [item for item in all_mutants if item[0].number in args.only]
+    if args.rerun:
+        keys = {entry["key"] for entry in json.loads(args.rerun.read_text()) if entry["outcome"] == "survived"}
+        all_mutants = [item for item in all_mutants if item[0].key in keys]
     if args.list:
         for mutant, _node, _how in all_mutants:
             print(f"{mutant.describe()}    [{mutant.key}]")
@@ -292,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     free: list[Sandbox] = []
     lock = threading.Lock()
     printed = threading.Lock()
+    done = [0]
 
     def take() -> Sandbox:
         with lock:
@@ -312,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         sandbox = take()
         try:
             outcome, tail = sandbox.run(mutated, tests, args.timeout)
-            if outcome == "passed" and not args.no_full:
+            if outcome == "passed" and args.full:
                 outcome, tail = sandbox.run(mutated, ["tests"], args.timeout * 3)
         finally:
             with lock:
@@ -323,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         elif mutant.outcome == "survived":
             mutant.detail = tail
         with printed:
+            done[0] += 1
+            if done[0] % 50 == 0:
+                print(f"... {done[0]}/{len(all_mutants)} mutants tested", flush=True)
             if args.verbose or mutant.outcome == "survived":
                 print(f"{mutant.outcome.upper():10} {mutant.describe()}    [{mutant.key}]", flush=True)
                 if args.verbose and mutant.outcome == "survived":
