@@ -268,18 +268,15 @@ def _check(f: _File) -> None:
     if e_phnum == 0 or e_phnum == _PN_XNUM or e_phentsize != ph_size:
         raise ELFError(f"corrupt program-header table ({e_phnum} entries of {e_phentsize} bytes)")
     table = f.read(e_phoff, e_phnum * ph_size, "program-header table")
-    dynamic = _check_program_headers(f, table, ph_format, e_phoff, e_phnum * ph_size)
-    if e_shoff:
-        end = e_shoff + e_shnum * e_shentsize
-        if end > f.size:
-            raise ELFError(f"truncated: the section-header table ends at byte {end} but the file has "
-                           f"{f.size} bytes (still being written?)")
-        if e_shnum:
-            _check_sections(f, e_shoff, e_shnum, e_shentsize, e_shstrndx, dynamic[0])
+    dynamic = _check_program_headers(f, table, ph_format, e_phoff)
+    # The section-header table is the last thing a linker writes: reading it
+    # also refuses most truncated files.
+    if e_shoff and e_shnum:
+        _check_sections(f, e_shoff, e_shnum, e_shentsize, e_shstrndx, dynamic[0])
     _check_dynamic(f, e_machine, dynamic)
 
 
-def _check_program_headers(f: _File, table: bytes, ph_format: str, e_phoff: int, table_size: int) -> tuple:
+def _check_program_headers(f: _File, table: bytes, ph_format: str, e_phoff: int) -> tuple:
     """Check the segments; return (vaddr, filesz, flags) of PT_DYNAMIC."""
     headers = []
     for index, fields in enumerate(struct.iter_unpack(ph_format, table)):
@@ -317,7 +314,7 @@ def _check_program_headers(f: _File, table: bytes, ph_format: str, e_phoff: int,
     for index, p_type, p_flags, p_offset, p_vaddr, p_filesz, p_memsz, p_align in headers:
         if p_type == _PT_PHDR:
             # ld.so reads the program headers back from this address (dl_iterate_phdr, notes).
-            segment = f.segment_at(p_vaddr, table_size, "PT_PHDR")
+            segment = f.segment_at(p_vaddr, len(table), "PT_PHDR")
             if segment.offset + p_vaddr - segment.vaddr != e_phoff:
                 raise _corrupt(f"PT_PHDR: address {p_vaddr:#x} does not map the program headers at byte {e_phoff}")
         elif p_type in (_PT_NOTE, _PT_GNU_PROPERTY) and p_memsz:

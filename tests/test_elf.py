@@ -843,3 +843,179 @@ def test_only_df_textrel_makes_text_writable(samples, tmp_path):
     for flags in (0x1, 0x2, 0x8, 0x10):
         refused(edited(samples, tmp_path, lambda e: e.put(e.relocations()[4][0], 0x1008) or
                        e.set_dyn(DT_FLAGS, flags)), "one writes to 0x1008")
+
+
+# -- a 32-bit library (i386: REL relocations), checked as a 32-bit process would --------------------------
+
+X32_SOURCE = r"""
+static int counter;
+int f(void) { return ++counter; }
+int g(void) { return counter; }
+int (*table[2])(void) = {f, g};
+static void early(void) { counter = 1; }
+void (*init_slot)(void) __attribute__((section(".init_array"), used)) = early;
+"""
+
+
+@pytest.fixture(scope="module")
+def x32(tmp_path_factory):
+    """An i386 shared library, linked without the C runtime (no 32-bit libc needed to build it)."""
+    base = tmp_path_factory.mktemp("x32")
+    source = base / "x32.c"
+    source.write_text(X32_SOURCE)
+    output = base / "x32.so"
+    result = subprocess.run(["cc", "-m32", "-shared", "-fPIC", "-nostdlib", "-O2", "-o", str(output), str(source)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot build a 32-bit library here: {result.stderr[-200:]}")
+    return output
+
+
+class Edit32:
+    """Just enough of a 32-bit little-endian ELF editor for these tests."""
+
+    def __init__(self, data):
+        self.data = bytearray(data)
+
+    def u(self, at, size=4):
+        return int.from_bytes(self.data[at:at + size], "little")
+
+    def put(self, at, value, size=4):
+        self.data[at:at + size] = (value % (1 << (8 * size))).to_bytes(size, "little")
+
+    def ph(self, index):
+        base = self.u(28) + 32 * index
+        names = ("type", "offset", "vaddr", "paddr", "filesz", "memsz", "flags", "align")
+        return {name: self.u(base + 4 * i) for i, name in enumerate(names)}, base
+
+    def offset_of(self, vaddr):
+        for i in range(self.u(44, 2)):
+            ph, _base = self.ph(i)
+            if ph["type"] == PT_LOAD and ph["vaddr"] <= vaddr < ph["vaddr"] + ph["filesz"]:
+                return ph["offset"] + vaddr - ph["vaddr"]
+        raise KeyError(vaddr)
+
+    def dyn_at(self, tag):
+        dynamic = next(self.ph(i)[0] for i in range(self.u(44, 2)) if self.ph(i)[0]["type"] == PT_DYNAMIC)
+        at = self.offset_of(dynamic["vaddr"])
+        while self.u(at):
+            if self.u(at) == tag:
+                return at
+            at += 8
+        raise KeyError(tag)
+
+    def dyn(self, tag):
+        return self.u(self.dyn_at(tag) + 4)
+
+    def set_dyn(self, tag, value):
+        self.put(self.dyn_at(tag) + 4, value)
+
+
+@pytest.fixture
+def as_32bit(monkeypatch):
+    monkeypatch.setattr(elf, "HOST_CLASS", 1)
+    monkeypatch.setattr(elf, "HOST_MACHINE", 3)
+
+
+def edited32(x32, tmp_path, change):
+    edit = Edit32(x32.read_bytes())
+    change(edit)
+    path = tmp_path / "edited32.so"
+    path.write_bytes(bytes(edit.data))
+    return path
+
+
+def test_a_32_bit_library(x32, tmp_path, as_32bit):
+    elf.check(x32)
+    rel = lambda e: [(e.offset_of(e.dyn(DT_REL)) + i, e.u(e.offset_of(e.dyn(DT_REL)) + i),      # noqa: E731
+                      e.u(e.offset_of(e.dyn(DT_REL)) + i + 4)) for i in range(0, e.dyn(18), 8)]
+    init = lambda e: e.offset_of(e.dyn(DT_INIT_ARRAY))      # noqa: E731
+    # The init slot's REL addend is the word at the slot: make it point at data.
+    refused(edited32(x32, tmp_path, lambda e: e.put(init(e), 0x2000)),
+            "DT_INIT_ARRAY slot at 0x3f70 is relocated to 0x2000")
+    # Slots filled by R_386_32 from a function symbol (the function table): fine.
+    elf.check(edited32(x32, tmp_path, lambda e: e.set_dyn(DT_INIT_ARRAY, 0x4000) or e.set_dyn(DT_INIT_ARRAYSZ, 8)))
+    refused(edited32(x32, tmp_path, lambda e: e.set_dyn(0x6FFFFFFA, 3)),
+            r"one of the first 3 \(DT_RELACOUNT\) is not a relative relocation")
+    refused(edited32(x32, tmp_path, lambda e: e.put(rel(e)[1][0], 0x1004)), "one writes to 0x1004")
+    refused(edited32(x32, tmp_path, lambda e: e.put(rel(e)[1][0] + 4, (40 << 8) | 1)),
+            r"symbol table \(DT_SYMTAB, 41 symbols\)")
+    # 32-bit symbols: st_value is the second word.
+    symtab = lambda e: e.offset_of(e.dyn(DT_SYMTAB))      # noqa: E731
+    refused(edited32(x32, tmp_path, lambda e: [e.put(symtab(e) + 16 * i + 4, 0x2000) for i in range(1, 4)
+                                               if e.data[symtab(e) + 16 * i + 12] & 0xF == 2]),
+            "function symbol at 0x2000")
+    # 32-bit program and section headers.
+    refused(edited32(x32, tmp_path, lambda e: e.put(e.ph(1)[1] + 24, 4)), "no executable loadable segment")
+    refused(edited32(x32, tmp_path, lambda e: e.put(46, 64, 2)), r"corrupt section-header table \(entries of 64")
+
+
+def test_a_64_bit_process_refuses_it(x32):
+    refused(x32, "wrong ELF class: the file is 32-bit little-endian, this process is 64-bit little-endian")
+
+
+# -- boundaries and helpers ---------------------------------------------------------------------------------
+
+
+def test_tables_must_be_in_the_file_backed_part(samples, tmp_path):
+    # .bss is mapped, but zero-filled: a table there is not the one in the file.
+    refused(edited(samples, tmp_path, lambda e: e.set_dyn(DT_STRTAB, 0x4010) or e.set_dyn(DT_STRSZ, 8)),
+            r"string table \(DT_STRTAB\): \[0x4010, 0x4018\) is not inside a loaded segment")
+
+
+def test_code_boundaries(samples, tmp_path):
+    text = lambda e: e.ph(e.ph_index(PT_LOAD, PF_R | PF_X))      # noqa: E731
+    add = lambda e: e.symbol_offset(e.symbol_index(b"add"))      # noqa: E731
+    end = lambda e: text(e)["vaddr"] + text(e)["filesz"]      # noqa: E731
+    refused(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, end(e))), "function symbol at 0x13e1")
+    refused(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, text(e)["vaddr"] - 1)), "function symbol at 0xfff")
+    elf.check(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, end(e) - 1)))
+    elf.check(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, text(e)["vaddr"])))
+    refused(edited(samples, tmp_path, lambda e: e.set_dyn(DT_INIT, 0x13e1)), r"DT_INIT \(0x13e1\) is not in an exec")
+
+
+def test_locally_bound_symbols_must_be_inside_the_image(samples, tmp_path):
+    def hidden_at(value):
+        def change(e):
+            index = e.symbol_index(b"add")
+            e.data[e.symbol_offset(index) + 4] = 0x11              # STB_GLOBAL, STT_OBJECT (not checked as code)
+            e.data[e.symbol_offset(index) + 5] = 2                 # STV_HIDDEN: binds locally
+            e.put(e.symbol_offset(index) + 8, value)
+            e.put(e.relocations()[3][0] + 8, (index << 32) | 6)
+        return change
+    elf.check(edited(samples, tmp_path, hidden_at(0x401f)))
+    elf.check(edited(samples, tmp_path, hidden_at(0)))
+    refused(edited(samples, tmp_path, hidden_at(0x4020)), "binds locally but is not defined in the file")
+
+
+def test_flags_are_named_in_messages(samples, tmp_path):
+    path = edited(samples, tmp_path, lambda e: e.set_ph(e.ph_index(PT_LOAD, PF_R | PF_W), "flags", PF_R))
+    assert "which is not readable+writable (" in refused(path, "not readable")
+    assert elf._describe_flags(PF_R | PF_W | PF_X) == "readable+writable+executable"
+    assert elf._describe_flags(PF_X) == "executable"
+
+
+def test_a_16_byte_file(tmp_path):
+    short = tmp_path / "short.so"
+    short.write_bytes(b"\x7fELF" + bytes(12))
+    refused(short, r"corrupt ELF identification \(class 0, data 0\)")
+
+
+def test_internal_parsing_errors_are_elf_errors(samples, monkeypatch):
+    # Whatever a damaged table makes the parser trip on, the caller sees an ELFError.
+    for error in (struct.error("unpack requires a buffer"), IndexError("index out of range"),
+                  TypeError("memoryview: length is not a multiple of itemsize"), ValueError("x")):
+        monkeypatch.setattr(elf, "_check_dynamic", lambda *args, error=error: (_ for _ in ()).throw(error))
+        refused(samples["v1"], f"corrupt tables \\({error}\\)")
+
+
+def test_the_host_is_read_from_the_executable(monkeypatch):
+    real_open = open
+    assert elf._host_identity()[:2] == (elf.HOST_CLASS, elf.HOST_DATA)
+
+    def no_proc(path, *args, **kwargs):
+        if path == "/proc/self/exe":
+            raise OSError("no /proc here")
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", no_proc)
+    assert elf._host_identity() == (elf.HOST_CLASS, elf.HOST_DATA, elf.HOST_MACHINE)   # from sys.executable

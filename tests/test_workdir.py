@@ -263,6 +263,7 @@ def test_no_sweep_where_others_can_rename_entries(tmp_path, caplog, mode, sticky
     assert leftover.exists() != sticky_ok
     warnings = [r for r in caplog.records if "other users can write to it" in r.getMessage()]
     assert len(warnings) == (0 if sticky_ok else 1)            # warned once
+    assert all(r.name == "nativereload" and r.levelname == "WARNING" for r in warnings)
     if warnings:
         assert str(shared) in warnings[0].getMessage() and "chmod +t" in warnings[0].getMessage()
 
