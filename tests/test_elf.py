@@ -635,7 +635,7 @@ def test_not_a_regular_file_never_blocks(tmp_path):
     fifo = tmp_path / "fifo.so"
     os.mkfifo(fifo)
     done = []
-    thread = threading.Thread(target=lambda: done.append(pytest.raises(elf.ELFError, elf.check, fifo)))
+    thread = threading.Thread(target=lambda: done.append(pytest.raises(elf.ELFError, elf.check, fifo)), daemon=True)
     thread.start()
     thread.join(10)
     assert done, "elf.check blocked on a FIFO"

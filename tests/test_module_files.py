@@ -88,7 +88,8 @@ def test_a_fifo_at_reload_is_refused_and_the_old_version_serves(reg, moddir, sam
     os.unlink(moddir / "sample.so")
     os.mkfifo(moddir / "sample.so")
     outcome = []
-    thread = threading.Thread(target=lambda: outcome.append(pytest.raises(LoadError, reg.reload, "sample")))
+    thread = threading.Thread(target=lambda: outcome.append(pytest.raises(LoadError, reg.reload, "sample")),
+                              daemon=True)
     thread.start()
     thread.join(10)
     assert outcome, "reload() blocked on a FIFO"
