@@ -408,3 +408,57 @@ def test_pid_alive():
     assert workdir_module.pid_alive(os.getpid())
     assert not workdir_module.pid_alive(dead_pid())
     assert workdir_module.pid_alive(1)          # another user's (or ours, as root): alive either way
+
+
+def test_error_messages_carry_the_os_words(tmp_path, monkeypatch, caplog):
+    missing = tmp_path / "missing"
+    with pytest.raises(LoadError) as info:
+        workdir_module.Workdir(str(missing), "m")
+    assert f"in {missing}: No such file or directory (load refused)" in str(info.value)
+    real_open = os.open
+    monkeypatch.setattr(workdir_module.os, "open", lambda path, *args, **kwargs: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")) if str(path).endswith(".lock") else real_open(path, *args, **kwargs))
+    with pytest.raises(LoadError) as info:
+        workdir_module.Workdir(str(tmp_path), "m")
+    assert ": Permission denied (load refused)" in str(info.value)
+    monkeypatch.undo()
+    made = workdir_module.Workdir(str(tmp_path), "m")
+    monkeypatch.setattr(workdir_module.os, "rmdir", lambda path: (_ for _ in ()).throw(OSError(16, "Busy")))
+    with caplog.at_level("WARNING", logger="nativereload"):
+        made.remove()
+    assert f"cannot remove {made.path}: Busy" in caplog.text
+    monkeypatch.undo()
+    made.remove()
+
+
+def test_intact_is_a_bool(tmp_path):
+    made = workdir_module.Workdir(str(tmp_path), "m")
+    assert made.intact() is True
+    os.unlink(os.path.join(made.path, ".lock"))
+    os.rmdir(made.path)
+    assert made.intact() is False
+    made.remove()
+
+
+def test_failed_deletions_never_raise(tmp_path, monkeypatch):
+    # Deleting our own directory can fail (a busy file system, a file made undeletable): never an error
+    # on the paths that must not fail (a refused load, the interpreter's exit).
+    import shutil as _shutil
+
+    real_rmtree = _shutil.rmtree
+
+    def failing_rmtree(path, ignore_errors=False, onerror=None, **kwargs):
+        if not ignore_errors:
+            raise OSError(16, "Device or resource busy", str(path))
+    monkeypatch.setattr(workdir_module.shutil, "rmtree", failing_rmtree)
+    made = workdir_module.Workdir(str(tmp_path), "m")
+    fds = open_fds()
+    made.remove_at_exit()
+    assert open_fds() == fds - 1            # the lock descriptor is closed
+    real_open = os.open
+    monkeypatch.setattr(workdir_module.os, "open", lambda path, *args, **kwargs: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")) if str(path).endswith(".lock") else real_open(path, *args, **kwargs))
+    with pytest.raises(LoadError, match="cannot create the lock file"):
+        workdir_module.Workdir(str(tmp_path), "m")
+    monkeypatch.undo()
+    real_rmtree(made.path, ignore_errors=True)
