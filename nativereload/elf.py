@@ -87,7 +87,6 @@ _DT_VERSYM, _DT_RELACOUNT, _DT_RELCOUNT = 0x6FFFFFF0, 0x6FFFFFF9, 0x6FFFFFFA
 _DT_VERDEF, _DT_VERNEED = 0x6FFFFFFC, 0x6FFFFFFE
 _DT_AUXILIARY, _DT_FILTER = 0x7FFFFFFD, 0x7FFFFFFF
 _DF_TEXTREL = 0x4
-_MAX_VERSION_ENTRIES = 1 << 16
 _CLEAR_TOP_BIT = bytes(value & 0x7F for value in range(256))
 _STRING_TAGS = {_DT_NEEDED: "DT_NEEDED", _DT_SONAME: "DT_SONAME", _DT_RPATH: "DT_RPATH",
                 _DT_RUNPATH: "DT_RUNPATH", _DT_AUXILIARY: "DT_AUXILIARY", _DT_FILTER: "DT_FILTER"}
@@ -580,6 +579,25 @@ def _check_code(f: _File, addresses: list[int], what: str) -> None:
             raise _corrupt(f"{what} at {address:#x} is not in an executable segment")
 
 
+def _linked(f: _File, start: int, what: str):
+    """The addresses of a list ld.so follows by relative offsets until one is 0 (the version tables).
+
+    A generator: after each address, ``send()`` it the entry's offset to the
+    next. Refuses a list that comes back to an entry (an address wraps in
+    32-bit arithmetic): ld.so would follow it for ever.
+    """
+    seen = set()
+    address = start
+    while address not in seen:
+        seen.add(address)
+        step = yield address
+        yield                                   # (the value send() returns)
+        if not step:
+            return
+        address = (address + step) % f.limit
+    raise _corrupt(f"{what}: a list that loops back on itself")
+
+
 def _check_versions(f: _File, d: _Dynamic, nsyms: int, strtab: bytes) -> None:
     """The walk glibc's _dl_check_map_versions makes, and the version table it builds from it."""
     strsz = len(strtab)
@@ -589,46 +607,34 @@ def _check_versions(f: _File, d: _Dynamic, nsyms: int, strtab: bytes) -> None:
         # ld.so asserts that each file named here is one it loaded: a DT_NEEDED entry.
         needed = {_string(strtab, offset) for tag, offset in d.needed if tag == _DT_NEEDED}
         what = "version needs (DT_VERNEED)"
-        entry = verneed
-        for count in range(_MAX_VERSION_ENTRIES):
+        entries = _linked(f, verneed, what)
+        for entry in entries:
             version, _cnt, file, aux, next_entry = struct.unpack(f.order + "HHIII", f.read_at(entry, 16, what))
-            if version != 1 and count == 0:
+            if version != 1 and entry == verneed:
                 # ld.so refuses it (and checks the first entry only)
                 raise _corrupt(f"{what}: version {version} of the structure (1 expected)")
             if file >= strsz or _string(strtab, file) not in needed:
                 raise _corrupt(f"{what}: a version of a file that is not a DT_NEEDED entry")
-            item = entry + aux
-            for _ in range(_MAX_VERSION_ENTRIES):
+            items = _linked(f, entry + aux, what)
+            for item in items:
                 _hash, _flags, other, name, next_aux = struct.unpack(f.order + "IHHII", f.read_at(item, 16, what))
                 if name >= strsz:
                     raise _corrupt(f"{what}: a version name past the string table")
                 highest = max(highest, other & 0x7FFF)
-                if not next_aux:
-                    break
-                item = (item + next_aux) % f.limit
-            else:
-                raise _corrupt(f"{what}: an endless list")
-            if not next_entry:
-                break
-            entry = (entry + next_entry) % f.limit
-        else:
-            raise _corrupt(f"{what}: an endless list")
+                items.send(next_aux)
+            entries.send(next_entry)
     verdef = d.get(_DT_VERDEF)
     if verdef is not None:
         what = "version definitions (DT_VERDEF)"
-        entry = verdef
-        for _ in range(_MAX_VERSION_ENTRIES):
+        entries = _linked(f, verdef, what)
+        for entry in entries:
             _version, _flags, ndx, _cnt, _hash, aux, next_entry = struct.unpack(
                 f.order + "HHHHIII", f.read_at(entry, 20, what))
             (name, _next) = struct.unpack(f.order + "II", f.read_at((entry + aux) % f.limit, 8, what))
             if name >= strsz:
                 raise _corrupt(f"{what}: a version name past the string table")
             highest = max(highest, ndx & 0x7FFF)
-            if not next_entry:
-                break
-            entry = (entry + next_entry) % f.limit
-        else:
-            raise _corrupt(f"{what}: an endless list")
+            entries.send(next_entry)
     versym = d.get(_DT_VERSYM)
     if highest and versym is None:
         raise _corrupt("dynamic section: versions without DT_VERSYM (ld.so dereferences it)")

@@ -20,6 +20,15 @@ def dead_pid() -> int:
     return child.pid
 
 
+@pytest.fixture
+def live_pid():
+    """A live process of our own: the sweep sends it signal 0, and a broken sweep nothing worse than to it."""
+    child = subprocess.Popen(["sleep", "300"])
+    yield child.pid
+    child.kill()
+    child.wait()
+
+
 def make_leftover(tmpdir, pid, with_lock=True):
     path = tmpdir / f"nativereload-{pid}-abc123_x"
     path.mkdir(mode=0o700)
@@ -37,8 +46,8 @@ def test_stale_directory_of_dead_process_is_removed_at_start(tmpdir_for_copies):
     assert not leftover.exists() and no_lock.exists()
 
 
-def test_directories_of_live_processes_are_left_alone(tmpdir_for_copies):
-    live = make_leftover(tmpdir_for_copies, os.getppid())
+def test_directories_of_live_processes_are_left_alone(tmpdir_for_copies, live_pid):
+    live = make_leftover(tmpdir_for_copies, live_pid)
     locked = make_leftover(tmpdir_for_copies, dead_pid())
     # The pid looks dead from here, but a live process (us: flock is per open
     # file) holds the lock: a process in another PID namespace, say.
@@ -163,7 +172,7 @@ def needs_root():
         pytest.skip("needs root (to make files of another user)")
 
 
-def stale_kinds(tmpdir):
+def stale_kinds(tmpdir, live_pid):
     """One leftover of each kind the sweep must keep, and the dead ones it must remove."""
     keep, remove = [], []
 
@@ -192,14 +201,14 @@ def stale_kinds(tmpdir):
     keep.append(leftover(dead, lock="fifo"))           # a FIFO: never opened for reading, never waited on
     keep.append(leftover(dead, lock="symlink"))        # never followed
     keep.append(leftover(dead, lock="directory"))
-    keep.append(leftover(os.getppid()))                # a live pid
+    keep.append(leftover(live_pid))                    # a live pid
     remove.append(leftover(dead_pid()))
     return keep, remove
 
 
 @pytest.mark.timeout(30)
-def test_the_sweep_removes_only_what_is_certainly_ours(tmpdir_for_copies):
-    keep, remove = stale_kinds(tmpdir_for_copies)
+def test_the_sweep_removes_only_what_is_certainly_ours(tmpdir_for_copies, live_pid):
+    keep, remove = stale_kinds(tmpdir_for_copies, live_pid)
     fds = open_fds()
     removed = workdir_module.remove_stale(str(tmpdir_for_copies))
     assert open_fds() == fds                       # no lock descriptor leaked
@@ -209,8 +218,8 @@ def test_the_sweep_removes_only_what_is_certainly_ours(tmpdir_for_copies):
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("order", ["sorted", "reversed"])
-def test_one_directory_kept_does_not_stop_the_sweep(tmpdir_for_copies, monkeypatch, order):
-    keep, remove = stale_kinds(tmpdir_for_copies)
+def test_one_directory_kept_does_not_stop_the_sweep(tmpdir_for_copies, monkeypatch, order, live_pid):
+    keep, remove = stale_kinds(tmpdir_for_copies, live_pid)
     real_scandir = os.scandir
     monkeypatch.setattr(workdir_module.os, "scandir", lambda path: sorted(
         real_scandir(path), key=lambda entry: entry.name, reverse=order == "reversed")
@@ -404,10 +413,14 @@ def test_resolve_tmpdir(monkeypatch, tmp_path):
     assert workdir_module.resolve_tmpdir("rel") == os.path.abspath("rel")
 
 
-def test_pid_alive():
-    assert workdir_module.pid_alive(os.getpid())
-    assert not workdir_module.pid_alive(dead_pid())
-    assert workdir_module.pid_alive(1)          # another user's (or ours, as root): alive either way
+def test_pid_alive(live_pid, monkeypatch):
+    assert workdir_module.pid_alive(live_pid) is True
+    assert workdir_module.pid_alive(dead_pid()) is False
+    sent = []
+    monkeypatch.setattr(workdir_module.os, "kill", lambda pid, sig: sent.append((pid, sig)) or
+                        (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+    assert workdir_module.pid_alive(4242) is True          # another user's process: alive
+    assert sent == [(4242, 0)]                            # signal 0: a question, never a signal
 
 
 def test_error_messages_carry_the_os_words(tmp_path, monkeypatch, caplog):

@@ -51,6 +51,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT_FILE = Path(__file__).resolve().parent / "mutate-equivalent.txt"
 
+# Mutants inside an os.kill(...) call (signal 0 -> 1: SIGHUP to whatever pid the test asks about) run only
+# with these tests, which replace os.kill: never with the whole suite, whose processes are real.
+SIGNAL_SAFE_TESTS = {"workdir": ["tests/test_workdir.py::test_pid_alive"]}
+
 # The test files that exercise each module (the first run); survivors get the whole suite.
 TESTS = {
     "elf": ["tests/test_elf.py", "tests/test_crash_safety.py"],
@@ -80,6 +84,7 @@ class Mutant:
         self.key = ""            # "module | operator | text[ #n]", unique within the module
         self.outcome = ""        # killed, survived, timeout, equivalent, invalid
         self.detail = ""
+        self.signals = False     # inside os.kill(...): run only with SIGNAL_SAFE_TESTS
 
     def describe(self) -> str:
         return f"#{self.number} line {self.line}: {self.operator} in `{self.text}`"
@@ -110,6 +115,16 @@ def _skip_nodes(tree: ast.Module) -> set[int]:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
             mark(node)
     return skip
+
+
+def _signal_nodes(tree: ast.Module) -> set[int]:
+    """Nodes inside an ``os.kill(...)`` call: a mutant there could signal another process for real."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)) and \
+                getattr(node.func, "attr", getattr(node.func, "id", "")) == "kill":
+            inside.update(id(child) for child in ast.walk(node))
+    return inside
 
 
 def _points(tree: ast.Module) -> list[tuple[ast.AST, str, object]]:
@@ -189,6 +204,7 @@ def _replace(tree: ast.AST, old: ast.AST, new: ast.AST) -> None:
 
 def mutants(source: str, module: str) -> tuple[ast.Module, list[tuple[Mutant, ast.AST, tuple]]]:
     tree = ast.parse(source)
+    signalling = _signal_nodes(tree)
     result = []
     seen: dict[str, int] = {}
     for number, (node, operator, how) in enumerate(_points(tree), 1):
@@ -200,6 +216,7 @@ def mutants(source: str, module: str) -> tuple[ast.Module, list[tuple[Mutant, as
         key = f"{module} | {operator} | {text}"
         seen[key] = seen.get(key, 0) + 1
         mutant.key = key if seen[key] == 1 else f"{key} #{seen[key]}"
+        mutant.signals = id(node) in signalling
         result.append((mutant, node, how))
     return tree, result
 
@@ -317,10 +334,13 @@ def main(argv: list[str] | None = None) -> int:
         except (SyntaxError, ValueError, AssertionError) as exc:
             mutant.outcome, mutant.detail = "invalid", str(exc)
             return mutant
+        if mutant.signals and module not in SIGNAL_SAFE_TESTS:
+            mutant.outcome, mutant.detail = "invalid", "inside os.kill(): not run (no signal-safe tests listed)"
+            return mutant
         sandbox = take()
         try:
-            outcome, tail = sandbox.run(mutated, tests, args.timeout)
-            if outcome == "passed" and args.full:
+            outcome, tail = sandbox.run(mutated, SIGNAL_SAFE_TESTS[module] if mutant.signals else tests, args.timeout)
+            if outcome == "passed" and args.full and not mutant.signals:
                 outcome, tail = sandbox.run(mutated, ["tests"], args.timeout * 3)
         finally:
             with lock:
