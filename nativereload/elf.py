@@ -126,15 +126,15 @@ def _host_identity() -> tuple[int, int, int]:
         except OSError:
             continue
         if header[:4] == _MAGIC:
-            order = "<" if header[5] == 1 else ">"
-            (machine,) = struct.unpack_from(order + "H", header, 18)
-            return header[4], header[5], machine
+            elf_class, data = header[4:6]
+            (machine,) = struct.unpack_from("<H" if data == 1 else ">H", header, 18)
+            return elf_class, data, machine
     # No readable executable (unusual sandbox): fall back to what Python itself reports.
-    return (2 if sys.maxsize > 2**32 else 1), (1 if sys.byteorder == "little" else 2), 0
+    return struct.calcsize("P") // 4, (sys.byteorder == "big") + 1, 0
 
 
 HOST_CLASS, HOST_DATA, HOST_MACHINE = _host_identity()
-_PAGE = os.sysconf("SC_PAGESIZE") if hasattr(os, "sysconf") else 4096
+_PAGE = os.sysconf("SC_PAGESIZE")
 
 
 def _describe_machine(machine: int) -> str:

@@ -690,16 +690,43 @@ def test_random_damage_is_only_ever_an_elf_error(samples):
     os.close(read)
 
 
-def test_the_host_identity_fallback(monkeypatch):
-    real_open = open
+HOST_MACHINES = {"x86_64": 62, "aarch64": 183, "i686": 3, "armv7l": 40, "ppc64le": 21, "s390x": 22,
+                 "riscv64": 243, "loongarch64": 258}
 
-    def no_executable(path, *args, **kwargs):
-        if path in ("/proc/self/exe", os.path.realpath("/proc/self/exe")) or path == __import__("sys").executable:
+
+def expected_host():
+    import platform
+    import sys
+
+    machine = HOST_MACHINES.get(platform.machine())
+    if machine is None:
+        pytest.skip(f"no ELF machine number known for {platform.machine()}")
+    return (2 if sys.maxsize > 2**32 else 1), (1 if sys.byteorder == "little" else 2), machine
+
+
+def test_the_host_identity(monkeypatch):
+    import sys
+
+    assert elf._host_identity() == expected_host() == (elf.HOST_CLASS, elf.HOST_DATA, elf.HOST_MACHINE)
+    real_open = open
+    refused_paths = set()
+
+    def without(*paths):
+        refused_paths.clear()
+        refused_paths.update(paths)
+
+    def fake_open(path, *args, **kwargs):
+        if path in refused_paths:
             raise OSError("hidden")
         return real_open(path, *args, **kwargs)
-    monkeypatch.setattr("builtins.open", no_executable)
-    assert elf._host_identity() == (2 if struct.calcsize("P") == 8 else 1, 1 if __import__("sys").byteorder ==
-                                    "little" else 2, 0)
+    monkeypatch.setattr("builtins.open", fake_open)
+    without("/proc/self/exe")                       # then the interpreter's own file
+    assert elf._host_identity() == expected_host()
+    without("/proc/self/exe", sys.executable)       # then what Python reports (no machine)
+    assert elf._host_identity() == expected_host()[:2] + (0,)
+    monkeypatch.setattr(sys, "executable", "/dev/null")          # not an ELF file: skipped
+    without("/proc/self/exe")
+    assert elf._host_identity() == expected_host()[:2] + (0,)
 
 
 def test_a_crash_it_prevents(samples, tmp_path):
@@ -1029,13 +1056,28 @@ def test_internal_parsing_errors_are_elf_errors(samples, monkeypatch):
         refused(samples["v1"], f"corrupt tables \\({error}\\)")
 
 
-def test_the_host_is_read_from_the_executable(monkeypatch):
-    real_open = open
-    assert elf._host_identity()[:2] == (elf.HOST_CLASS, elf.HOST_DATA)
+def test_symbol_kinds_that_matter(samples, tmp_path):
+    add = lambda e: e.symbol_offset(e.symbol_index(b"add"))      # noqa: E731
+    # An IFUNC resolver is called by ld.so: it must be code too.
+    refused(edited(samples, tmp_path, lambda e: e.data.__setitem__(add(e) + 4, 0x1A) or e.put(add(e) + 8, 0x2000)),
+            "function symbol at 0x2000")
+    # An object may live anywhere in the image.
+    elf.check(edited(samples, tmp_path, lambda e: e.data.__setitem__(add(e) + 4, 0x11) or e.put(add(e) + 8, 0x2000)))
+    # Internal visibility binds locally, as hidden does (protected does not).
+    for visibility, local in ((1, True), (2, True), (3, False)):
+        def undefined_with(e, visibility=visibility):
+            e.data[e.symbol_offset(e.symbol_index(b"__cxa_finalize")) + 5] = visibility
+        path = edited(samples, tmp_path, undefined_with)
+        if local:
+            refused(path, "binds locally but is not defined")
+        else:
+            elf.check(path)
 
-    def no_proc(path, *args, **kwargs):
-        if path == "/proc/self/exe":
-            raise OSError("no /proc here")
-        return real_open(path, *args, **kwargs)
-    monkeypatch.setattr("builtins.open", no_proc)
-    assert elf._host_identity() == (elf.HOST_CLASS, elf.HOST_DATA, elf.HOST_MACHINE)   # from sys.executable
+
+def test_sections_that_are_not_allocated_are_not_mapped(samples, tmp_path):
+    # .comment is in the file only: whatever its flags say besides SHF_ALLOC, no segment need map it.
+    def comment_flags(flags):
+        return lambda e: e.put(e.u(40) + 64 * e.section(".comment")["index"] + 8, flags)      # sh_flags
+    elf.check(edited(samples, tmp_path, comment_flags(0x1)))           # SHF_WRITE
+    elf.check(edited(samples, tmp_path, comment_flags(0x4 | 0x30)))    # SHF_EXECINSTR
+    refused(edited(samples, tmp_path, comment_flags(0x2)), "maps section 24 from byte 0, but it is at byte")
