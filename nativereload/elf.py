@@ -157,6 +157,14 @@ class _Segment:
         self.index, self.vaddr, self.memsz = index, vaddr, memsz
         self.offset, self.filesz, self.flags = offset, filesz, flags
 
+    def file_offset(self, address: int) -> int:
+        """Where in the file the byte the loader maps at ``address`` comes from."""
+        return self.offset + address - self.vaddr
+
+    def mapped_end(self) -> int:
+        """The end of the segment's last page: mapped, so a write there does not fault."""
+        return -(-(self.vaddr + self.memsz) // _PAGE) * _PAGE
+
 
 class _File:
     """The checked file: its reader, its word size and its loadable segments."""
@@ -199,7 +207,7 @@ class _File:
     def read_at(self, address: int, size: int, what: str, flags: int = _PF_R) -> bytes:
         """The bytes the loader sees at ``address`` once the segments are mapped."""
         segment = self.segment_at(address, size, what, flags)
-        return self.read(segment.offset + address - segment.vaddr, size, what)
+        return self.read(segment.file_offset(address), size, what)
 
     def in_image(self, address: int) -> bool:
         return any(s.vaddr <= address < s.vaddr + s.memsz for s in self.loads)
@@ -230,10 +238,9 @@ def check_fd(fd: int) -> None:
     if file_size < 16:
         raise ELFError(f"not an ELF file: only {file_size} bytes" if file_size else "empty file (0 bytes)")
     head = os.pread(fd, _HEAD_SIZE, 0)
-    ident = head[:16]
-    if ident[:4] != _MAGIC:
-        raise ELFError(f"not an ELF file (starts with {ident[:4]!r}, expected b'\\x7fELF')")
-    elf_class, data = ident[4], ident[5]
+    if head[:4] != _MAGIC:
+        raise ELFError(f"not an ELF file (starts with {head[:4]!r}, expected b'\\x7fELF')")
+    elf_class, data = head[4:6]
     if elf_class not in _CLASS_NAMES or data not in _DATA_NAMES:
         raise ELFError(f"corrupt ELF identification (class {elf_class}, data {data})")
     if elf_class != HOST_CLASS or data != HOST_DATA:
@@ -314,7 +321,7 @@ def _check_program_headers(f: _File, table: bytes, ph_format: str, e_phoff: int)
         if p_type == _PT_PHDR:
             # ld.so reads the program headers back from this address (dl_iterate_phdr, notes).
             segment = f.segment_at(p_vaddr, len(table), "PT_PHDR")
-            if segment.offset + p_vaddr - segment.vaddr != e_phoff:
+            if segment.file_offset(p_vaddr) != e_phoff:
                 raise _corrupt(f"PT_PHDR: address {p_vaddr:#x} does not map the program headers at byte {e_phoff}")
         elif p_type in (_PT_NOTE, _PT_GNU_PROPERTY) and p_memsz:
             _check_notes(f, p_vaddr, p_memsz, p_align, index)
@@ -330,7 +337,7 @@ def _check_program_headers(f: _File, table: bytes, ph_format: str, e_phoff: int)
             # writable segment that would remove access another mapping needs.
             # (lld extends it to the end of the segment's last page.)
             segment = f.segment_at(p_vaddr, 1, "PT_GNU_RELRO", _PF_R | _PF_W, file_backed=False)
-            if p_vaddr + p_memsz > (segment.vaddr + segment.memsz + _PAGE - 1) & -_PAGE:
+            if p_vaddr + p_memsz > segment.mapped_end():
                 raise _corrupt(f"PT_GNU_RELRO: it runs past loadable segment {segment.index}")
     _index, _type, flags, _offset, vaddr, filesz, _memsz, _align = dynamics[0]
     return vaddr, filesz, flags
@@ -369,10 +376,10 @@ def _check_sections(f: _File, e_shoff: int, e_shnum: int, e_shentsize: int, e_sh
         flags = _PF_R | (_PF_W if sh_flags & _SHF_WRITE else 0) | (_PF_X if sh_flags & _SHF_EXECINSTR else 0)
         if segment is None or sh_addr + sh_size > segment.vaddr + (segment.filesz if in_file else segment.memsz) \
                 or segment.flags & flags != flags \
-                or (in_file and segment.offset + sh_addr - segment.vaddr != sh_offset):
+                or (in_file and segment.file_offset(sh_addr) != sh_offset):
             f.segment_at(sh_addr, sh_size, f"program headers: section {index}", flags, file_backed=in_file)
             raise _corrupt(f"program headers: loadable segment {segment.index} maps section {index} from byte "
-                           f"{segment.offset + sh_addr - segment.vaddr}, but it is at byte {sh_offset}")
+                           f"{segment.file_offset(sh_addr)}, but it is at byte {sh_offset}")
         if sh_flags & _SHF_EXECINSTR:
             code_starts.add(sh_addr)
             code_sections.append((sh_name, sh_addr, sh_size))
@@ -423,7 +430,7 @@ def _check_dynamic(f: _File, machine: int, dynamic: tuple) -> None:
     entry_size = 2 * f.word
     # ld.so adds the load address to the dynamic entries in place unless PT_DYNAMIC is read-only.
     need = _PF_R | (flags & _PF_W)
-    data = f.read_at(vaddr, filesz - filesz % entry_size, "dynamic section", need)
+    data = f.read_at(vaddr, filesz // entry_size * entry_size, "dynamic section", need)
     entries: dict[int, int] = {}
     needed = []
     for tag, value in struct.iter_unpack(entry_format, data):
@@ -481,7 +488,7 @@ def _check_hash_tables(f: _File, d: _Dynamic) -> int:
     if sysv is not None:
         nbucket, nchain = struct.unpack(f.order + "II", f.read_at(sysv, 8, "hash table (DT_HASH)"))
         table = f.words(f.read_at(sysv + 8, 4 * (nbucket + nchain), "hash table (DT_HASH)"), "I")
-        if nbucket + nchain and max(table.tolist()) >= max(nchain, 1):
+        if table and max(table.tolist()) >= max(nchain, 1):
             raise _corrupt(f"hash table (DT_HASH): it names a symbol past its {nchain} chains")
         counts.append(nchain)
     if not counts:
@@ -505,21 +512,12 @@ def _check_gnu_hash(f: _File, address: int) -> int:
     if min(used) < symoffset:
         raise _corrupt(f"{what}: a bucket names symbol {min(used)}, before symoffset {symoffset}")
     # Chains run in bucket order; the last one ends the table. ld.so follows a
-    # chain until an entry with the low bit set: it must come inside the file.
+    # chain until an entry with the low bit set: it must come inside the file
+    # (the last chain is short: read it an entry at a time).
     index = max(used) - symoffset
-    segment = f.segment_at(chains_at, 4 * (index + 1), what)
-    available = (segment.vaddr + segment.filesz - chains_at) // 4
-    chunk = 64
-    while True:
-        count = min(chunk, available - index)
-        if count <= 0:
-            raise _corrupt(f"{what}: its last chain does not end inside the table")
-        chain = f.words(f.read_at(chains_at + 4 * index, 4 * count, what), "I")
-        for position, value in enumerate(chain):
-            if value & 1:
-                return symoffset + index + position + 1
-        index += count
-        chunk *= 8
+    while not struct.unpack(f.order + "I", f.read_at(chains_at + 4 * index, 4, f"{what}, its last chain"))[0] & 1:
+        index += 1
+    return symoffset + index + 1
 
 
 class _Symbols:
@@ -534,9 +532,6 @@ class _Symbols:
         else:
             self.names, self.values = f.words(data, "I")[0::4].tolist(), f.words(data, "I")[1::4].tolist()
             self.info, self.other, self.shndx = data[12::16], data[13::16], f.words(data, "H")[7::8]
-
-    def __len__(self) -> int:
-        return len(self.info)
 
     def binding_locally(self) -> set[int]:
         """The symbols ld.so resolves to themselves without a lookup: STB_LOCAL, or hidden/internal visibility.
@@ -705,7 +700,9 @@ def _function_start(f: _File, address: int, symbols: _Symbols | None) -> bool | 
         table = f.words(f.read_at(f.eh_frame_hdr + 12, 8 * count, "unwind table index"), "i")
     except ELFError:
         return None
-    return count > 0 and (address - f.eh_frame_hdr) in table[0::2].tolist()
+    if not count:
+        return None                     # built without unwind tables: nothing to tell
+    return (address - f.eh_frame_hdr) in table[0::2].tolist()
 
 
 def _relocation_table(f: _File, d: _Dynamic, tag: int, size_tag: int, entry_tag: int, names: tuple,
@@ -886,7 +883,7 @@ def _check_targets(f: _File, offsets, writable: list[_Segment], what: str) -> No
     low, high = min(offsets), max(offsets)
 
     def holds(segment: _Segment, start: int, end: int) -> bool:
-        limit = (segment.vaddr + segment.memsz + _PAGE - 1) & -_PAGE
+        limit = segment.mapped_end()
         return segment.vaddr <= start and end + f.word <= limit
 
     if any(holds(segment, low, high) for segment in writable):

@@ -29,10 +29,11 @@ from elfedit import (DT_DEBUG, DT_FILTER, DT_FINI, DT_FINI_ARRAY, DT_FINI_ARRAYS
 
 EXTRA_SOURCE = r"""
 __thread int per_thread = 7;
+__thread int zero_tls;
 static int counter;
 static void early(void) __attribute__((constructor));
 static void early(void) { counter = 1; }
-int get(void) { return counter + per_thread; }
+int get(void) { return counter + per_thread + zero_tls; }
 int (*table[4])(void) = {get, get, get, get};
 int call(int i) { return table[i & 3](); }
 """
@@ -560,7 +561,7 @@ def test_gnu_hash(samples, tmp_path):
         first = e.ph(e.ph_index(PT_LOAD))
         for at in range(chains, first["offset"] + first["filesz"] - 3, 4):     # to the end of the segment
             e.put(at, e.u(at, 4) & ~1, 4)
-    refused(edited(samples, tmp_path, endless), "its last chain does not end inside the table")
+    refused(edited(samples, tmp_path, endless), r"GNU hash table \(DT_GNU_HASH\), its last chain: .* is not inside")
 
     def no_symbols(e):
         nbuckets, bloom = e.u(table(e), 4), e.u(table(e) + 8, 4)
@@ -1081,3 +1082,254 @@ def test_sections_that_are_not_allocated_are_not_mapped(samples, tmp_path):
     elf.check(edited(samples, tmp_path, comment_flags(0x1)))           # SHF_WRITE
     elf.check(edited(samples, tmp_path, comment_flags(0x4 | 0x30)))    # SHF_EXECINSTR
     refused(edited(samples, tmp_path, comment_flags(0x2)), "maps section 24 from byte 0, but it is at byte")
+
+
+# -- more boundaries, each a mutant the first mutation pass left alive ------------------------------------
+
+
+def no_unwind_index(e):
+    e.set_ph(e.ph_index(PT_GNU_EH_FRAME), "type", PT_NULL)
+
+
+def test_gnu_hash_symbol_count(samples):
+    # The count the hash table implies is what sizes the symbol and version tables.
+    edit = ElfEdit(samples["v1"].read_bytes())
+    f = elf._File(0, len(edit.data), bytes(edit.data), 2, "<")
+    elf._check_program_headers(f, bytes(edit.data[edit.phoff:edit.phoff + 56 * edit.phnum]), "<IIQQQQQQ",
+                               edit.phoff)
+    assert elf._check_gnu_hash(f, edit.dyn(DT_GNU_HASH)) == (edit.dyn(DT_STRTAB) - edit.dyn(DT_SYMTAB)) // 24
+
+
+def test_no_hash_table_at_all(samples, tmp_path):
+    elf.check(edited(samples, tmp_path, lambda e: e.retag(DT_GNU_HASH, DT_DEBUG)))
+
+
+def test_the_sysv_hash_counts_every_symbol(extras, tmp_path):
+    if "sysv" not in extras:
+        pytest.skip("cc failed")
+
+    def last_function_to_data(e):
+        count = e.u(e.offset_of(e.dyn(DT_HASH)) + 4, 4)
+        symtab = e.offset_of(e.dyn(DT_SYMTAB))
+        last = max(i for i in range(count) if e.data[symtab + 24 * i + 4] & 0xF == 2)
+        e.put(symtab + 24 * last + 8, e.dyn(DT_STRTAB))
+    refused(edited(extras["sysv"], tmp_path, last_function_to_data), "function symbol at")
+
+
+def test_segment_boundaries(samples, tmp_path):
+    text = lambda e: e.ph_index(PT_LOAD, PF_R | PF_X)      # noqa: E731
+    # Adjacent segments are fine; one starting inside the previous one is not.
+    elf.check(edited(samples, tmp_path, lambda e: e.set_ph(text(e), "memsz", 0x1000)))
+    refused(edited(samples, tmp_path, lambda e: e.set_ph(text(e), "memsz", 0x1100)),
+            "loadable segment 2 .it overlaps or precedes segment 1")
+    # The last address that does not wrap.
+    data = lambda e: e.ph_index(PT_LOAD, PF_R | PF_W)      # noqa: E731
+    refused(edited(samples, tmp_path, lambda e: e.set_ph(data(e), "memsz", 2**64 - e.ph(data(e))["vaddr"])),
+            r"loadable segment 3 \(file size")
+
+
+def test_truncation_past_the_tables_is_the_segment_checks_to_catch(samples, tmp_path):
+    # Without section headers, a cut after the dynamic section cuts nothing the check reads: only the
+    # extent of the last loadable segment says it is short.
+    edit = ElfEdit(samples["v1"].read_bytes())
+    edit.strip_sections()
+    last = edit.ph(edit.ph_index(PT_LOAD, PF_R | PF_W))
+    cut = tmp_path / "cut.so"
+    cut.write_bytes(bytes(edit.data[:last["offset"] + last["filesz"] - 4]))
+    refused(cut, "truncated: loadable segment 3 ends at byte")
+
+
+def test_relro_bounds(samples, tmp_path):
+    relro = lambda e: e.ph_index(PT_GNU_RELRO)      # noqa: E731
+    elf.check(edited(samples, tmp_path, lambda e: e.set_ph(relro(e), "vaddr", 0x4010) or
+                     e.set_ph(relro(e), "memsz", 0x10)))                         # in .bss: still the segment
+    refused(edited(samples, tmp_path, lambda e: e.set_ph(relro(e), "memsz", 0x1000 - 0xdc8 + 0x1001)),
+            "PT_GNU_RELRO: it runs past loadable segment 3")
+
+
+def test_section_access_without_relro_in_the_way(samples, tmp_path):
+    def read_only_data(e):
+        e.set_ph(e.ph_index(PT_GNU_RELRO), "type", PT_NULL)
+        e.set_ph(e.ph_index(PT_LOAD, PF_R | PF_W), "flags", PF_R)
+        e.retag(DT_SYMBOLIC_TAG, DT_TEXTREL, 0)              # (relocations may still write it)
+    refused(edited(samples, tmp_path, read_only_data), "section 17: it lies in loadable segment 3, which is not "
+                                                           r"readable\+writable")
+
+    def text_not_executable(e):
+        text, rodata = e.ph_index(PT_LOAD, PF_R | PF_X), e.ph_index(PT_LOAD, PF_R, nth=1)
+        e.set_ph(text, "flags", PF_R)
+        e.set_ph(rodata, "flags", PF_R | PF_X)              # some other segment is executable
+    refused(edited(samples, tmp_path, text_not_executable), r"section 9: it lies in loadable segment 1, which is not "
+                                                                r"readable\+executable")
+
+
+def test_a_read_only_dynamic_section_needs_no_write_access(samples, tmp_path):
+    def read_only(e):
+        e.strip_sections()
+        e.set_ph(e.ph_index(PT_GNU_RELRO), "type", PT_NULL)
+        e.set_ph(e.ph_index(PT_DYNAMIC), "flags", PF_R)                     # ld.so will not write it
+        e.set_ph(e.ph_index(PT_LOAD, PF_R | PF_W), "flags", PF_R)
+        e.retag(DT_SYMBOLIC_TAG, DT_TEXTREL, 0)
+    elf.check(edited(samples, tmp_path, read_only))
+
+
+def test_function_starts_from_sections_alone(samples, tmp_path):
+    # No unwind index: the .init and .fini sections still say where their one function starts.
+    refused(edited(samples, tmp_path, lambda e: no_unwind_index(e) or e.set_dyn(DT_INIT, 0x1001)),
+            r"DT_INIT \(0x1001\) is not the start of a function")
+    refused(edited(samples, tmp_path, lambda e: no_unwind_index(e) or
+                   e.set_dyn(DT_FINI, e.section(".fini")["addr"] + 4)), "is not the start of a function")
+    refused(edited(samples, tmp_path, lambda e: no_unwind_index(e) or e.set_dyn(DT_INIT, 0x1010)),
+            "is not the start of a function")
+    # The end of .init is not inside it; nobody can tell what is there.
+    elf.check(edited(samples, tmp_path, lambda e: no_unwind_index(e) or
+                     e.set_dyn(DT_INIT, e.section(".init")["addr"] + e.section(".init")["size"])))
+    # Section names come from the table e_shstrndx names; an index past the table: no names, no error.
+    elf.check(edited(samples, tmp_path, lambda e: no_unwind_index(e) or e.put(62, e.u(60, 2), 2)))
+
+
+def test_function_starts_known_from_each_source(samples, tmp_path):
+    add = lambda e: e.symbol_offset(e.symbol_index(b"add"))      # noqa: E731
+    # A non-code section's start inside an executable segment is not a function's.
+    refused(edited(samples, tmp_path, lambda e: e.set_ph(e.ph_index(PT_LOAD, PF_R, nth=1), "flags", PF_R | PF_X) or
+                   e.set_dyn(DT_FINI, 0x2000)), r"DT_FINI \(0x2000\) is not the start of a function")
+
+    def only_the_unwind_index_knows(e):
+        address = e.u(add(e) + 8)
+        e.put(add(e) + 8, e.u(e.symbol_offset(e.symbol_index(b"version")) + 8))     # the symbol no longer says so
+        e.set_dyn(DT_FINI, address)
+    elf.check(edited(samples, tmp_path, only_the_unwind_index_knows))
+
+    def only_the_symbol_knows(e):
+        address = e.u(add(e) + 8)
+        hdr = e.offset_of(e.ph(e.ph_index(PT_GNU_EH_FRAME))["vaddr"])
+        count = e.u(hdr + 8, 4)
+        for i in range(count):                                          # hide add's unwind entry
+            at = hdr + 12 + 8 * i
+            if (e.u(at, 4) + e.ph(e.ph_index(PT_GNU_EH_FRAME))["vaddr"]) % 2**32 == address:
+                e.put(at, e.u(at, 4) + 1, 4)
+        e.set_dyn(DT_FINI, address)
+    elf.check(edited(samples, tmp_path, only_the_symbol_knows))
+
+    def bad_index(field, value):
+        def change(e):
+            e.data[e.offset_of(e.ph(e.ph_index(PT_GNU_EH_FRAME))["vaddr"]) + field] = value
+            e.set_dyn(DT_FINI, e.section(".text")["addr"] + 0x101)
+        return change
+    for field, value in ((0, 2), (2, 0x1B), (3, 0x1B)):                # version, count encoding, table encoding
+        elf.check(edited(samples, tmp_path, bad_index(field, value)))   # an index we cannot read: nobody can tell
+
+    def empty_index(e):
+        e.put(e.offset_of(e.ph(e.ph_index(PT_GNU_EH_FRAME))["vaddr"]) + 8, 0, 4)
+        e.set_dyn(DT_FINI, e.section(".text")["addr"] + 0x101)
+    elf.check(edited(samples, tmp_path, empty_index))
+
+
+def test_string_offsets_at_the_boundary(samples, tmp_path):
+    strsz = lambda e: e.dyn(DT_STRSZ)      # noqa: E731
+    verneed = lambda e: e.offset_of(e.dyn(DT_VERNEED))      # noqa: E731
+    refused(edited(samples, tmp_path, lambda e: e.put(verneed(e) + 4, strsz(e), 4)), "not a DT_NEEDED entry")
+    refused(edited(samples, tmp_path, lambda e: e.put(verneed(e) + 16 + 8, strsz(e), 4)), "a version name past")
+    refused(edited(samples, tmp_path, lambda e: e.put(e.symbol_offset(e.symbol_index(b"add")), strsz(e), 4)),
+            "a symbol name lies past")
+
+
+def test_version_definitions_index_the_version_table(tmp_path):
+    source = tmp_path / "v.c"
+    source.write_text("int f(void) { return 1; }\n")
+    script = tmp_path / "v.map"
+    script.write_text("V1 { global: f; local: *; };\n")
+    library = tmp_path / "v.so"
+    subprocess.run(["cc", "-shared", "-fPIC", f"-Wl,--version-script={script}", "-o", str(library), str(source)],
+                   check=True)
+    versym = lambda e: e.offset_of(e.dyn(DT_VERSYM))      # noqa: E731
+    refused(edited(library, tmp_path, lambda e: e.put(versym(e) + 2, 9, 2)), "version index 9 is not defined")
+
+    def name_past_the_strings(e):
+        verdef = e.offset_of(e.dyn(0x6FFFFFFC))
+        e.put(verdef + e.u(verdef + 12, 4), e.dyn(DT_STRSZ), 4)     # the first entry's first name
+    refused(edited(library, tmp_path, name_past_the_strings),
+            "version definitions .DT_VERDEF.: a version name past")
+
+
+def test_code_pointer_loops_check_each_tag(samples, tmp_path):
+    refused(edited(samples, tmp_path, lambda e: e.retag(DT_INIT, DT_DEBUG) or e.set_dyn(DT_FINI, 0)),
+            r"DT_FINI \(0x0\)")
+    refused(edited(samples, tmp_path, lambda e: e.retag(DT_INIT_ARRAY, DT_DEBUG) or e.set_dyn(DT_FINI_ARRAYSZ, 4)),
+            "DT_FINI_ARRAYSZ is 4")
+
+
+def test_zero_relocation_table_addresses(samples, tmp_path):
+    # DT_RELA 0 means "none" (DT_RELR-only libraries): the init array is then not relocated.
+    refused(edited(samples, tmp_path, lambda e: e.set_dyn(DT_RELA, 0) or e.retag(DT_RELACOUNT, DT_DEBUG)),
+            "DT_INIT_ARRAY slot at 0x3dc8 is not relocated to a function")
+    # DT_JMPREL 0 is read like any other (ld.so does).
+    with pytest.raises(elf.ELFError):
+        elf.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_JMPREL, 0)))
+
+
+def test_rel_count_defaults_to_none(x32, tmp_path, as_32bit):
+    def no_count(e):
+        at = e.dyn_at(0x6FFFFFFA)
+        e.put(at, DT_DEBUG)
+        rel = e.offset_of(e.dyn(DT_REL))
+        first, second = bytes(e.data[rel:rel + 8]), bytes(e.data[rel + 8:rel + 16])
+        e.data[rel:rel + 8], e.data[rel + 8:rel + 16] = second, first          # a symbolic one first
+    elf.check(edited32(x32, tmp_path, no_count))
+
+
+def test_plt_relocations_are_checked(samples, tmp_path):
+    refused(edited(samples, tmp_path, lambda e: e.put(e.relocations(DT_JMPREL, DT_PLTRELSZ)[0][0], 0x1000)),
+            r"relocations at 0x5a0: one writes to 0x1000")
+
+    def empty_rela(e):
+        e.set_dyn(DT_RELASZ, 0)
+        e.set_dyn(DT_RELACOUNT, 0)
+        e.put(e.relocations(DT_JMPREL, DT_PLTRELSZ)[0][0], 0x1000)
+    refused(edited(samples, tmp_path, empty_rela), "one writes to 0x1000")
+
+
+def test_jmprel_nested_in_rela(samples, tmp_path):
+    # Old linkers put the PLT relocations at the end of DT_RELA: ld.so subtracts them, fine...
+    elf.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_RELASZ, e.dyn(DT_RELASZ) + e.dyn(DT_PLTRELSZ))))
+
+    # ...but DT_RELA starting inside DT_JMPREL and ending with it would underflow that subtraction.
+    def overlapping(e):
+        e.set_dyn(DT_JMPREL, e.dyn(DT_RELA) + 24 * 4)
+        e.set_dyn(DT_PLTRELSZ, 24 * 4)
+        e.set_dyn(DT_RELA, e.dyn(DT_RELA) + 24 * 6)
+        e.set_dyn(DT_RELASZ, 24 * 2)
+        e.set_dyn(DT_RELACOUNT, 0)
+    refused(edited(samples, tmp_path, overlapping), "DT_JMPREL overlaps the start of the other relocations")
+
+
+def test_every_table_is_checked_on_a_machine_without_relocation_types(samples, tmp_path, monkeypatch):
+    retype = as_machine(monkeypatch, 8)             # MIPS: no relocation types known here
+
+    def hidden_import(e):
+        retype(e)
+        e.data[e.symbol_offset(e.symbol_index(b"read")) + 5] = 2
+    refused(edited(samples, tmp_path, hidden_import), "relocations at 0x5a0: symbol 2 binds locally")
+
+
+def test_symbolic_slots_add_their_addend(samples, tmp_path):
+    def slot_from(name, addend):
+        def change(e):
+            at = e.relocations()[0][0]
+            e.put(at + 8, (e.symbol_index(name) << 32) | 1)
+            e.put(at + 16, addend)
+            e.set_dyn(DT_RELACOUNT, 0)
+        return change
+    elf.check(edited(samples, tmp_path, slot_from(b"add", 0x200)))
+    refused(edited(samples, tmp_path, slot_from(b"add", 0x2000)), "is relocated to")
+    refused(edited(samples, tmp_path, lambda e: e.put(e.relocations()[0][0] + 16, 0)),
+            "slot at 0x3dc8 is relocated to 0x0, which is not in an executable segment")
+
+
+def test_thread_local_zero_data_is_not_mapped_by_a_segment(extras, tmp_path):
+    # .tbss (SHF_TLS, SHT_NOBITS) describes each thread's block, not memory the segments map.
+    if "plain" not in extras:
+        pytest.skip("cc failed")
+    def tbss_elsewhere(e):
+        e.put(e.u(40) + 64 * e.section(".tbss")["index"] + 16, 0x100000)       # sh_addr
+    elf.check(edited(extras["plain"], tmp_path, tbss_elsewhere))
