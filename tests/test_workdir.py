@@ -475,3 +475,45 @@ def test_failed_deletions_never_raise(tmp_path, monkeypatch):
         workdir_module.Workdir(str(tmp_path), "m")
     monkeypatch.undo()
     real_rmtree(made.path, ignore_errors=True)
+
+
+def test_is_stale_answers_with_a_bool(tmpdir_for_copies, live_pid):
+    keep, remove = stale_kinds(tmpdir_for_copies, live_pid)
+    missing = tmpdir_for_copies / f"nativereload-{dead_pid()}-gone"
+    a_file = tmpdir_for_copies / f"nativereload-{dead_pid()}-file"
+    a_file.write_text("")
+    os.chmod(a_file, 0o700)
+    # (the directory of a live pid is fine as a directory: the sweep checks the pid first)
+    not_ours = [*keep[:-1], missing, a_file]
+    assert [workdir_module._is_stale(str(path)) for path in not_ours] == [False] * len(not_ours)
+    assert [workdir_module._is_stale(str(path)) for path in remove] == [True] * len(remove)
+    locked = make_leftover(tmpdir_for_copies, dead_pid())
+    import fcntl as _fcntl
+    fd = os.open(locked / ".lock", os.O_RDONLY)
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX)
+        assert workdir_module._is_stale(str(locked)) is False
+    finally:
+        os.close(fd)
+
+
+def test_root_owned_directories_are_not_shared(monkeypatch):
+    # As another user: /tmp belongs to root, and root is trusted as the owner of a directory.
+    monkeypatch.setattr(workdir_module.os, "getuid", lambda: 1000)
+    st = os.stat_result
+    assert not workdir_module.shared_unsafely(st((0o40755, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
+    assert not workdir_module.shared_unsafely(st((0o40755, 0, 0, 0, 1000, 0, 0, 0, 0, 0)))
+    assert workdir_module.shared_unsafely(st((0o40755, 0, 0, 0, 1, 0, 0, 0, 0, 0)))
+
+
+def test_the_sweep_logs_what_it_removed_and_never_raises(tmpdir_for_copies, monkeypatch, caplog):
+    leftover = make_leftover(tmpdir_for_copies, dead_pid())
+    pid = int(leftover.name.split("-")[1])
+
+    def failing_rmtree(path, ignore_errors=False, onerror=None, **kwargs):
+        if not ignore_errors:
+            raise OSError(16, "Device or resource busy", str(path))
+    monkeypatch.setattr(workdir_module.shutil, "rmtree", failing_rmtree)
+    with caplog.at_level("INFO", logger="nativereload"):
+        assert workdir_module.remove_stale(str(tmpdir_for_copies)) == [str(leftover)]
+    assert f"removed {leftover}, left by process {pid} which is no longer running" in caplog.text
