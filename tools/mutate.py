@@ -59,11 +59,13 @@ SIGNAL_SAFE_TESTS = {"workdir": ["tests/test_workdir.py::test_pid_alive"]}
 TESTS = {
     "elf": ["tests/test_elf.py", "tests/test_crash_safety.py"],
     "workdir": ["tests/test_workdir.py", "tests/test_tmpdir.py", "tests/test_tmpcleaner.py"],
-    "image": ["tests/test_image.py", "tests/test_reload.py", "tests/test_registry.py", "tests/test_tmpdir.py",
-              "tests/test_crash_safety.py", "tests/test_tmpcleaner.py"],
+    "image": ["tests/test_image.py", "tests/test_module_files.py", "tests/test_trust.py", "tests/test_reload.py",
+              "tests/test_registry.py", "tests/test_tmpdir.py", "tests/test_crash_safety.py",
+              "tests/test_tmpcleaner.py"],
     "gate": ["tests/test_gate.py", "tests/test_registry.py", "tests/test_stress.py"],
-    "registry": ["tests/test_registry.py", "tests/test_reload.py", "tests/test_tmpcleaner.py",
-                 "tests/test_workdir.py", "tests/test_stress.py", "tests/test_tmpdir.py"],
+    "registry": ["tests/test_registry.py", "tests/test_reload.py", "tests/test_tmpcleaner.py", "tests/test_trust.py",
+                 "tests/test_module_files.py", "tests/test_image.py", "tests/test_workdir.py",
+                 "tests/test_stress.py", "tests/test_tmpdir.py"],
     "trust": ["tests/test_trust.py"],
 }
 
