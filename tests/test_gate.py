@@ -593,3 +593,10 @@ def test_the_python_gate_reads_its_counters(impl):
     image, slot, f = make(impl, {"f": lambda: image.in_flight})
     assert f() == 1 and image.in_flight == 0
     assert gate._count_value(__import__("itertools").count(41)) == 41
+
+
+def test_the_gil_is_read_from_the_interpreter():
+    gil_disabled = hasattr(sys, "_is_gil_enabled") and not sys._is_gil_enabled()
+    assert gate._GIL_DISABLED is gil_disabled
+    assert gate.PYTHON is (gate.LOCKED if gil_disabled else gate.PYTHON)
+    assert (gate.PYTHON.Func is gate._LockedFunc) is gil_disabled
