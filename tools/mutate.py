@@ -205,8 +205,11 @@ def _replace(tree: ast.AST, old: ast.AST, new: ast.AST) -> None:
 
 
 def mutants(source: str, module: str) -> tuple[ast.Module, list[tuple[Mutant, ast.AST, tuple]]]:
+    """Every mutant of ``source``. A mutant's key names it by the source line it changes (not by its line
+    number, which moves whenever code above it does): "module | operator | `text` in: line"."""
     tree = ast.parse(source)
     signalling = _signal_nodes(tree)
+    lines = source.splitlines()
     result = []
     seen: dict[str, int] = {}
     for number, (node, operator, how) in enumerate(_points(tree), 1):
@@ -215,7 +218,8 @@ def mutants(source: str, module: str) -> tuple[ast.Module, list[tuple[Mutant, as
         if len(text) > 90:
             text = text[:87] + "..."
         mutant = Mutant(number, node.lineno, operator, text)
-        key = f"{module} | {operator} | {text}"
+        line = " ".join(lines[node.lineno - 1].split())
+        key = f"{module} | {operator} | `{text}` in: {line}"
         seen[key] = seen.get(key, 0) + 1
         mutant.key = key if seen[key] == 1 else f"{key} #{seen[key]}"
         mutant.signals = id(node) in signalling
