@@ -330,3 +330,73 @@ def test_each_gate_fixture_uses_its_gate(reg, gate_impl):
     from nativereload import gate
 
     assert reg._gate is (gate.C if gate_impl == "c" else gate.PYTHON)
+
+
+def test_every_outcome_is_logged_with_its_time(reg, moddir, samples, caplog):
+    import re
+    import threading
+    import time
+
+    caplog.set_level(logging.INFO, logger="nativereload")
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    reg.reload("sample")                                     # nothing in flight: the old image closes at once
+    pipes = [os.pipe(), os.pipe()]
+    callers = [threading.Thread(target=mod.wait_fd, args=(read_fd,)) for read_fd, _ in pipes]
+    for caller in callers:
+        caller.start()
+    while reg.status()[0].images[-1].in_flight < 2:
+        time.sleep(0.005)
+    reg.reload("sample")                                     # two calls in flight
+    reg.unload("sample")                                     # the new image is idle: closes at once
+    for _read_fd, write_fd in pipes:
+        os.write(write_fd, b"x")
+    for caller in callers:
+        caller.join(10)
+    assert reg.close(timeout=10)
+    messages = [r.getMessage() for r in caplog.records if r.name == "nativereload"]
+
+    def line(pattern):
+        found = [m for m in messages if re.fullmatch(pattern, m)]
+        assert found, (pattern, messages)
+        return found[0]
+
+    times = [
+        line(rf"loaded 'sample' generation 1 from {re.escape(str(moddir / 'sample.so'))} in ([\d.]+) ms"),
+        line(r"reloaded 'sample' generation 2 in ([\d.]+) ms \(generation 1 closed\)"),
+        line(r"reloaded 'sample' generation 3 in ([\d.]+) ms \(generation 2 draining, 2 calls in flight\)"),
+        line(r"unloaded 'sample' generation 3 in ([\d.]+) ms \(closed\)"),
+        line(r"closed the registry in ([\d.]+) ms \(all images closed\)"),
+    ]
+    for message in times:
+        assert 0 <= float(re.search(r"in ([\d.]+) ms", message).group(1)) < 900, message
+    for read_fd, write_fd in pipes:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+@pytest.mark.timeout(60)
+def test_unload_and_close_with_a_call_in_flight_say_so(moddir, samples, tmpdir_for_copies, caplog, gate_impl):
+    import threading
+    import time
+
+    caplog.set_level(logging.INFO, logger="nativereload")
+    install(samples["v1"], moddir / "sample.so")
+    reg = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    read_fd, write_fd = os.pipe()
+    caller = threading.Thread(target=mod.wait_fd, args=(read_fd,))
+    caller.start()
+    while reg.status()[0].images[0].in_flight == 0:
+        time.sleep(0.005)
+    reg.unload("sample")
+    assert reg.close(timeout=0.05) is False
+    os.write(write_fd, b"x")
+    caller.join(10)
+    assert reg.wait_drained(10)
+    messages = [r.getMessage() for r in caplog.records if r.name == "nativereload"]
+    assert any(m.endswith("(draining, 1 in flight)") and m.startswith("unloaded 'sample' generation 1") for m in
+               messages), messages
+    assert any(m.endswith("(images still draining)") for m in messages), messages
+    os.close(read_fd)
+    os.close(write_fd)
