@@ -98,6 +98,9 @@ _LOCAL_VISIBILITY = re.compile(b"[" + b"".join(re.escape(bytes([v])) for v in ra
 _SHN_UNDEF = 0
 _SHF_WRITE, _SHF_ALLOC, _SHF_EXECINSTR, _SHF_TLS = 0x1, 0x2, 0x4, 0x400
 _SHT_DYNAMIC, _SHT_NOBITS = 6, 8
+# The access a section's flags (SHF_WRITE, SHF_EXECINSTR) need from the segment that maps it.
+_SECTION_ACCESS = {0: _PF_R, _SHF_WRITE: _PF_R | _PF_W, _SHF_EXECINSTR: _PF_R | _PF_X,
+                   _SHF_WRITE | _SHF_EXECINSTR: _PF_R | _PF_W | _PF_X}
 
 # Machines whose ld.so processes only RELA relocations (glibc's generic
 # ELF_MACHINE_NO_REL); x86, ARM and MIPS also take REL, as may unlisted ones.
@@ -206,8 +209,10 @@ class _File:
 
     def read_at(self, address: int, size: int, what: str, flags: int = _PF_R) -> bytes:
         """The bytes the loader sees at ``address`` once the segments are mapped."""
-        segment = self.segment_at(address, size, what, flags)
-        return self.read(segment.file_offset(address), size, what)
+        offset = self.segment_at(address, size, what, flags).file_offset(address)
+        if offset + size <= len(self.head):             # (inside the first read: the common case, inlined)
+            return self.head[offset:offset + size]
+        return self.read(offset, size, what)
 
     def in_image(self, address: int) -> bool:
         return any(s.vaddr <= address < s.vaddr + s.memsz for s in self.loads)
@@ -362,6 +367,9 @@ def _check_sections(f: _File, e_shoff: int, e_shnum: int, e_shentsize: int, e_sh
     table = f.read(e_shoff, e_shnum * e_shentsize, "section-header table")
     loads = f.loads
     starts = [segment.vaddr for segment in loads]
+    # (vaddr, end of the file-backed part, end in memory, flags, file offset - vaddr), per segment: the loop
+    # below runs for every section, on every load.
+    bounds = [(s.vaddr, s.vaddr + s.filesz, s.vaddr + s.memsz, s.flags, s.offset - s.vaddr) for s in loads]
     code_sections = []
     sections = list(struct.iter_unpack(section_format, table))
     for index, (sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, *_rest) in enumerate(sections):
@@ -372,14 +380,15 @@ def _check_sections(f: _File, e_shoff: int, e_shnum: int, e_shentsize: int, e_sh
             continue
         in_file = sh_type != _SHT_NOBITS
         position = bisect.bisect_right(starts, sh_addr) - 1
-        segment = loads[position] if position >= 0 else None
-        flags = _PF_R | (_PF_W if sh_flags & _SHF_WRITE else 0) | (_PF_X if sh_flags & _SHF_EXECINSTR else 0)
-        if segment is None or sh_addr + sh_size > segment.vaddr + (segment.filesz if in_file else segment.memsz) \
-                or segment.flags & flags != flags \
-                or (in_file and segment.file_offset(sh_addr) != sh_offset):
+        flags = _SECTION_ACCESS[sh_flags & (_SHF_WRITE | _SHF_EXECINSTR)]
+        if position < 0:
             f.segment_at(sh_addr, sh_size, f"program headers: section {index}", flags, file_backed=in_file)
-            raise _corrupt(f"program headers: loadable segment {segment.index} maps section {index} from byte "
-                           f"{segment.file_offset(sh_addr)}, but it is at byte {sh_offset}")
+        _vaddr, file_end, memory_end, segment_flags, delta = bounds[position]
+        if sh_addr + sh_size > (file_end if in_file else memory_end) or segment_flags & flags != flags \
+                or (in_file and sh_addr + delta != sh_offset):
+            f.segment_at(sh_addr, sh_size, f"program headers: section {index}", flags, file_backed=in_file)
+            raise _corrupt(f"program headers: loadable segment {loads[position].index} maps section {index} from "
+                           f"byte {sh_addr + delta}, but it is at byte {sh_offset}")
         if sh_flags & _SHF_EXECINSTR:
             code_starts.add(sh_addr)
             code_sections.append((sh_name, sh_addr, sh_size))
@@ -413,9 +422,7 @@ class _Dynamic:
 
     def __init__(self, f: _File, entries: dict, needed: list[tuple[int, int]]) -> None:
         self.f, self.entries, self.needed = f, entries, needed
-
-    def get(self, tag: int) -> int | None:
-        return self.entries.get(tag)
+        self.get = entries.get            # tag -> value or None (the dict's own method: called often)
 
     def require(self, tag: int, names: tuple[str, str]) -> int:
         value = self.entries.get(tag)
