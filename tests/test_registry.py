@@ -400,3 +400,68 @@ def test_unload_and_close_with_a_call_in_flight_say_so(moddir, samples, tmpdir_f
     assert any(m.endswith("(images still draining)") for m in messages), messages
     os.close(read_fd)
     os.close(write_fd)
+
+
+def test_module_names_must_be_strings(reg):
+    for name in (42, None, b"sample"):
+        with pytest.raises(ModuleNameError, match=f"module name must be a string, not {type(name).__name__}"):
+            reg.load(name, cdef=SAMPLE_CDEF)
+
+
+def test_image_status_defaults(reg):
+    assert nativereload.ImageStatus(1, "active", 0, "/x").copy_deleted is False
+
+
+def test_a_cdef_without_functions(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef="typedef int sample_int;")
+    with pytest.raises(SymbolError, match=r"'add' is not a function its cdef declares \(declared: none\)"):
+        mod.func("add")
+
+
+def test_a_first_load_needs_a_cdef_before_anything_else(reg):
+    # Asked to load a module that does not exist, without a cdef: the missing cdef is what to fix first.
+    with pytest.raises(InterfaceError, match="a cdef is required"):
+        reg.load("does_not_exist")
+
+
+def test_an_empty_search_path_says_so(tmpdir_for_copies, monkeypatch):
+    monkeypatch.delenv("NATIVERELOAD_PATH", raising=False)
+    with Registry(tmpdir=tmpdir_for_copies) as reg:
+        with pytest.raises(ModuleNotFound, match="module 'x' not found: the search path is empty — pass Registry"):
+            reg.load("x", cdef=SAMPLE_CDEF)
+
+
+def test_a_closed_registry_refuses_reload(moddir, samples, tmpdir_for_copies):
+    install(samples["v1"], moddir / "sample.so")
+    reg = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
+    reg.load("sample", cdef=SAMPLE_CDEF)
+    reg.close()
+    with pytest.raises(NativeReloadError, match="this registry is closed"):
+        reg.reload("sample")
+
+
+def test_auto_reload_starts_a_watcher_and_only_then(moddir, tmpdir_for_copies):
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies) as plain:
+        assert plain._closers == []
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies, auto_reload=True) as watching:
+        assert len(watching._closers) == 1
+    assert watching._closers == []
+
+
+def test_directories_of_another_tmpdir_go_when_idle(moddir, samples, tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    install(samples["v1"], moddir / "sample.so")
+    monkeypatch.setenv("TMPDIR", str(first))
+    with Registry(path=[moddir]) as reg:
+        reg.load("sample", cdef=SAMPLE_CDEF)
+        monkeypatch.setenv("TMPDIR", str(second))
+        install(samples["undef"], moddir / "sample.so")
+        with pytest.raises(nativereload.LoadError):
+            reg.reload("sample")                    # refused: its directory in second goes at once
+        assert os.listdir(second) == [] and len(os.listdir(first)) == 1
+        install(samples["v2"], moddir / "sample.so")
+        reg.reload("sample")                        # the image in first closed: its directory goes too
+        assert os.listdir(first) == [] and len(os.listdir(second)) == 1
