@@ -75,7 +75,7 @@ _PT_LOAD, _PT_DYNAMIC, _PT_NOTE, _PT_PHDR, _PT_TLS = 1, 2, 4, 6, 7
 _PT_GNU_EH_FRAME, _PT_GNU_RELRO, _PT_GNU_PROPERTY = 0x6474E550, 0x6474E552, 0x6474E553
 _PF_X, _PF_W, _PF_R = 1, 2, 4
 
-_DT_NULL, _DT_NEEDED, _DT_PLTRELSZ, _DT_PLTGOT, _DT_HASH = 0, 1, 2, 3, 4
+_DT_NULL, _DT_NEEDED, _DT_PLTRELSZ, _DT_HASH = 0, 1, 2, 4
 _DT_STRTAB, _DT_SYMTAB, _DT_RELA, _DT_RELASZ, _DT_RELAENT = 5, 6, 7, 8, 9
 _DT_STRSZ, _DT_SYMENT, _DT_INIT, _DT_FINI, _DT_SONAME, _DT_RPATH = 10, 11, 12, 13, 14, 15
 _DT_REL, _DT_RELSZ, _DT_RELENT, _DT_PLTREL, _DT_TEXTREL, _DT_JMPREL = 17, 18, 19, 20, 22, 23
@@ -84,10 +84,9 @@ _DT_RUNPATH, _DT_FLAGS, _DT_PREINIT_ARRAY, _DT_PREINIT_ARRAYSZ = 29, 30, 32, 33
 _DT_RELRSZ, _DT_RELR, _DT_RELRENT = 35, 36, 37
 _DT_GNU_HASH = 0x6FFFFEF5
 _DT_VERSYM, _DT_RELACOUNT, _DT_RELCOUNT = 0x6FFFFFF0, 0x6FFFFFF9, 0x6FFFFFFA
-_DT_VERDEF, _DT_VERDEFNUM, _DT_VERNEED, _DT_VERNEEDNUM = 0x6FFFFFFC, 0x6FFFFFFD, 0x6FFFFFFE, 0x6FFFFFFF
+_DT_VERDEF, _DT_VERNEED = 0x6FFFFFFC, 0x6FFFFFFE
 _DT_AUXILIARY, _DT_FILTER = 0x7FFFFFFD, 0x7FFFFFFF
 _DF_TEXTREL = 0x4
-_MAX_VERSION_ENTRIES = 1 << 16
 _CLEAR_TOP_BIT = bytes(value & 0x7F for value in range(256))
 _STRING_TAGS = {_DT_NEEDED: "DT_NEEDED", _DT_SONAME: "DT_SONAME", _DT_RPATH: "DT_RPATH",
                 _DT_RUNPATH: "DT_RUNPATH", _DT_AUXILIARY: "DT_AUXILIARY", _DT_FILTER: "DT_FILTER"}
@@ -99,15 +98,18 @@ _LOCAL_VISIBILITY = re.compile(b"[" + b"".join(re.escape(bytes([v])) for v in ra
 _SHN_UNDEF = 0
 _SHF_WRITE, _SHF_ALLOC, _SHF_EXECINSTR, _SHF_TLS = 0x1, 0x2, 0x4, 0x400
 _SHT_DYNAMIC, _SHT_NOBITS = 6, 8
+# The access a section's flags (SHF_WRITE, SHF_EXECINSTR) need from the segment that maps it.
+_SECTION_ACCESS = {0: _PF_R, _SHF_WRITE: _PF_R | _PF_W, _SHF_EXECINSTR: _PF_R | _PF_X,
+                   _SHF_WRITE | _SHF_EXECINSTR: _PF_R | _PF_W | _PF_X}
 
 # Machines whose ld.so processes only RELA relocations (glibc's generic
-# ELF_MACHINE_NO_REL); x86, ARM and MIPS also take REL. Unlisted: either.
-_REL_MACHINES = {3, 8, 40}
+# ELF_MACHINE_NO_REL); x86, ARM and MIPS also take REL, as may unlisted ones.
 _RELA_ONLY = {2, 15, 18, 20, 21, 22, 43, 62, 183, 243, 258}
 # (R_*_RELATIVE, symbolic word relocations, R_*_IRELATIVE) per machine: how an
 # init/fini array slot gets its address, and which addends are IFUNC resolvers.
 _RELOC_TYPES = {62: (8, {1, 6}, 37), 3: (8, {1, 6}, 42), 183: (1027, {257, 1025}, 1032), 40: (23, {2, 21}, 160),
-                243: (3, {2}, 58), 21: (22, {38}, 248), 22: (12, {4, 10}, 61), 258: (3, {2}, 12)}
+                243: (3, {1, 2}, 58), 21: (22, {20, 38}, 248), 20: (22, {1, 20}, 248), 22: (12, {4, 10, 22}, 61),
+                258: (3, {1, 2}, 12)}
 _R_X86_64_RELATIVE64 = 38
 
 
@@ -127,15 +129,15 @@ def _host_identity() -> tuple[int, int, int]:
         except OSError:
             continue
         if header[:4] == _MAGIC:
-            order = "<" if header[5] == 1 else ">"
-            (machine,) = struct.unpack_from(order + "H", header, 18)
-            return header[4], header[5], machine
+            elf_class, data = header[4:6]
+            (machine,) = struct.unpack_from("<H" if data == 1 else ">H", header, 18)
+            return elf_class, data, machine
     # No readable executable (unusual sandbox): fall back to what Python itself reports.
-    return (2 if sys.maxsize > 2**32 else 1), (1 if sys.byteorder == "little" else 2), 0
+    return struct.calcsize("P") // 4, (sys.byteorder == "big") + 1, 0
 
 
 HOST_CLASS, HOST_DATA, HOST_MACHINE = _host_identity()
-_PAGE = os.sysconf("SC_PAGESIZE") if hasattr(os, "sysconf") else 4096
+_PAGE = os.sysconf("SC_PAGESIZE")
 
 
 def _describe_machine(machine: int) -> str:
@@ -157,6 +159,14 @@ class _Segment:
     def __init__(self, index: int, vaddr: int, memsz: int, offset: int, filesz: int, flags: int) -> None:
         self.index, self.vaddr, self.memsz = index, vaddr, memsz
         self.offset, self.filesz, self.flags = offset, filesz, flags
+
+    def file_offset(self, address: int) -> int:
+        """Where in the file the byte the loader maps at ``address`` comes from."""
+        return self.offset + address - self.vaddr
+
+    def mapped_end(self) -> int:
+        """The end of the segment's last page: mapped, so a write there does not fault."""
+        return -(-(self.vaddr + self.memsz) // _PAGE) * _PAGE
 
 
 class _File:
@@ -199,8 +209,10 @@ class _File:
 
     def read_at(self, address: int, size: int, what: str, flags: int = _PF_R) -> bytes:
         """The bytes the loader sees at ``address`` once the segments are mapped."""
-        segment = self.segment_at(address, size, what, flags)
-        return self.read(segment.offset + address - segment.vaddr, size, what)
+        offset = self.segment_at(address, size, what, flags).file_offset(address)
+        if offset + size <= len(self.head):             # (inside the first read: the common case, inlined)
+            return self.head[offset:offset + size]
+        return self.read(offset, size, what)
 
     def in_image(self, address: int) -> bool:
         return any(s.vaddr <= address < s.vaddr + s.memsz for s in self.loads)
@@ -231,10 +243,9 @@ def check_fd(fd: int) -> None:
     if file_size < 16:
         raise ELFError(f"not an ELF file: only {file_size} bytes" if file_size else "empty file (0 bytes)")
     head = os.pread(fd, _HEAD_SIZE, 0)
-    ident = head[:16]
-    if ident[:4] != _MAGIC:
-        raise ELFError(f"not an ELF file (starts with {ident[:4]!r}, expected b'\\x7fELF')")
-    elf_class, data = ident[4], ident[5]
+    if head[:4] != _MAGIC:
+        raise ELFError(f"not an ELF file (starts with {head[:4]!r}, expected b'\\x7fELF')")
+    elf_class, data = head[4:6]
     if elf_class not in _CLASS_NAMES or data not in _DATA_NAMES:
         raise ELFError(f"corrupt ELF identification (class {elf_class}, data {data})")
     if elf_class != HOST_CLASS or data != HOST_DATA:
@@ -268,18 +279,15 @@ def _check(f: _File) -> None:
     if e_phnum == 0 or e_phnum == _PN_XNUM or e_phentsize != ph_size:
         raise ELFError(f"corrupt program-header table ({e_phnum} entries of {e_phentsize} bytes)")
     table = f.read(e_phoff, e_phnum * ph_size, "program-header table")
-    dynamic = _check_program_headers(f, table, ph_format, e_phoff, e_phnum * ph_size)
-    if e_shoff:
-        end = e_shoff + e_shnum * e_shentsize
-        if end > f.size:
-            raise ELFError(f"truncated: the section-header table ends at byte {end} but the file has "
-                           f"{f.size} bytes (still being written?)")
-        if e_shnum:
-            _check_sections(f, e_shoff, e_shnum, e_shentsize, e_shstrndx, dynamic[0])
+    dynamic = _check_program_headers(f, table, ph_format, e_phoff)
+    # The section-header table is the last thing a linker writes: reading it
+    # also refuses most truncated files.
+    if e_shoff and e_shnum:
+        _check_sections(f, e_shoff, e_shnum, e_shentsize, e_shstrndx, dynamic[0])
     _check_dynamic(f, e_machine, dynamic)
 
 
-def _check_program_headers(f: _File, table: bytes, ph_format: str, e_phoff: int, table_size: int) -> tuple:
+def _check_program_headers(f: _File, table: bytes, ph_format: str, e_phoff: int) -> tuple:
     """Check the segments; return (vaddr, filesz, flags) of PT_DYNAMIC."""
     headers = []
     for index, fields in enumerate(struct.iter_unpack(ph_format, table)):
@@ -317,8 +325,8 @@ def _check_program_headers(f: _File, table: bytes, ph_format: str, e_phoff: int,
     for index, p_type, p_flags, p_offset, p_vaddr, p_filesz, p_memsz, p_align in headers:
         if p_type == _PT_PHDR:
             # ld.so reads the program headers back from this address (dl_iterate_phdr, notes).
-            segment = f.segment_at(p_vaddr, table_size, "PT_PHDR")
-            if segment.offset + p_vaddr - segment.vaddr != e_phoff:
+            segment = f.segment_at(p_vaddr, len(table), "PT_PHDR")
+            if segment.file_offset(p_vaddr) != e_phoff:
                 raise _corrupt(f"PT_PHDR: address {p_vaddr:#x} does not map the program headers at byte {e_phoff}")
         elif p_type in (_PT_NOTE, _PT_GNU_PROPERTY) and p_memsz:
             _check_notes(f, p_vaddr, p_memsz, p_align, index)
@@ -334,7 +342,7 @@ def _check_program_headers(f: _File, table: bytes, ph_format: str, e_phoff: int,
             # writable segment that would remove access another mapping needs.
             # (lld extends it to the end of the segment's last page.)
             segment = f.segment_at(p_vaddr, 1, "PT_GNU_RELRO", _PF_R | _PF_W, file_backed=False)
-            if p_vaddr + p_memsz > (segment.vaddr + segment.memsz + _PAGE - 1) & -_PAGE:
+            if p_vaddr + p_memsz > segment.mapped_end():
                 raise _corrupt(f"PT_GNU_RELRO: it runs past loadable segment {segment.index}")
     _index, _type, flags, _offset, vaddr, filesz, _memsz, _align = dynamics[0]
     return vaddr, filesz, flags
@@ -359,6 +367,9 @@ def _check_sections(f: _File, e_shoff: int, e_shnum: int, e_shentsize: int, e_sh
     table = f.read(e_shoff, e_shnum * e_shentsize, "section-header table")
     loads = f.loads
     starts = [segment.vaddr for segment in loads]
+    # (vaddr, end of the file-backed part, end in memory, flags, file offset - vaddr), per segment: the loop
+    # below runs for every section, on every load.
+    bounds = [(s.vaddr, s.vaddr + s.filesz, s.vaddr + s.memsz, s.flags, s.offset - s.vaddr) for s in loads]
     code_sections = []
     sections = list(struct.iter_unpack(section_format, table))
     for index, (sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, *_rest) in enumerate(sections):
@@ -369,14 +380,15 @@ def _check_sections(f: _File, e_shoff: int, e_shnum: int, e_shentsize: int, e_sh
             continue
         in_file = sh_type != _SHT_NOBITS
         position = bisect.bisect_right(starts, sh_addr) - 1
-        segment = loads[position] if position >= 0 else None
-        flags = _PF_R | (_PF_W if sh_flags & _SHF_WRITE else 0) | (_PF_X if sh_flags & _SHF_EXECINSTR else 0)
-        if segment is None or sh_addr + sh_size > segment.vaddr + (segment.filesz if in_file else segment.memsz) \
-                or segment.flags & flags != flags \
-                or (in_file and segment.offset + sh_addr - segment.vaddr != sh_offset):
+        flags = _SECTION_ACCESS[sh_flags & (_SHF_WRITE | _SHF_EXECINSTR)]
+        if position < 0:
             f.segment_at(sh_addr, sh_size, f"program headers: section {index}", flags, file_backed=in_file)
-            raise _corrupt(f"program headers: loadable segment {segment.index} maps section {index} from byte "
-                           f"{segment.offset + sh_addr - segment.vaddr}, but it is at byte {sh_offset}")
+        _vaddr, file_end, memory_end, segment_flags, delta = bounds[position]
+        if sh_addr + sh_size > (file_end if in_file else memory_end) or segment_flags & flags != flags \
+                or (in_file and sh_addr + delta != sh_offset):
+            f.segment_at(sh_addr, sh_size, f"program headers: section {index}", flags, file_backed=in_file)
+            raise _corrupt(f"program headers: loadable segment {loads[position].index} maps section {index} from "
+                           f"byte {sh_addr + delta}, but it is at byte {sh_offset}")
         if sh_flags & _SHF_EXECINSTR:
             code_starts.add(sh_addr)
             code_sections.append((sh_name, sh_addr, sh_size))
@@ -410,9 +422,7 @@ class _Dynamic:
 
     def __init__(self, f: _File, entries: dict, needed: list[tuple[int, int]]) -> None:
         self.f, self.entries, self.needed = f, entries, needed
-
-    def get(self, tag: int) -> int | None:
-        return self.entries.get(tag)
+        self.get = entries.get            # tag -> value or None (the dict's own method: called often)
 
     def require(self, tag: int, names: tuple[str, str]) -> int:
         value = self.entries.get(tag)
@@ -427,7 +437,7 @@ def _check_dynamic(f: _File, machine: int, dynamic: tuple) -> None:
     entry_size = 2 * f.word
     # ld.so adds the load address to the dynamic entries in place unless PT_DYNAMIC is read-only.
     need = _PF_R | (flags & _PF_W)
-    data = f.read_at(vaddr, filesz - filesz % entry_size, "dynamic section", need)
+    data = f.read_at(vaddr, filesz // entry_size * entry_size, "dynamic section", need)
     entries: dict[int, int] = {}
     needed = []
     for tag, value in struct.iter_unpack(entry_format, data):
@@ -485,7 +495,7 @@ def _check_hash_tables(f: _File, d: _Dynamic) -> int:
     if sysv is not None:
         nbucket, nchain = struct.unpack(f.order + "II", f.read_at(sysv, 8, "hash table (DT_HASH)"))
         table = f.words(f.read_at(sysv + 8, 4 * (nbucket + nchain), "hash table (DT_HASH)"), "I")
-        if nbucket + nchain and max(table) >= max(nchain, 1):
+        if table and max(table.tolist()) >= max(nchain, 1):
             raise _corrupt(f"hash table (DT_HASH): it names a symbol past its {nchain} chains")
         counts.append(nchain)
     if not counts:
@@ -503,43 +513,32 @@ def _check_gnu_hash(f: _File, address: int) -> int:
     buckets = f.words(f.read_at(address + 16, bloom_size * f.word + 4 * nbuckets, what)[bloom_size * f.word:],
                       "I")
     chains_at = buckets_at + 4 * nbuckets
-    used = [bucket for bucket in buckets if bucket]
+    used = list(filter(None, buckets.tolist()))
     if not used:
         return symoffset
     if min(used) < symoffset:
         raise _corrupt(f"{what}: a bucket names symbol {min(used)}, before symoffset {symoffset}")
     # Chains run in bucket order; the last one ends the table. ld.so follows a
-    # chain until an entry with the low bit set: it must come inside the file.
+    # chain until an entry with the low bit set: it must come inside the file
+    # (the last chain is short: read it an entry at a time).
     index = max(used) - symoffset
-    segment = f.segment_at(chains_at, 4 * (index + 1), what)
-    available = (segment.vaddr + segment.filesz - chains_at) // 4
-    chunk = 64
-    while True:
-        count = min(chunk, available - index)
-        if count <= 0:
-            raise _corrupt(f"{what}: its last chain does not end inside the table")
-        chain = f.words(f.read_at(chains_at + 4 * index, 4 * count, what), "I")
-        for position, value in enumerate(chain):
-            if value & 1:
-                return symoffset + index + position + 1
-        index += count
-        chunk *= 8
+    while not struct.unpack(f.order + "I", f.read_at(chains_at + 4 * index, 4, f"{what}, its last chain"))[0] & 1:
+        index += 1
+    return symoffset + index + 1
 
 
 class _Symbols:
     """The dynamic symbol table, as columns (native integers: the byte order is the host's)."""
 
     def __init__(self, f: _File, data: bytes) -> None:
+        # (tolist(): iterating a strided memoryview is several times slower)
         if f.is64:
-            self.names = f.words(data, "I")[0::6]
+            self.names = f.words(data, "I")[0::6].tolist()
             self.info, self.other = data[4::24], data[5::24]
-            self.shndx, self.values = f.words(data, "H")[3::12], f.words(data, "Q")[1::3]
+            self.shndx, self.values = f.words(data, "H")[3::12], f.words(data, "Q")[1::3].tolist()
         else:
-            self.names, self.values = f.words(data, "I")[0::4], f.words(data, "I")[1::4]
+            self.names, self.values = f.words(data, "I")[0::4].tolist(), f.words(data, "I")[1::4].tolist()
             self.info, self.other, self.shndx = data[12::16], data[13::16], f.words(data, "H")[7::8]
-
-    def __len__(self) -> int:
-        return len(self.info)
 
     def binding_locally(self) -> set[int]:
         """The symbols ld.so resolves to themselves without a lookup: STB_LOCAL, or hidden/internal visibility.
@@ -582,6 +581,25 @@ def _check_code(f: _File, addresses: list[int], what: str) -> None:
             raise _corrupt(f"{what} at {address:#x} is not in an executable segment")
 
 
+def _linked(f: _File, start: int, what: str):
+    """The addresses of a list ld.so follows by relative offsets until one is 0 (the version tables).
+
+    A generator: after each address, ``send()`` it the entry's offset to the
+    next. Refuses a list that comes back to an entry (an address wraps in
+    32-bit arithmetic): ld.so would follow it for ever.
+    """
+    seen = set()
+    address = start
+    while address not in seen:
+        seen.add(address)
+        step = yield address
+        yield                                   # (the value send() returns)
+        if not step:
+            return
+        address = (address + step) % f.limit
+    raise _corrupt(f"{what}: a list that loops back on itself")
+
+
 def _check_versions(f: _File, d: _Dynamic, nsyms: int, strtab: bytes) -> None:
     """The walk glibc's _dl_check_map_versions makes, and the version table it builds from it."""
     strsz = len(strtab)
@@ -591,46 +609,34 @@ def _check_versions(f: _File, d: _Dynamic, nsyms: int, strtab: bytes) -> None:
         # ld.so asserts that each file named here is one it loaded: a DT_NEEDED entry.
         needed = {_string(strtab, offset) for tag, offset in d.needed if tag == _DT_NEEDED}
         what = "version needs (DT_VERNEED)"
-        entry = verneed
-        for count in range(_MAX_VERSION_ENTRIES):
+        entries = _linked(f, verneed, what)
+        for entry in entries:
             version, _cnt, file, aux, next_entry = struct.unpack(f.order + "HHIII", f.read_at(entry, 16, what))
-            if version != 1 and count == 0:
+            if version != 1 and entry == verneed:
                 # ld.so refuses it (and checks the first entry only)
                 raise _corrupt(f"{what}: version {version} of the structure (1 expected)")
             if file >= strsz or _string(strtab, file) not in needed:
                 raise _corrupt(f"{what}: a version of a file that is not a DT_NEEDED entry")
-            item = entry + aux
-            for _ in range(_MAX_VERSION_ENTRIES):
+            items = _linked(f, entry + aux, what)
+            for item in items:
                 _hash, _flags, other, name, next_aux = struct.unpack(f.order + "IHHII", f.read_at(item, 16, what))
                 if name >= strsz:
                     raise _corrupt(f"{what}: a version name past the string table")
                 highest = max(highest, other & 0x7FFF)
-                if not next_aux:
-                    break
-                item = (item + next_aux) % f.limit
-            else:
-                raise _corrupt(f"{what}: an endless list")
-            if not next_entry:
-                break
-            entry = (entry + next_entry) % f.limit
-        else:
-            raise _corrupt(f"{what}: an endless list")
+                items.send(next_aux)
+            entries.send(next_entry)
     verdef = d.get(_DT_VERDEF)
     if verdef is not None:
         what = "version definitions (DT_VERDEF)"
-        entry = verdef
-        for _ in range(_MAX_VERSION_ENTRIES):
+        entries = _linked(f, verdef, what)
+        for entry in entries:
             _version, _flags, ndx, _cnt, _hash, aux, next_entry = struct.unpack(
                 f.order + "HHHHIII", f.read_at(entry, 20, what))
             (name, _next) = struct.unpack(f.order + "II", f.read_at((entry + aux) % f.limit, 8, what))
             if name >= strsz:
                 raise _corrupt(f"{what}: a version name past the string table")
             highest = max(highest, ndx & 0x7FFF)
-            if not next_entry:
-                break
-            entry = (entry + next_entry) % f.limit
-        else:
-            raise _corrupt(f"{what}: an endless list")
+            entries.send(next_entry)
     versym = d.get(_DT_VERSYM)
     if highest and versym is None:
         raise _corrupt("dynamic section: versions without DT_VERSYM (ld.so dereferences it)")
@@ -638,11 +644,11 @@ def _check_versions(f: _File, d: _Dynamic, nsyms: int, strtab: bytes) -> None:
         # Relocations index the table ld.so built with each symbol's version:
         # an index past it reads a wild pointer.
         data = f.read_at(versym, 2 * nsyms, "symbol versions (DT_VERSYM)")
-        if max(f.words(data, "H")) > highest:
+        if max(f.words(data, "H").tolist()) > highest:
             masked = bytearray(data)           # clear the "hidden" bit (bit 15) of each entry
             high = slice(1, None, 2) if sys.byteorder == "little" else slice(0, None, 2)
             masked[high] = masked[high].translate(_CLEAR_TOP_BIT)
-            top = max(f.words(bytes(masked), "H"))
+            top = max(f.words(bytes(masked), "H").tolist())
             if top > highest:
                 raise _corrupt(f"symbol versions (DT_VERSYM): version index {top} is not defined or needed")
 
@@ -701,7 +707,9 @@ def _function_start(f: _File, address: int, symbols: _Symbols | None) -> bool | 
         table = f.words(f.read_at(f.eh_frame_hdr + 12, 8 * count, "unwind table index"), "i")
     except ELFError:
         return None
-    return count > 0 and (address - f.eh_frame_hdr) in table[0::2].tolist()
+    if not count:
+        return None                     # built without unwind tables: nothing to tell
+    return (address - f.eh_frame_hdr) in table[0::2].tolist()
 
 
 def _relocation_table(f: _File, d: _Dynamic, tag: int, size_tag: int, entry_tag: int, names: tuple,
@@ -791,7 +799,7 @@ def _check_relocations(f: _File, d: _Dynamic, machine: int, tables: list[tuple],
     relocated: dict[int, int] = {}
     for kind, address, words, relative, types, indexes in tables:
         columns = 3 if kind == "rela" else 2
-        offsets = words[0::columns]
+        offsets = words[0::columns].tolist()
         if not offsets:
             continue
         what = f"relocations at {address:#x}"
@@ -816,8 +824,7 @@ def _check_relocations(f: _File, d: _Dynamic, machine: int, tables: list[tuple],
             _check_code(f, [addends(i) for i, t in enumerate(types) if t == irelative_type],
                         f"{what}: IFUNC resolver")
         if slots:
-            listed = offsets.tolist()
-            positions = {slot: listed.index(slot) for slot in slots if slot in listed}
+            positions = {slot: offsets.index(slot) for slot in slots if slot in offsets}
             for slot, i in positions.items():
                 if i < relative or types[i] == relative_type:
                     relocated[slot] = addends(i)
@@ -853,7 +860,7 @@ def _split_info(f: _File, infos: memoryview) -> tuple[list[int], list[int]]:
     return [value & 0xFF for value in values], [value >> 8 for value in values]
 
 
-def _addends(f: _File, kind: str, words: memoryview, columns: int, offsets: memoryview):
+def _addends(f: _File, kind: str, words: memoryview, columns: int, offsets: list[int]):
     """A function: relocation i -> its addend (RELA: r_addend, signed; REL: the word at its target)."""
     bits = 8 * f.word
     if kind == "rela":
@@ -883,7 +890,7 @@ def _check_targets(f: _File, offsets, writable: list[_Segment], what: str) -> No
     low, high = min(offsets), max(offsets)
 
     def holds(segment: _Segment, start: int, end: int) -> bool:
-        limit = (segment.vaddr + segment.memsz + _PAGE - 1) & -_PAGE
+        limit = segment.mapped_end()
         return segment.vaddr <= start and end + f.word <= limit
 
     if any(holds(segment, low, high) for segment in writable):

@@ -487,9 +487,9 @@ class Registry:
         module._history.clear()
         self._emit("unloaded", module, module.generation, module.generation, time.perf_counter() - started)
         self._retire(module, active)
+        outcome = active.state if active.state != "retired" else f"draining, {self._held_by(module, active, 'count')}"
         logger.info("unloaded '%s' generation %d in %.2f ms (%s)", module.name, module.generation,
-                    (time.perf_counter() - started) * 1e3,
-                    active.state if active.state != "retired" else f"draining, {self._held_by(module, active)}")
+                    (time.perf_counter() - started) * 1e3, outcome)
 
     # -- the reload transaction (lifecycle.py) -------------------------------------------------
 
@@ -604,7 +604,7 @@ class Registry:
                 resume.set()                          # the waiting calls go on (to the new image, if it switched)
         self._release_idle_workdirs()        # the old image's, if $TMPDIR changed since
         if old.state == "retired":
-            outcome = f"generation {serving} draining, {self._held_by(module, old)}"
+            outcome = f"generation {serving} draining, {self._held_by(module, old, 'calls')}"
         else:
             outcome = f"generation {serving} {old.state}"
         notes = []
@@ -850,10 +850,18 @@ class Registry:
                            _describe_holders(gate.in_flight, gate.pins, handles, gate.pointer_results), deleted,
                            sha256, embedded)
 
-    def _held_by(self, module: Module, image: Image) -> str:
-        """What holds ``image`` open, in words ("1 call, 2 handles (sqlite3 *)")."""
+    def _held_by(self, module: Module, image: Image, flight: str = "") -> str:
+        """What holds ``image`` open, in words: "1 call, 2 handles (sqlite3 *)".
+
+        For log lines, ``flight`` says the calls part "1 call in flight" ("calls") or "1 in flight" ("count").
+        """
         gate = image.gate
-        return _describe_holders(gate.in_flight, gate.pins, module._bindings.counts(gate), gate.pointer_results)
+        text = _describe_holders(gate.in_flight, gate.pins, module._bindings.counts(gate), gate.pointer_results)
+        if flight:
+            calls, _, rest = text.partition(", ")
+            calls = f"{gate.in_flight} in flight" if flight == "count" else f"{calls} in flight"
+            text = calls + (f", {rest}" if rest else "")
+        return text
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Wait until no retired image is left open; return False if ``timeout`` seconds passed first.

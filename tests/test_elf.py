@@ -29,10 +29,11 @@ from elfedit import (DT_DEBUG, DT_FILTER, DT_FINI, DT_FINI_ARRAY, DT_FINI_ARRAYS
 
 EXTRA_SOURCE = r"""
 __thread int per_thread = 7;
+__thread int zero_tls;
 static int counter;
 static void early(void) __attribute__((constructor));
 static void early(void) { counter = 1; }
-int get(void) { return counter + per_thread; }
+int get(void) { return counter + per_thread + zero_tls; }
 int (*table[4])(void) = {get, get, get, get};
 int call(int i) { return table[i & 3](); }
 """
@@ -560,7 +561,7 @@ def test_gnu_hash(samples, tmp_path):
         first = e.ph(e.ph_index(PT_LOAD))
         for at in range(chains, first["offset"] + first["filesz"] - 3, 4):     # to the end of the segment
             e.put(at, e.u(at, 4) & ~1, 4)
-    refused(edited(samples, tmp_path, endless), "its last chain does not end inside the table")
+    refused(edited(samples, tmp_path, endless), r"GNU hash table \(DT_GNU_HASH\), its last chain: .* is not inside")
 
     def no_symbols(e):
         nbuckets, bloom = e.u(table(e), 4), e.u(table(e) + 8, 4)
@@ -635,7 +636,7 @@ def test_not_a_regular_file_never_blocks(tmp_path):
     fifo = tmp_path / "fifo.so"
     os.mkfifo(fifo)
     done = []
-    thread = threading.Thread(target=lambda: done.append(pytest.raises(elf.ELFError, elf.check, fifo)))
+    thread = threading.Thread(target=lambda: done.append(pytest.raises(elf.ELFError, elf.check, fifo)), daemon=True)
     thread.start()
     thread.join(10)
     assert done, "elf.check blocked on a FIFO"
@@ -690,16 +691,43 @@ def test_random_damage_is_only_ever_an_elf_error(samples):
     os.close(read)
 
 
-def test_the_host_identity_fallback(monkeypatch):
-    real_open = open
+HOST_MACHINES = {"x86_64": 62, "aarch64": 183, "i686": 3, "armv7l": 40, "ppc64le": 21, "s390x": 22,
+                 "riscv64": 243, "loongarch64": 258}
 
-    def no_executable(path, *args, **kwargs):
-        if path in ("/proc/self/exe", os.path.realpath("/proc/self/exe")) or path == __import__("sys").executable:
+
+def expected_host():
+    import platform
+    import sys
+
+    machine = HOST_MACHINES.get(platform.machine())
+    if machine is None:
+        pytest.skip(f"no ELF machine number known for {platform.machine()}")
+    return (2 if sys.maxsize > 2**32 else 1), (1 if sys.byteorder == "little" else 2), machine
+
+
+def test_the_host_identity(monkeypatch):
+    import sys
+
+    assert elf._host_identity() == expected_host() == (elf.HOST_CLASS, elf.HOST_DATA, elf.HOST_MACHINE)
+    real_open = open
+    refused_paths = set()
+
+    def without(*paths):
+        refused_paths.clear()
+        refused_paths.update(paths)
+
+    def fake_open(path, *args, **kwargs):
+        if path in refused_paths:
             raise OSError("hidden")
         return real_open(path, *args, **kwargs)
-    monkeypatch.setattr("builtins.open", no_executable)
-    assert elf._host_identity() == (2 if struct.calcsize("P") == 8 else 1, 1 if __import__("sys").byteorder ==
-                                    "little" else 2, 0)
+    monkeypatch.setattr("builtins.open", fake_open)
+    without("/proc/self/exe")                       # then the interpreter's own file
+    assert elf._host_identity() == expected_host()
+    without("/proc/self/exe", sys.executable)       # then what Python reports (no machine)
+    assert elf._host_identity() == expected_host()[:2] + (0,)
+    monkeypatch.setattr(sys, "executable", "/dev/null")          # not an ELF file: skipped
+    without("/proc/self/exe")
+    assert elf._host_identity() == expected_host()[:2] + (0,)
 
 
 def test_a_crash_it_prevents(samples, tmp_path):
@@ -708,3 +736,600 @@ def test_a_crash_it_prevents(samples, tmp_path):
     result = run_python(f"import ctypes; ctypes.CDLL({str(path)!r})")
     assert result.returncode < 0 or result.returncode == 127
     refused(path, "DT_INIT")
+
+
+DT_RELSZ, DT_RELENT, DT_RELCOUNT = 18, 19, 0x6FFFFFFA
+
+
+# -- what the check knows of other machines (exercised here by pretending to be one) -----------------------
+
+# From each psABI (glibc's elf.h): machine -> (name, RELATIVE, symbolic word relocations, IRELATIVE, RELA only).
+MACHINES = {
+    3: ("x86", 8, (1, 6), 42, False),
+    8: ("MIPS", None, (), None, False),
+    20: ("PowerPC", 22, (1, 20), 248, True),
+    21: ("PowerPC64", 22, (20, 38), 248, True),
+    22: ("s390", 12, (4, 10, 22), 61, True),
+    40: ("ARM", 23, (2, 21), 160, False),
+    62: ("x86-64", 8, (1, 6), 37, True),
+    183: ("AArch64", 1027, (257, 1025), 1032, True),
+    243: ("RISC-V", 3, (1, 2), 58, True),
+    258: ("LoongArch", 3, (1, 2), 12, True),
+    2: ("machine 2", None, (), None, True),
+    15: ("machine 15", None, (), None, True),
+    18: ("machine 18", None, (), None, True),
+    43: ("machine 43", None, (), None, True),
+    4242: ("machine 4242", None, (), None, False),
+}
+
+
+def test_machine_names_are_the_real_ones():
+    assert {m: name for m, (name, *_rest) in MACHINES.items() if not name.startswith("machine")} == \
+        elf._MACHINE_NAMES
+
+
+def as_machine(monkeypatch, machine):
+    """Make the check believe this process runs on ``machine``; return an edit that retypes the sample for it."""
+    monkeypatch.setattr(elf, "HOST_MACHINE", machine)
+    _name, relative, _symbolic, _irelative, _rela_only = MACHINES[machine]
+
+    def change(e):
+        e.put(18, machine, 2)
+        for table, size in ((DT_RELA, DT_RELASZ), (DT_JMPREL, DT_PLTRELSZ)):
+            for at, _offset, info, _addend in e.relocations(table, size):
+                if info & 0xFFFFFFFF == 8 and relative is not None:
+                    e.put(at + 8, (info & ~0xFFFFFFFF) | relative)
+    return change
+
+
+@pytest.mark.parametrize("machine", sorted(m for m in MACHINES if MACHINES[m][1] is not None))
+def test_relocation_types_of_each_machine(samples, tmp_path, monkeypatch, machine):
+    name, relative, symbolic, irelative, rela_only = MACHINES[machine]
+    retype = as_machine(monkeypatch, machine)
+    elf.check(edited(samples, tmp_path, retype))
+    # An x86-64 RELATIVE where this machine expects its own is not relative here.
+    if relative != 8:
+        refused(edited(samples, tmp_path, lambda e: retype(e) or e.put(e.relocations()[0][0] + 8, 8)),
+                r"\(DT_RELACOUNT\) is not a relative relocation|not relocated to a function|is relocated to")
+    # Every symbolic word relocation fills an init array slot from a symbol.
+    for kind in symbolic:
+        def from_symbol(e, kind=kind):
+            retype(e)
+            at = e.relocations()[0][0]
+            e.put(at + 8, (e.symbol_index(b"add") << 32) | kind)
+            e.put(at + 16, 0)
+            e.set_dyn(DT_RELACOUNT, 0)
+        elf.check(edited(samples, tmp_path, from_symbol))
+    # This machine's IFUNC relocation calls its addend.
+    def ifunc(e):
+        retype(e)
+        at = e.relocations()[3][0]
+        e.put(at + 8, irelative)
+        e.put(at + 16, 0x2000)
+    refused(edited(samples, tmp_path, ifunc), "IFUNC resolver at 0x2000")
+
+
+@pytest.mark.parametrize("machine", sorted(MACHINES))
+def test_rel_or_rela_per_machine(samples, tmp_path, monkeypatch, machine):
+    name, _relative, _symbolic, _irelative, rela_only = MACHINES[machine]
+    retype = as_machine(monkeypatch, machine)
+    pltrel_rel = edited(samples, tmp_path, lambda e: retype(e) or e.set_dyn(DT_PLTREL, 17))
+    if rela_only:
+        refused(pltrel_rel, r"DT_PLTREL is 17 \(ld.so asserts DT_RELA\)")
+        refused(edited(samples, tmp_path, lambda e: retype(e) or e.retag(DT_SYMBOLIC_TAG, DT_REL, 0x4f8)),
+                f"REL relocations, which ld.so on {name} ignores")
+    else:
+        # REL is allowed: the PLT table is then read as REL (16-byte entries)
+        with pytest.raises(elf.ELFError) as info:
+            elf.check(pltrel_rel)
+        assert "DT_PLTREL is" not in str(info.value) and "DT_PLTRELSZ is 24, not a multiple of 16" in str(info.value)
+        refused(edited(samples, tmp_path, lambda e: retype(e) or e.set_dyn(DT_PLTREL, 18)),
+                r"DT_PLTREL is 18 \(ld.so asserts DT_RELA or DT_REL\)")
+
+
+def test_rel_tables_where_the_machine_takes_them(samples, tmp_path, monkeypatch):
+    retype = as_machine(monkeypatch, 3)             # x86 (32-bit) takes REL tables too
+
+    def rel(*, entry_size=16, drop=None, count=None):
+        def change(e):
+            retype(e)
+            e.retag(DT_SYMBOLIC_TAG, DT_REL, e.dyn(DT_RELA))
+            e.retag(DT_INIT, DT_RELSZ, 32)                  # two 16-byte entries
+            e.retag(DT_FINI, DT_RELENT, entry_size)
+            if drop is not None:
+                e.retag(drop, DT_DEBUG)
+            if count is not None:
+                e.retag(DT_RELACOUNT, DT_RELCOUNT, count)
+        return change
+    refused(edited(samples, tmp_path, rel(entry_size=8)), r"DT_RELENT is 8 \(ld.so asserts 16\)")
+    refused(edited(samples, tmp_path, rel(drop=DT_RELSZ)), "DT_REL without DT_RELSZ")
+    refused(edited(samples, tmp_path, rel(drop=DT_RELENT)), "DT_REL without DT_RELENT")
+    refused(edited(samples, tmp_path, rel(count=5)), r"DT_RELCOUNT \(5\) exceeds the 2 relocations")
+
+
+def test_more_string_tags(samples, tmp_path):
+    for tag, name in ((15, "DT_RPATH"), (29, "DT_RUNPATH"), (0x7FFFFFFD, "DT_AUXILIARY")):
+        refused(edited(samples, tmp_path, lambda e: e.retag(DT_SYMBOLIC_TAG, tag, 5000)),
+                f"{name} names offset 5000")
+    refused(edited(samples, tmp_path, lambda e: e.retag(DT_SYMBOLIC_TAG, 0x7FFFFFFD, 0)),
+            "DT_AUXILIARY names an empty file name")
+    elf.check(edited(samples, tmp_path, lambda e: e.retag(DT_SYMBOLIC_TAG, 15, 0)))     # an empty rpath: harmless
+
+
+def test_preinit_array_bounds(samples, tmp_path):
+    def preinit(size):
+        def change(e):
+            e.retag(DT_SYMBOLIC_TAG, DT_PREINIT_ARRAY, 0x3dc8)
+            e.retag(DT_FLAGS, DT_PREINIT_ARRAYSZ, size)
+        return change
+    elf.check(edited(samples, tmp_path, preinit(8)))
+    refused(edited(samples, tmp_path, preinit(0x100000)), r"DT_PREINIT_ARRAY: \[0x3dc8")
+    refused(edited(samples, tmp_path, preinit(4)), "DT_PREINIT_ARRAYSZ is 4, not a multiple of 8")
+
+
+def test_only_df_textrel_makes_text_writable(samples, tmp_path):
+    for flags in (0x1, 0x2, 0x8, 0x10):
+        refused(edited(samples, tmp_path, lambda e: e.put(e.relocations()[4][0], 0x1008) or
+                       e.set_dyn(DT_FLAGS, flags)), "one writes to 0x1008")
+
+
+# -- a 32-bit library (i386: REL relocations), checked as a 32-bit process would --------------------------
+
+X32_SOURCE = r"""
+static int counter;
+int f(void) { return ++counter; }
+int g(void) { return counter; }
+int (*table[2])(void) = {f, g};
+static void early(void) { counter = 1; }
+void (*init_slot)(void) __attribute__((section(".init_array"), used)) = early;
+"""
+
+
+@pytest.fixture(scope="module")
+def x32(tmp_path_factory):
+    """An i386 shared library, linked without the C runtime (no 32-bit libc needed to build it)."""
+    base = tmp_path_factory.mktemp("x32")
+    source = base / "x32.c"
+    source.write_text(X32_SOURCE)
+    script = base / "x32.map"
+    script.write_text("X1 { global: f; g; table; local: *; };\n")       # version definitions too
+    output = base / "x32.so"
+    result = subprocess.run(["cc", "-m32", "-shared", "-fPIC", "-nostdlib", "-O2", f"-Wl,--version-script={script}",
+                             "-o", str(output), str(source)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot build a 32-bit library here: {result.stderr[-200:]}")
+    return output
+
+
+class Edit32:
+    """Just enough of a 32-bit little-endian ELF editor for these tests."""
+
+    def __init__(self, data):
+        self.data = bytearray(data)
+
+    def u(self, at, size=4):
+        return int.from_bytes(self.data[at:at + size], "little")
+
+    def put(self, at, value, size=4):
+        self.data[at:at + size] = (value % (1 << (8 * size))).to_bytes(size, "little")
+
+    def ph(self, index):
+        base = self.u(28) + 32 * index
+        names = ("type", "offset", "vaddr", "paddr", "filesz", "memsz", "flags", "align")
+        return {name: self.u(base + 4 * i) for i, name in enumerate(names)}, base
+
+    def offset_of(self, vaddr):
+        for i in range(self.u(44, 2)):
+            ph, _base = self.ph(i)
+            if ph["type"] == PT_LOAD and ph["vaddr"] <= vaddr < ph["vaddr"] + ph["filesz"]:
+                return ph["offset"] + vaddr - ph["vaddr"]
+        raise KeyError(vaddr)
+
+    def dyn_at(self, tag):
+        dynamic = next(self.ph(i)[0] for i in range(self.u(44, 2)) if self.ph(i)[0]["type"] == PT_DYNAMIC)
+        at = self.offset_of(dynamic["vaddr"])
+        while self.u(at):
+            if self.u(at) == tag:
+                return at
+            at += 8
+        raise KeyError(tag)
+
+    def dyn(self, tag):
+        return self.u(self.dyn_at(tag) + 4)
+
+    def set_dyn(self, tag, value):
+        self.put(self.dyn_at(tag) + 4, value)
+
+
+@pytest.fixture
+def as_32bit(monkeypatch):
+    monkeypatch.setattr(elf, "HOST_CLASS", 1)
+    monkeypatch.setattr(elf, "HOST_MACHINE", 3)
+
+
+def edited32(x32, tmp_path, change):
+    edit = Edit32(x32.read_bytes())
+    change(edit)
+    path = tmp_path / "edited32.so"
+    path.write_bytes(bytes(edit.data))
+    return path
+
+
+def test_a_32_bit_library(x32, tmp_path, as_32bit):
+    elf.check(x32)
+    rel = lambda e: [(e.offset_of(e.dyn(DT_REL)) + i, e.u(e.offset_of(e.dyn(DT_REL)) + i),      # noqa: E731
+                      e.u(e.offset_of(e.dyn(DT_REL)) + i + 4)) for i in range(0, e.dyn(18), 8)]
+    init = lambda e: e.offset_of(e.dyn(DT_INIT_ARRAY))      # noqa: E731
+    # The init slot's REL addend is the word at the slot: make it point at data.
+    refused(edited32(x32, tmp_path, lambda e: e.put(init(e), 0x2000)),
+            "DT_INIT_ARRAY slot at 0x[0-9a-f]+ is relocated to 0x2000")
+    # Slots filled by R_386_32 from a function symbol (the function table): fine.
+    table = lambda e: min(offset for _at, offset, info in rel(e) if info & 0xFF == 1)      # noqa: E731
+    elf.check(edited32(x32, tmp_path, lambda e: e.set_dyn(DT_INIT_ARRAY, table(e)) or e.set_dyn(DT_INIT_ARRAYSZ, 8)))
+    refused(edited32(x32, tmp_path, lambda e: e.set_dyn(0x6FFFFFFA, 3)),
+            r"one of the first 3 \(DT_RELACOUNT\) is not a relative relocation")
+    refused(edited32(x32, tmp_path, lambda e: e.put(rel(e)[1][0], 0x1004)), "one writes to 0x1004")
+    refused(edited32(x32, tmp_path, lambda e: e.put(rel(e)[1][0] + 4, (40 << 8) | 1)),
+            r"symbol table \(DT_SYMTAB, 41 symbols\)")
+    # 32-bit symbols: st_value is the second word.
+    symtab = lambda e: e.offset_of(e.dyn(DT_SYMTAB))      # noqa: E731
+    refused(edited32(x32, tmp_path, lambda e: [e.put(symtab(e) + 16 * i + 4, 0x2000) for i in range(1, 4)
+                                               if e.data[symtab(e) + 16 * i + 12] & 0xF == 2]),
+            "function symbol at 0x2000")
+    # 32-bit program and section headers.
+    refused(edited32(x32, tmp_path, lambda e: e.put(e.ph(1)[1] + 24, 4)), "no executable loadable segment")
+    refused(edited32(x32, tmp_path, lambda e: e.put(46, 64, 2)), r"corrupt section-header table \(entries of 64")
+
+
+def test_a_version_list_that_loops_back(x32, tmp_path, as_32bit):
+    # In 32-bit arithmetic an offset can lead back to an earlier entry: ld.so would walk it for ever.
+    def loop(e):
+        first = e.offset_of(e.dyn(0x6FFFFFFC))
+        step = e.u(first + 16)
+        e.put(first + step + 16, (1 << 32) - step)        # the second entry's vd_next: back to the first
+    refused(edited32(x32, tmp_path, loop), r"version definitions \(DT_VERDEF\): a list that loops back on itself")
+
+
+def test_gnu_property_notes_are_checked_too(samples, tmp_path):
+    def property_note(e):
+        index = e.ph_index(PT_NOTE)
+        e.set_ph(index, "type", 0x6474E553)
+        e.put(e.offset_of(e.ph(index)["vaddr"]) + 4, 0x1000, 4)
+    refused(edited(samples, tmp_path, property_note), "note segment 5: a note of 4096 bytes runs past")
+
+
+def test_a_64_bit_process_refuses_it(x32):
+    refused(x32, "wrong ELF class: the file is 32-bit little-endian, this process is 64-bit little-endian")
+
+
+# -- boundaries and helpers ---------------------------------------------------------------------------------
+
+
+def test_tables_must_be_in_the_file_backed_part(samples, tmp_path):
+    # .bss is mapped, but zero-filled: a table there is not the one in the file.
+    refused(edited(samples, tmp_path, lambda e: e.set_dyn(DT_STRTAB, 0x4010) or e.set_dyn(DT_STRSZ, 8)),
+            r"string table \(DT_STRTAB\): \[0x4010, 0x4018\) is not inside a loaded segment")
+
+
+def test_code_boundaries(samples, tmp_path):
+    text = lambda e: e.ph(e.ph_index(PT_LOAD, PF_R | PF_X))      # noqa: E731
+    add = lambda e: e.symbol_offset(e.symbol_index(b"add"))      # noqa: E731
+    end = lambda e: text(e)["vaddr"] + text(e)["filesz"]      # noqa: E731
+    refused(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, end(e))), "function symbol at 0x13e1")
+    refused(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, text(e)["vaddr"] - 1)), "function symbol at 0xfff")
+    elf.check(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, end(e) - 1)))
+    elf.check(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, text(e)["vaddr"])))
+    refused(edited(samples, tmp_path, lambda e: e.set_dyn(DT_INIT, 0x13e1)), r"DT_INIT \(0x13e1\) is not in an exec")
+
+
+def test_locally_bound_symbols_must_be_inside_the_image(samples, tmp_path):
+    def hidden_at(value):
+        def change(e):
+            index = e.symbol_index(b"add")
+            e.data[e.symbol_offset(index) + 4] = 0x11              # STB_GLOBAL, STT_OBJECT (not checked as code)
+            e.data[e.symbol_offset(index) + 5] = 2                 # STV_HIDDEN: binds locally
+            e.put(e.symbol_offset(index) + 8, value)
+            e.put(e.relocations()[3][0] + 8, (index << 32) | 6)
+        return change
+    elf.check(edited(samples, tmp_path, hidden_at(0x401f)))
+    elf.check(edited(samples, tmp_path, hidden_at(0)))
+    refused(edited(samples, tmp_path, hidden_at(0x4020)), "binds locally but is not defined in the file")
+
+
+def test_flags_are_named_in_messages(samples, tmp_path):
+    path = edited(samples, tmp_path, lambda e: e.set_ph(e.ph_index(PT_LOAD, PF_R | PF_W), "flags", PF_R))
+    assert "which is not readable+writable (" in refused(path, "not readable")
+    assert elf._describe_flags(PF_R | PF_W | PF_X) == "readable+writable+executable"
+    assert elf._describe_flags(PF_X) == "executable"
+
+
+def test_a_16_byte_file(tmp_path):
+    short = tmp_path / "short.so"
+    short.write_bytes(b"\x7fELF" + bytes(12))
+    refused(short, r"corrupt ELF identification \(class 0, data 0\)")
+
+
+def test_internal_parsing_errors_are_elf_errors(samples, monkeypatch):
+    # Whatever a damaged table makes the parser trip on, the caller sees an ELFError.
+    for error in (struct.error("unpack requires a buffer"), IndexError("index out of range"),
+                  TypeError("memoryview: length is not a multiple of itemsize"), ValueError("x")):
+        monkeypatch.setattr(elf, "_check_dynamic", lambda *args, error=error: (_ for _ in ()).throw(error))
+        refused(samples["v1"], f"corrupt tables \\({error}\\)")
+
+
+def test_symbol_kinds_that_matter(samples, tmp_path):
+    add = lambda e: e.symbol_offset(e.symbol_index(b"add"))      # noqa: E731
+    # An IFUNC resolver is called by ld.so: it must be code too.
+    refused(edited(samples, tmp_path, lambda e: e.data.__setitem__(add(e) + 4, 0x1A) or e.put(add(e) + 8, 0x2000)),
+            "function symbol at 0x2000")
+    # An object may live anywhere in the image.
+    elf.check(edited(samples, tmp_path, lambda e: e.data.__setitem__(add(e) + 4, 0x11) or e.put(add(e) + 8, 0x2000)))
+    # Internal visibility binds locally, as hidden does (protected does not).
+    for visibility, local in ((1, True), (2, True), (3, False)):
+        def undefined_with(e, visibility=visibility):
+            e.data[e.symbol_offset(e.symbol_index(b"__cxa_finalize")) + 5] = visibility
+        path = edited(samples, tmp_path, undefined_with)
+        if local:
+            refused(path, "binds locally but is not defined")
+        else:
+            elf.check(path)
+
+
+def test_sections_that_are_not_allocated_are_not_mapped(samples, tmp_path):
+    # .comment is in the file only: whatever its flags say besides SHF_ALLOC, no segment need map it.
+    def comment_flags(flags):
+        return lambda e: e.put(e.u(40) + 64 * e.section(".comment")["index"] + 8, flags)      # sh_flags
+    elf.check(edited(samples, tmp_path, comment_flags(0x1)))           # SHF_WRITE
+    elf.check(edited(samples, tmp_path, comment_flags(0x4 | 0x30)))    # SHF_EXECINSTR
+    refused(edited(samples, tmp_path, comment_flags(0x2)), "maps section 24 from byte 0, but it is at byte")
+
+
+# -- more boundaries, each a mutant the first mutation pass left alive ------------------------------------
+
+
+def no_unwind_index(e):
+    e.set_ph(e.ph_index(PT_GNU_EH_FRAME), "type", PT_NULL)
+
+
+def test_gnu_hash_symbol_count(samples):
+    # The count the hash table implies is what sizes the symbol and version tables.
+    edit = ElfEdit(samples["v1"].read_bytes())
+    f = elf._File(0, len(edit.data), bytes(edit.data), 2, "<")
+    elf._check_program_headers(f, bytes(edit.data[edit.phoff:edit.phoff + 56 * edit.phnum]), "<IIQQQQQQ",
+                               edit.phoff)
+    assert elf._check_gnu_hash(f, edit.dyn(DT_GNU_HASH)) == (edit.dyn(DT_STRTAB) - edit.dyn(DT_SYMTAB)) // 24
+
+
+def test_no_hash_table_at_all(samples, tmp_path):
+    elf.check(edited(samples, tmp_path, lambda e: e.retag(DT_GNU_HASH, DT_DEBUG)))
+
+
+def test_the_sysv_hash_counts_every_symbol(extras, tmp_path):
+    if "sysv" not in extras:
+        pytest.skip("cc failed")
+
+    def last_function_to_data(e):
+        count = e.u(e.offset_of(e.dyn(DT_HASH)) + 4, 4)
+        symtab = e.offset_of(e.dyn(DT_SYMTAB))
+        last = max(i for i in range(count) if e.data[symtab + 24 * i + 4] & 0xF == 2)
+        e.put(symtab + 24 * last + 8, e.dyn(DT_STRTAB))
+    refused(edited(extras["sysv"], tmp_path, last_function_to_data), "function symbol at")
+
+
+def test_segment_boundaries(samples, tmp_path):
+    text = lambda e: e.ph_index(PT_LOAD, PF_R | PF_X)      # noqa: E731
+    # Adjacent segments are fine; one starting inside the previous one is not.
+    elf.check(edited(samples, tmp_path, lambda e: e.set_ph(text(e), "memsz", 0x1000)))
+    refused(edited(samples, tmp_path, lambda e: e.set_ph(text(e), "memsz", 0x1100)),
+            "loadable segment 2 .it overlaps or precedes segment 1")
+    # The last address that does not wrap.
+    data = lambda e: e.ph_index(PT_LOAD, PF_R | PF_W)      # noqa: E731
+    refused(edited(samples, tmp_path, lambda e: e.set_ph(data(e), "memsz", 2**64 - e.ph(data(e))["vaddr"])),
+            r"loadable segment 3 \(file size")
+
+
+def test_truncation_past_the_tables_is_the_segment_checks_to_catch(samples, tmp_path):
+    # Without section headers, a cut after the dynamic section cuts nothing the check reads: only the
+    # extent of the last loadable segment says it is short.
+    edit = ElfEdit(samples["v1"].read_bytes())
+    edit.strip_sections()
+    last = edit.ph(edit.ph_index(PT_LOAD, PF_R | PF_W))
+    cut = tmp_path / "cut.so"
+    cut.write_bytes(bytes(edit.data[:last["offset"] + last["filesz"] - 4]))
+    refused(cut, "truncated: loadable segment 3 ends at byte")
+
+
+def test_relro_bounds(samples, tmp_path):
+    relro = lambda e: e.ph_index(PT_GNU_RELRO)      # noqa: E731
+    elf.check(edited(samples, tmp_path, lambda e: e.set_ph(relro(e), "vaddr", 0x4010) or
+                     e.set_ph(relro(e), "memsz", 0x10)))                         # in .bss: still the segment
+    refused(edited(samples, tmp_path, lambda e: e.set_ph(relro(e), "memsz", 0x1000 - 0xdc8 + 0x1001)),
+            "PT_GNU_RELRO: it runs past loadable segment 3")
+
+
+def test_section_access_without_relro_in_the_way(samples, tmp_path):
+    def read_only_data(e):
+        e.set_ph(e.ph_index(PT_GNU_RELRO), "type", PT_NULL)
+        e.set_ph(e.ph_index(PT_LOAD, PF_R | PF_W), "flags", PF_R)
+        e.retag(DT_SYMBOLIC_TAG, DT_TEXTREL, 0)              # (relocations may still write it)
+    refused(edited(samples, tmp_path, read_only_data), "section 17: it lies in loadable segment 3, which is not "
+                                                           r"readable\+writable")
+
+    def text_not_executable(e):
+        text, rodata = e.ph_index(PT_LOAD, PF_R | PF_X), e.ph_index(PT_LOAD, PF_R, nth=1)
+        e.set_ph(text, "flags", PF_R)
+        e.set_ph(rodata, "flags", PF_R | PF_X)              # some other segment is executable
+    refused(edited(samples, tmp_path, text_not_executable), r"section 9: it lies in loadable segment 1, which is not "
+                                                                r"readable\+executable")
+
+
+def test_a_read_only_dynamic_section_needs_no_write_access(samples, tmp_path):
+    def read_only(e):
+        e.strip_sections()
+        e.set_ph(e.ph_index(PT_GNU_RELRO), "type", PT_NULL)
+        e.set_ph(e.ph_index(PT_DYNAMIC), "flags", PF_R)                     # ld.so will not write it
+        e.set_ph(e.ph_index(PT_LOAD, PF_R | PF_W), "flags", PF_R)
+        e.retag(DT_SYMBOLIC_TAG, DT_TEXTREL, 0)
+    elf.check(edited(samples, tmp_path, read_only))
+
+
+def test_function_starts_from_sections_alone(samples, tmp_path):
+    # No unwind index: the .init and .fini sections still say where their one function starts.
+    refused(edited(samples, tmp_path, lambda e: no_unwind_index(e) or e.set_dyn(DT_INIT, 0x1001)),
+            r"DT_INIT \(0x1001\) is not the start of a function")
+    refused(edited(samples, tmp_path, lambda e: no_unwind_index(e) or
+                   e.set_dyn(DT_FINI, e.section(".fini")["addr"] + 4)), "is not the start of a function")
+    refused(edited(samples, tmp_path, lambda e: no_unwind_index(e) or e.set_dyn(DT_INIT, 0x1010)),
+            "is not the start of a function")
+    # The end of .init is not inside it; nobody can tell what is there.
+    elf.check(edited(samples, tmp_path, lambda e: no_unwind_index(e) or
+                     e.set_dyn(DT_INIT, e.section(".init")["addr"] + e.section(".init")["size"])))
+    # Section names come from the table e_shstrndx names; an index past the table: no names, no error.
+    elf.check(edited(samples, tmp_path, lambda e: no_unwind_index(e) or e.put(62, e.u(60, 2), 2)))
+
+
+def test_function_starts_known_from_each_source(samples, tmp_path):
+    add = lambda e: e.symbol_offset(e.symbol_index(b"add"))      # noqa: E731
+    # A non-code section's start inside an executable segment is not a function's.
+    refused(edited(samples, tmp_path, lambda e: e.set_ph(e.ph_index(PT_LOAD, PF_R, nth=1), "flags", PF_R | PF_X) or
+                   e.set_dyn(DT_FINI, 0x2000)), r"DT_FINI \(0x2000\) is not the start of a function")
+
+    def only_the_unwind_index_knows(e):
+        address = e.u(add(e) + 8)
+        e.put(add(e) + 8, e.u(e.symbol_offset(e.symbol_index(b"version")) + 8))     # the symbol no longer says so
+        e.set_dyn(DT_FINI, address)
+    elf.check(edited(samples, tmp_path, only_the_unwind_index_knows))
+
+    def only_the_symbol_knows(e):
+        address = e.u(add(e) + 8)
+        hdr = e.offset_of(e.ph(e.ph_index(PT_GNU_EH_FRAME))["vaddr"])
+        count = e.u(hdr + 8, 4)
+        for i in range(count):                                          # hide add's unwind entry
+            at = hdr + 12 + 8 * i
+            if (e.u(at, 4) + e.ph(e.ph_index(PT_GNU_EH_FRAME))["vaddr"]) % 2**32 == address:
+                e.put(at, e.u(at, 4) + 1, 4)
+        e.set_dyn(DT_FINI, address)
+    elf.check(edited(samples, tmp_path, only_the_symbol_knows))
+
+    def bad_index(field, value):
+        def change(e):
+            e.data[e.offset_of(e.ph(e.ph_index(PT_GNU_EH_FRAME))["vaddr"]) + field] = value
+            e.set_dyn(DT_FINI, e.section(".text")["addr"] + 0x101)
+        return change
+    for field, value in ((0, 2), (2, 0x1B), (3, 0x1B)):                # version, count encoding, table encoding
+        elf.check(edited(samples, tmp_path, bad_index(field, value)))   # an index we cannot read: nobody can tell
+
+    def empty_index(e):
+        e.put(e.offset_of(e.ph(e.ph_index(PT_GNU_EH_FRAME))["vaddr"]) + 8, 0, 4)
+        e.set_dyn(DT_FINI, e.section(".text")["addr"] + 0x101)
+    elf.check(edited(samples, tmp_path, empty_index))
+
+
+def test_string_offsets_at_the_boundary(samples, tmp_path):
+    strsz = lambda e: e.dyn(DT_STRSZ)      # noqa: E731
+    verneed = lambda e: e.offset_of(e.dyn(DT_VERNEED))      # noqa: E731
+    refused(edited(samples, tmp_path, lambda e: e.put(verneed(e) + 4, strsz(e), 4)), "not a DT_NEEDED entry")
+    refused(edited(samples, tmp_path, lambda e: e.put(verneed(e) + 16 + 8, strsz(e), 4)), "a version name past")
+    refused(edited(samples, tmp_path, lambda e: e.put(e.symbol_offset(e.symbol_index(b"add")), strsz(e), 4)),
+            "a symbol name lies past")
+
+
+def test_version_definitions_index_the_version_table(tmp_path):
+    source = tmp_path / "v.c"
+    source.write_text("int f(void) { return 1; }\n")
+    script = tmp_path / "v.map"
+    script.write_text("V1 { global: f; local: *; };\n")
+    library = tmp_path / "v.so"
+    subprocess.run(["cc", "-shared", "-fPIC", f"-Wl,--version-script={script}", "-o", str(library), str(source)],
+                   check=True)
+    versym = lambda e: e.offset_of(e.dyn(DT_VERSYM))      # noqa: E731
+    refused(edited(library, tmp_path, lambda e: e.put(versym(e) + 2, 9, 2)), "version index 9 is not defined")
+
+    def name_past_the_strings(e):
+        verdef = e.offset_of(e.dyn(0x6FFFFFFC))
+        e.put(verdef + e.u(verdef + 12, 4), e.dyn(DT_STRSZ), 4)     # the first entry's first name
+    refused(edited(library, tmp_path, name_past_the_strings),
+            "version definitions .DT_VERDEF.: a version name past")
+
+
+def test_code_pointer_loops_check_each_tag(samples, tmp_path):
+    refused(edited(samples, tmp_path, lambda e: e.retag(DT_INIT, DT_DEBUG) or e.set_dyn(DT_FINI, 0)),
+            r"DT_FINI \(0x0\)")
+    refused(edited(samples, tmp_path, lambda e: e.retag(DT_INIT_ARRAY, DT_DEBUG) or e.set_dyn(DT_FINI_ARRAYSZ, 4)),
+            "DT_FINI_ARRAYSZ is 4")
+
+
+def test_zero_relocation_table_addresses(samples, tmp_path):
+    # DT_RELA 0 means "none" (DT_RELR-only libraries): the init array is then not relocated.
+    refused(edited(samples, tmp_path, lambda e: e.set_dyn(DT_RELA, 0) or e.retag(DT_RELACOUNT, DT_DEBUG)),
+            "DT_INIT_ARRAY slot at 0x3dc8 is not relocated to a function")
+    # DT_JMPREL 0 is read like any other (ld.so does).
+    with pytest.raises(elf.ELFError):
+        elf.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_JMPREL, 0)))
+
+
+def test_rel_count_defaults_to_none(x32, tmp_path, as_32bit):
+    def no_count(e):
+        at = e.dyn_at(0x6FFFFFFA)
+        e.put(at, DT_DEBUG)
+        rel = e.offset_of(e.dyn(DT_REL))
+        first, second = bytes(e.data[rel:rel + 8]), bytes(e.data[rel + 8:rel + 16])
+        e.data[rel:rel + 8], e.data[rel + 8:rel + 16] = second, first          # a symbolic one first
+    elf.check(edited32(x32, tmp_path, no_count))
+
+
+def test_plt_relocations_are_checked(samples, tmp_path):
+    refused(edited(samples, tmp_path, lambda e: e.put(e.relocations(DT_JMPREL, DT_PLTRELSZ)[0][0], 0x1000)),
+            r"relocations at 0x5a0: one writes to 0x1000")
+
+    def empty_rela(e):
+        e.set_dyn(DT_RELASZ, 0)
+        e.set_dyn(DT_RELACOUNT, 0)
+        e.put(e.relocations(DT_JMPREL, DT_PLTRELSZ)[0][0], 0x1000)
+    refused(edited(samples, tmp_path, empty_rela), "one writes to 0x1000")
+
+
+def test_jmprel_nested_in_rela(samples, tmp_path):
+    # Old linkers put the PLT relocations at the end of DT_RELA: ld.so subtracts them, fine...
+    elf.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_RELASZ, e.dyn(DT_RELASZ) + e.dyn(DT_PLTRELSZ))))
+
+    # ...but DT_RELA starting inside DT_JMPREL and ending with it would underflow that subtraction.
+    def overlapping(e):
+        e.set_dyn(DT_JMPREL, e.dyn(DT_RELA) + 24 * 4)
+        e.set_dyn(DT_PLTRELSZ, 24 * 4)
+        e.set_dyn(DT_RELA, e.dyn(DT_RELA) + 24 * 6)
+        e.set_dyn(DT_RELASZ, 24 * 2)
+        e.set_dyn(DT_RELACOUNT, 0)
+    refused(edited(samples, tmp_path, overlapping), "DT_JMPREL overlaps the start of the other relocations")
+
+
+def test_every_table_is_checked_on_a_machine_without_relocation_types(samples, tmp_path, monkeypatch):
+    retype = as_machine(monkeypatch, 8)             # MIPS: no relocation types known here
+
+    def hidden_import(e):
+        retype(e)
+        e.data[e.symbol_offset(e.symbol_index(b"read")) + 5] = 2
+    refused(edited(samples, tmp_path, hidden_import), "relocations at 0x5a0: symbol 2 binds locally")
+
+
+def test_symbolic_slots_add_their_addend(samples, tmp_path):
+    def slot_from(name, addend):
+        def change(e):
+            at = e.relocations()[0][0]
+            e.put(at + 8, (e.symbol_index(name) << 32) | 1)
+            e.put(at + 16, addend)
+            e.set_dyn(DT_RELACOUNT, 0)
+        return change
+    elf.check(edited(samples, tmp_path, slot_from(b"add", 0x200)))
+    refused(edited(samples, tmp_path, slot_from(b"add", 0x2000)), "is relocated to")
+    refused(edited(samples, tmp_path, lambda e: e.put(e.relocations()[0][0] + 16, 0)),
+            "slot at 0x3dc8 is relocated to 0x0, which is not in an executable segment")
+
+
+def test_thread_local_zero_data_is_not_mapped_by_a_segment(extras, tmp_path):
+    # .tbss (SHF_TLS, SHT_NOBITS) describes each thread's block, not memory the segments map.
+    if "plain" not in extras:
+        pytest.skip("cc failed")
+    def tbss_elsewhere(e):
+        e.put(e.u(40) + 64 * e.section(".tbss")["index"] + 16, 0x100000)       # sh_addr
+    elf.check(edited(extras["plain"], tmp_path, tbss_elsewhere))

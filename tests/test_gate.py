@@ -628,3 +628,10 @@ def test_a_call_nested_in_an_argument_conversion_keeps_the_outer_gate(impl):
 
     assert outer(Reentrant()) == 5.0
     assert outer(-3.0) == 3.0
+
+
+def test_the_gil_is_read_from_the_interpreter():
+    gil_disabled = hasattr(sys, "_is_gil_enabled") and not sys._is_gil_enabled()
+    assert gate._GIL_DISABLED is gil_disabled
+    assert gate.PYTHON is (gate.LOCKED if gil_disabled else gate.PYTHON)
+    assert (gate.PYTHON.Func is gate._LockedFunc) is gil_disabled

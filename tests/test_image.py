@@ -73,3 +73,76 @@ def test_close_never_raises(reg, moddir, samples, monkeypatch, caplog):
 def test_image_load_is_the_only_constructor():
     with pytest.raises(TypeError, match="use Image.copy"):
         image_module.Image()
+
+
+def test_missing_symbols_are_named_in_the_singular_and_the_plural(reg, moddir, samples):
+    from nativereload import SymbolError
+
+    install(samples["nosym"], moddir / "sample.so")
+    with pytest.raises(SymbolError) as one:
+        reg.load("sample", cdef="long scaled(long);")
+    assert "symbol 'scaled' not found in" in str(one.value)
+    assert str(one.value).endswith("— export it from the library, declare only what it exports, or load with "
+                                   "missing='lazy' to allow declared functions the library does not export")
+    with pytest.raises(SymbolError) as two:
+        reg.load("sample", cdef="long scaled(long); int nope(void);")
+    assert "symbols 'scaled', 'nope' not found in" in str(two.value)
+    assert "— export them from the library" in str(two.value)
+
+
+def test_a_failure_after_dlopen_closes_the_handle(reg, moddir, samples, monkeypatch, tmpdir_for_copies):
+    from conftest import mapped_paths
+
+    install(samples["v1"], moddir / "sample.so")
+
+    def fail(self, refused, lazy=False):
+        raise OSError("no library object")
+
+    monkeypatch.setattr(image_module.Image, "_resolve", fail)      # fails after the dlopen succeeded
+    with pytest.raises(OSError, match="no library object"):
+        reg.load("sample", cdef=SAMPLE_CDEF)
+    assert not [path for path in mapped_paths() if path.startswith(str(tmpdir_for_copies))]   # dlclosed
+
+
+def test_load_time_is_measured(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    assert 0 <= mod._active.load_seconds < 30
+
+
+@pytest.mark.timeout(60)
+def test_a_reload_under_a_call_logs_the_draining_image(reg, moddir, samples, caplog):
+    import os
+    import threading
+    import time
+
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    read_fd, write_fd = os.pipe()
+    caller = threading.Thread(target=mod.wait_fd, args=(read_fd,))
+    caller.start()
+    try:
+        while reg.status()[0].images[0].in_flight == 0:
+            time.sleep(0.005)
+        first = mod._active
+        with caplog.at_level(logging.INFO, logger="nativereload"):
+            reg.reload("sample")
+        assert first.state == "retired"
+        assert "(generation 1 draining, 1 call in flight)" in caplog.text
+    finally:
+        os.write(write_fd, b"x")
+        caller.join(10)
+        os.close(read_fd)
+        os.close(write_fd)
+    assert reg.wait_drained(10) and first.state == "closed"
+
+
+def test_close_is_logged_with_its_time(reg, moddir, samples, caplog):
+    import re
+
+    install(samples["v1"], moddir / "sample.so")
+    reg.load("sample", cdef=SAMPLE_CDEF)
+    with caplog.at_level(logging.INFO, logger="nativereload"):
+        reg.reload("sample")
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("closed 'sample' generation 1 in")]
+    assert 0 <= float(re.search(r"in ([\d.]+) ms", line).group(1)) < 500

@@ -331,3 +331,143 @@ def test_each_gate_fixture_uses_its_gate(reg, gate_impl):
 
     assert reg._gate is (gate.C if gate_impl in ("c", "compiled") else gate.PYTHON)
     assert reg._calls.mode == {"c": "gate", "compiled": "compiled"}.get(gate_impl, reg._calls.mode)
+
+
+def test_every_outcome_is_logged_with_its_time(reg, moddir, samples, caplog):
+    import re
+    import threading
+    import time
+
+    caplog.set_level(logging.INFO, logger="nativereload")
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    reg.reload("sample")                                     # nothing in flight: the old image closes at once
+    pipes = [os.pipe(), os.pipe()]
+    callers = [threading.Thread(target=mod.wait_fd, args=(read_fd,)) for read_fd, _ in pipes]
+    for caller in callers:
+        caller.start()
+    while reg.status()[0].images[-1].in_flight < 2:
+        time.sleep(0.005)
+    reg.reload("sample")                                     # two calls in flight
+    reg.unload("sample")                                     # the new image is idle: closes at once
+    for _read_fd, write_fd in pipes:
+        os.write(write_fd, b"x")
+    for caller in callers:
+        caller.join(10)
+    assert reg.close(timeout=10)
+    messages = [r.getMessage() for r in caplog.records if r.name == "nativereload"]
+
+    def line(pattern):
+        found = [m for m in messages if re.fullmatch(pattern, m)]
+        assert found, (pattern, messages)
+        return found[0]
+
+    times = [
+        line(rf"loaded 'sample' generation 1 from {re.escape(str(moddir / 'sample.so'))} in ([\d.]+) ms"),
+        line(r"reloaded 'sample' generation 2 in ([\d.]+) ms \(generation 1 closed\)"
+             r"; note: sample.so is unchanged since generation 1 — did the build fail\?"),
+        line(r"reloaded 'sample' generation 3 in ([\d.]+) ms \(generation 2 draining, 2 calls in flight\)"
+             r"; note: sample.so is unchanged since generation 1 — did the build fail\?"),
+        line(r"unloaded 'sample' generation 3 in ([\d.]+) ms \(closed\)"),
+        line(r"closed the registry in ([\d.]+) ms \(all images closed\)"),
+    ]
+    for message in times:
+        assert 0 <= float(re.search(r"in ([\d.]+) ms", message).group(1)) < 900, message
+    for read_fd, write_fd in pipes:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+@pytest.mark.timeout(60)
+def test_unload_and_close_with_a_call_in_flight_say_so(moddir, samples, tmpdir_for_copies, caplog, gate_impl):
+    import threading
+    import time
+
+    caplog.set_level(logging.INFO, logger="nativereload")
+    install(samples["v1"], moddir / "sample.so")
+    reg = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    read_fd, write_fd = os.pipe()
+    caller = threading.Thread(target=mod.wait_fd, args=(read_fd,))
+    caller.start()
+    while reg.status()[0].images[0].in_flight == 0:
+        time.sleep(0.005)
+    reg.unload("sample")
+    assert reg.close(timeout=0.05) is False
+    os.write(write_fd, b"x")
+    caller.join(10)
+    assert reg.wait_drained(10)
+    messages = [r.getMessage() for r in caplog.records if r.name == "nativereload"]
+    assert any(m.endswith("(draining, 1 in flight)") and m.startswith("unloaded 'sample' generation 1") for m in
+               messages), messages
+    assert any(m.endswith("(images still draining)") for m in messages), messages
+    os.close(read_fd)
+    os.close(write_fd)
+
+
+def test_module_names_must_be_strings(reg):
+    for name in (42, None, b"sample"):
+        with pytest.raises(ModuleNameError, match=f"module name must be a string, not {type(name).__name__}"):
+            reg.load(name, cdef=SAMPLE_CDEF)
+
+
+def test_image_status_defaults(reg):
+    assert nativereload.ImageStatus(1, "active", 0, "/x").copy_deleted is False
+
+
+def test_a_cdef_without_functions(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef="typedef int sample_int;")
+    with pytest.raises(SymbolError, match=r"'add' is not a function it declares \(declared: none\)"):
+        mod.func("add")
+
+
+def test_a_first_load_without_a_cdef_needs_the_file_first(reg, moddir, samples):
+    # With no cdef the interface may come from the file itself: a missing file is what to fix first.
+    with pytest.raises(ModuleNotFound, match="module 'does_not_exist' not found"):
+        reg.load("does_not_exist")
+    install(samples["v1"], moddir / "sample.so")
+    with pytest.raises(InterfaceError, match="it embeds none and no cdef was given"):
+        reg.load("sample")
+
+
+def test_an_empty_search_path_says_so(tmpdir_for_copies, monkeypatch):
+    monkeypatch.delenv("NATIVERELOAD_PATH", raising=False)
+    with Registry(tmpdir=tmpdir_for_copies) as reg:
+        with pytest.raises(ModuleNotFound, match="module 'x' not found: the search path is empty — pass Registry"):
+            reg.load("x", cdef=SAMPLE_CDEF)
+
+
+def test_a_closed_registry_refuses_reload(moddir, samples, tmpdir_for_copies):
+    install(samples["v1"], moddir / "sample.so")
+    reg = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
+    reg.load("sample", cdef=SAMPLE_CDEF)
+    reg.close()
+    with pytest.raises(NativeReloadError, match="this registry is closed"):
+        reg.reload("sample")
+
+
+def test_auto_reload_starts_a_watcher_and_only_then(moddir, tmpdir_for_copies):
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies) as plain:
+        assert plain._closers == []
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies, auto_reload=True) as watching:
+        assert len(watching._closers) == 1
+    assert watching._closers == []
+
+
+def test_directories_of_another_tmpdir_go_when_idle(moddir, samples, tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    install(samples["v1"], moddir / "sample.so")
+    monkeypatch.setenv("TMPDIR", str(first))
+    with Registry(path=[moddir]) as reg:
+        reg.load("sample", cdef=SAMPLE_CDEF)
+        monkeypatch.setenv("TMPDIR", str(second))
+        install(samples["undef"], moddir / "sample.so")
+        with pytest.raises(nativereload.LoadError):
+            reg.reload("sample")                    # refused: its directory in second goes at once
+        assert os.listdir(second) == [] and len(os.listdir(first)) == 1
+        install(samples["v2"], moddir / "sample.so")
+        reg.reload("sample")                        # the image in first closed: its directory goes too
+        assert os.listdir(first) == [] and len(os.listdir(second)) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -20,13 +21,18 @@ def fast_switching():
     sys.setswitchinterval(previous)
 
 
-@pytest.mark.timeout(120)
+# The free-threaded CI (.ci/freethreaded.sh) runs this at 8 callers and 2,000 reloads.
+CALLERS = int(os.environ.get("NATIVERELOAD_STRESS_CALLERS", "4"))
+RELOADS = int(os.environ.get("NATIVERELOAD_STRESS_RELOADS", "200"))
+
+
+@pytest.mark.timeout(120 + RELOADS // 10)
 def test_threads_calling_through_200_reloads(reg, moddir, samples, tmpdir_for_copies, fast_switching):
     install(samples["v1"], moddir / "sample.so")
     mod = reg.load("sample", cdef=SAMPLE_CDEF)
     version, scaled = reg.func("sample.version"), mod.scaled
     stop = threading.Event()
-    errors, results, calls = [], set(), [0] * 4
+    errors, results, calls = [], set(), [0] * CALLERS
 
     def caller(index):
         local = set()
@@ -41,11 +47,11 @@ def test_threads_calling_through_200_reloads(reg, moddir, samples, tmpdir_for_co
             errors.append(exc)
         results.update(local)
 
-    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(CALLERS)]
     for thread in threads:
         thread.start()
     try:
-        for cycle in range(200):
+        for cycle in range(RELOADS):
             install(samples["v2" if cycle % 2 == 0 else "v1"], moddir / "sample.so")
             reg.reload("sample")
     finally:
@@ -56,10 +62,10 @@ def test_threads_calling_through_200_reloads(reg, moddir, samples, tmpdir_for_co
     assert all(count > 0 for count in calls)
     assert results <= {("version", 1), ("version", 2), ("scaled", 10), ("scaled", 20), ("add", 5)}
     assert {("version", 1), ("version", 2)} <= results
-    assert mod.generation == 201
+    assert mod.generation == RELOADS + 1
     assert reg.wait_drained(timeout=10)
     [status] = reg.status()
-    assert [(i.generation, i.state, i.in_flight) for i in status.images] == [(201, "active", 0)]
+    assert [(i.generation, i.state, i.in_flight) for i in status.images] == [(RELOADS + 1, "active", 0)]
     assert private_copies(tmpdir_for_copies) == [status.images[0].copy_path]
 
 

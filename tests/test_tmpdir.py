@@ -87,3 +87,12 @@ def test_missing_tmpdir_is_a_load_error(moddir, samples, tmp_path):
     with Registry(path=[moddir], tmpdir=tmp_path / "does-not-exist") as reg:
         with pytest.raises(LoadError, match="'sample'.*does-not-exist.*TMPDIR"):
             reg.load("sample", cdef=SAMPLE_CDEF)
+
+
+def test_is_noexec_tells_a_noexec_mount(mount_tmpfs, tmp_path):
+    from nativereload import image
+
+    noexec = mount_tmpfs("noexec", "noexec,size=1m")
+    assert image._is_noexec(str(noexec / "copy.so")) is True
+    assert image._is_noexec(str(tmp_path / "copy.so")) is False
+    assert image._is_noexec(str(tmp_path / "missing" / "copy.so")) is False

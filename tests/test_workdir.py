@@ -20,6 +20,15 @@ def dead_pid() -> int:
     return child.pid
 
 
+@pytest.fixture
+def live_pid():
+    """A live process of our own: the sweep sends it signal 0, and a broken sweep nothing worse than to it."""
+    child = subprocess.Popen(["sleep", "300"])
+    yield child.pid
+    child.kill()
+    child.wait()
+
+
 def make_leftover(tmpdir, pid, with_lock=True):
     path = tmpdir / f"nativereload-{pid}-abc123_x"
     path.mkdir(mode=0o700)
@@ -37,8 +46,8 @@ def test_stale_directory_of_dead_process_is_removed_at_start(tmpdir_for_copies):
     assert not leftover.exists() and no_lock.exists()
 
 
-def test_directories_of_live_processes_are_left_alone(tmpdir_for_copies):
-    live = make_leftover(tmpdir_for_copies, os.getppid())
+def test_directories_of_live_processes_are_left_alone(tmpdir_for_copies, live_pid):
+    live = make_leftover(tmpdir_for_copies, live_pid)
     locked = make_leftover(tmpdir_for_copies, dead_pid())
     # The pid looks dead from here, but a live process (us: flock is per open
     # file) holds the lock: a process in another PID namespace, say.
@@ -163,7 +172,7 @@ def needs_root():
         pytest.skip("needs root (to make files of another user)")
 
 
-def stale_kinds(tmpdir):
+def stale_kinds(tmpdir, live_pid):
     """One leftover of each kind the sweep must keep, and the dead ones it must remove."""
     keep, remove = [], []
 
@@ -192,14 +201,14 @@ def stale_kinds(tmpdir):
     keep.append(leftover(dead, lock="fifo"))           # a FIFO: never opened for reading, never waited on
     keep.append(leftover(dead, lock="symlink"))        # never followed
     keep.append(leftover(dead, lock="directory"))
-    keep.append(leftover(os.getppid()))                # a live pid
+    keep.append(leftover(live_pid))                    # a live pid
     remove.append(leftover(dead_pid()))
     return keep, remove
 
 
 @pytest.mark.timeout(30)
-def test_the_sweep_removes_only_what_is_certainly_ours(tmpdir_for_copies):
-    keep, remove = stale_kinds(tmpdir_for_copies)
+def test_the_sweep_removes_only_what_is_certainly_ours(tmpdir_for_copies, live_pid):
+    keep, remove = stale_kinds(tmpdir_for_copies, live_pid)
     fds = open_fds()
     removed = workdir_module.remove_stale(str(tmpdir_for_copies))
     assert open_fds() == fds                       # no lock descriptor leaked
@@ -209,8 +218,8 @@ def test_the_sweep_removes_only_what_is_certainly_ours(tmpdir_for_copies):
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("order", ["sorted", "reversed"])
-def test_one_directory_kept_does_not_stop_the_sweep(tmpdir_for_copies, monkeypatch, order):
-    keep, remove = stale_kinds(tmpdir_for_copies)
+def test_one_directory_kept_does_not_stop_the_sweep(tmpdir_for_copies, monkeypatch, order, live_pid):
+    keep, remove = stale_kinds(tmpdir_for_copies, live_pid)
     real_scandir = os.scandir
     monkeypatch.setattr(workdir_module.os, "scandir", lambda path: sorted(
         real_scandir(path), key=lambda entry: entry.name, reverse=order == "reversed")
@@ -263,6 +272,7 @@ def test_no_sweep_where_others_can_rename_entries(tmp_path, caplog, mode, sticky
     assert leftover.exists() != sticky_ok
     warnings = [r for r in caplog.records if "other users can write to it" in r.getMessage()]
     assert len(warnings) == (0 if sticky_ok else 1)            # warned once
+    assert all(r.name == "nativereload" and r.levelname == "WARNING" for r in warnings)
     if warnings:
         assert str(shared) in warnings[0].getMessage() and "chmod +t" in warnings[0].getMessage()
 
@@ -403,7 +413,107 @@ def test_resolve_tmpdir(monkeypatch, tmp_path):
     assert workdir_module.resolve_tmpdir("rel") == os.path.abspath("rel")
 
 
-def test_pid_alive():
-    assert workdir_module.pid_alive(os.getpid())
-    assert not workdir_module.pid_alive(dead_pid())
-    assert workdir_module.pid_alive(1)          # another user's (or ours, as root): alive either way
+def test_pid_alive(live_pid, monkeypatch):
+    assert workdir_module.pid_alive(live_pid) is True
+    assert workdir_module.pid_alive(dead_pid()) is False
+    sent = []
+    monkeypatch.setattr(workdir_module.os, "kill", lambda pid, sig: sent.append((pid, sig)) or
+                        (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+    assert workdir_module.pid_alive(4242) is True          # another user's process: alive
+    assert sent == [(4242, 0)]                            # signal 0: a question, never a signal
+
+
+def test_error_messages_carry_the_os_words(tmp_path, monkeypatch, caplog):
+    missing = tmp_path / "missing"
+    with pytest.raises(LoadError) as info:
+        workdir_module.Workdir(str(missing), "m")
+    assert f"in {missing}: No such file or directory (load refused)" in str(info.value)
+    real_open = os.open
+    monkeypatch.setattr(workdir_module.os, "open", lambda path, *args, **kwargs: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")) if str(path).endswith(".lock") else real_open(path, *args, **kwargs))
+    with pytest.raises(LoadError) as info:
+        workdir_module.Workdir(str(tmp_path), "m")
+    assert ": Permission denied (load refused)" in str(info.value)
+    monkeypatch.undo()
+    made = workdir_module.Workdir(str(tmp_path), "m")
+    monkeypatch.setattr(workdir_module.os, "rmdir", lambda path: (_ for _ in ()).throw(OSError(16, "Busy")))
+    with caplog.at_level("WARNING", logger="nativereload"):
+        made.remove()
+    assert f"cannot remove {made.path}: Busy" in caplog.text
+    monkeypatch.undo()
+    made.remove()
+
+
+def test_intact_is_a_bool(tmp_path):
+    made = workdir_module.Workdir(str(tmp_path), "m")
+    assert made.intact() is True
+    os.unlink(os.path.join(made.path, ".lock"))
+    os.rmdir(made.path)
+    assert made.intact() is False
+    made.remove()
+
+
+def test_failed_deletions_never_raise(tmp_path, monkeypatch):
+    # Deleting our own directory can fail (a busy file system, a file made undeletable): never an error
+    # on the paths that must not fail (a refused load, the interpreter's exit).
+    import shutil as _shutil
+
+    real_rmtree = _shutil.rmtree
+
+    def failing_rmtree(path, ignore_errors=False, onerror=None, **kwargs):
+        if not ignore_errors:
+            raise OSError(16, "Device or resource busy", str(path))
+    monkeypatch.setattr(workdir_module.shutil, "rmtree", failing_rmtree)
+    made = workdir_module.Workdir(str(tmp_path), "m")
+    fds = open_fds()
+    made.remove_at_exit()
+    assert open_fds() == fds - 1            # the lock descriptor is closed
+    real_open = os.open
+    monkeypatch.setattr(workdir_module.os, "open", lambda path, *args, **kwargs: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")) if str(path).endswith(".lock") else real_open(path, *args, **kwargs))
+    with pytest.raises(LoadError, match="cannot create the lock file"):
+        workdir_module.Workdir(str(tmp_path), "m")
+    monkeypatch.undo()
+    real_rmtree(made.path, ignore_errors=True)
+
+
+def test_is_stale_answers_with_a_bool(tmpdir_for_copies, live_pid):
+    keep, remove = stale_kinds(tmpdir_for_copies, live_pid)
+    missing = tmpdir_for_copies / f"nativereload-{dead_pid()}-gone"
+    a_file = tmpdir_for_copies / f"nativereload-{dead_pid()}-file"
+    a_file.write_text("")
+    os.chmod(a_file, 0o700)
+    # (the directory of a live pid is fine as a directory: the sweep checks the pid first)
+    not_ours = [*keep[:-1], missing, a_file]
+    assert [workdir_module._is_stale(str(path)) for path in not_ours] == [False] * len(not_ours)
+    assert [workdir_module._is_stale(str(path)) for path in remove] == [True] * len(remove)
+    locked = make_leftover(tmpdir_for_copies, dead_pid())
+    import fcntl as _fcntl
+    fd = os.open(locked / ".lock", os.O_RDONLY)
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX)
+        assert workdir_module._is_stale(str(locked)) is False
+    finally:
+        os.close(fd)
+
+
+def test_root_owned_directories_are_not_shared(monkeypatch):
+    # As another user: /tmp belongs to root, and root is trusted as the owner of a directory.
+    monkeypatch.setattr(workdir_module.os, "getuid", lambda: 1000)
+    st = os.stat_result
+    assert not workdir_module.shared_unsafely(st((0o40755, 0, 0, 0, 0, 0, 0, 0, 0, 0)))
+    assert not workdir_module.shared_unsafely(st((0o40755, 0, 0, 0, 1000, 0, 0, 0, 0, 0)))
+    assert workdir_module.shared_unsafely(st((0o40755, 0, 0, 0, 1, 0, 0, 0, 0, 0)))
+
+
+def test_the_sweep_logs_what_it_removed_and_never_raises(tmpdir_for_copies, monkeypatch, caplog):
+    leftover = make_leftover(tmpdir_for_copies, dead_pid())
+    pid = int(leftover.name.split("-")[1])
+
+    def failing_rmtree(path, ignore_errors=False, onerror=None, **kwargs):
+        if not ignore_errors:
+            raise OSError(16, "Device or resource busy", str(path))
+    monkeypatch.setattr(workdir_module.shutil, "rmtree", failing_rmtree)
+    with caplog.at_level("INFO", logger="nativereload"):
+        assert workdir_module.remove_stale(str(tmpdir_for_copies)) == [str(leftover)]
+    assert f"removed {leftover}, left by process {pid} which is no longer running" in caplog.text

@@ -4,6 +4,7 @@
     python tools/mutate.py registry --jobs 2      # two mutants at a time (one repository copy each)
     python tools/mutate.py gate --only 17 -v      # one mutant, its diff and the test output
     python tools/mutate.py workdir --list         # list the mutants, run nothing
+    python tools/mutate.py elf --rerun out.json   # only the survivors of an earlier run (--json out.json)
 
 Each mutant is one change to the module's syntax tree (mutmut 3.8 could not
 be used: the tests start child interpreters, which its trampolines do not
@@ -19,8 +20,10 @@ reach):
 It runs in a copy of the repository (so the working tree is never touched),
 with the sample libraries built once and shared (``NATIVERELOAD_SAMPLES_CACHE``).
 For each mutant: the module's own test files with ``-x`` (the first failure
-kills it); for each survivor, the whole suite. A mutant that times out counts
-as killed (it hung), one that does not compile is left out. Survivors judged
+kills it); with ``--full``, each survivor then runs the whole suite (run
+that on the survivors of a first pass: ``--full --only N --only M ...``).
+A mutant that times out counts as killed (it hung), one that does not
+compile is left out. Survivors judged
 equivalent (no behaviour changes) are listed, each with its reason, in
 ``tools/mutate-equivalent.txt`` beside this script, keyed by module,
 operator and the source text it changes; they are reported, not counted.
@@ -48,15 +51,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 EQUIVALENT_FILE = Path(__file__).resolve().parent / "mutate-equivalent.txt"
 
+# Mutants inside an os.kill(...) call (signal 0 -> 1: SIGHUP to whatever pid the test asks about) run only
+# with these tests, which replace os.kill: never with the whole suite, whose processes are real.
+SIGNAL_SAFE_TESTS = {"workdir": ["tests/test_workdir.py::test_pid_alive"]}
+
 # The test files that exercise each module (the first run); survivors get the whole suite.
 TESTS = {
     "elf": ["tests/test_elf.py", "tests/test_crash_safety.py"],
     "workdir": ["tests/test_workdir.py", "tests/test_tmpdir.py", "tests/test_tmpcleaner.py"],
-    "image": ["tests/test_image.py", "tests/test_reload.py", "tests/test_registry.py", "tests/test_tmpdir.py",
-              "tests/test_crash_safety.py", "tests/test_tmpcleaner.py"],
+    "image": ["tests/test_image.py", "tests/test_module_files.py", "tests/test_trust.py", "tests/test_reload.py",
+              "tests/test_registry.py", "tests/test_tmpdir.py", "tests/test_crash_safety.py",
+              "tests/test_tmpcleaner.py"],
     "gate": ["tests/test_gate.py", "tests/test_registry.py", "tests/test_stress.py"],
-    "registry": ["tests/test_registry.py", "tests/test_reload.py", "tests/test_tmpcleaner.py",
-                 "tests/test_workdir.py", "tests/test_stress.py", "tests/test_tmpdir.py"],
+    "registry": ["tests/test_registry.py", "tests/test_reload.py", "tests/test_tmpcleaner.py", "tests/test_trust.py",
+                 "tests/test_module_files.py", "tests/test_image.py", "tests/test_workdir.py",
+                 "tests/test_stress.py", "tests/test_tmpdir.py"],
     "trust": ["tests/test_trust.py"],
 }
 
@@ -77,6 +86,7 @@ class Mutant:
         self.key = ""            # "module | operator | text[ #n]", unique within the module
         self.outcome = ""        # killed, survived, timeout, equivalent, invalid
         self.detail = ""
+        self.signals = False     # inside os.kill(...): run only with SIGNAL_SAFE_TESTS
 
     def describe(self) -> str:
         return f"#{self.number} line {self.line}: {self.operator} in `{self.text}`"
@@ -107,6 +117,16 @@ def _skip_nodes(tree: ast.Module) -> set[int]:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
             mark(node)
     return skip
+
+
+def _signal_nodes(tree: ast.Module) -> set[int]:
+    """Nodes inside an ``os.kill(...)`` call: a mutant there could signal another process for real."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)) and \
+                getattr(node.func, "attr", getattr(node.func, "id", "")) == "kill":
+            inside.update(id(child) for child in ast.walk(node))
+    return inside
 
 
 def _points(tree: ast.Module) -> list[tuple[ast.AST, str, object]]:
@@ -185,7 +205,11 @@ def _replace(tree: ast.AST, old: ast.AST, new: ast.AST) -> None:
 
 
 def mutants(source: str, module: str) -> tuple[ast.Module, list[tuple[Mutant, ast.AST, tuple]]]:
+    """Every mutant of ``source``. A mutant's key names it by the source line it changes (not by its line
+    number, which moves whenever code above it does): "module | operator | `text` in: line"."""
     tree = ast.parse(source)
+    signalling = _signal_nodes(tree)
+    lines = source.splitlines()
     result = []
     seen: dict[str, int] = {}
     for number, (node, operator, how) in enumerate(_points(tree), 1):
@@ -194,9 +218,11 @@ def mutants(source: str, module: str) -> tuple[ast.Module, list[tuple[Mutant, as
         if len(text) > 90:
             text = text[:87] + "..."
         mutant = Mutant(number, node.lineno, operator, text)
-        key = f"{module} | {operator} | {text}"
+        line = " ".join(lines[node.lineno - 1].split())
+        key = f"{module} | {operator} | `{text}` in: {line}"
         seen[key] = seen.get(key, 0) + 1
         mutant.key = key if seen[key] == 1 else f"{key} #{seen[key]}"
+        mutant.signals = id(node) in signalling
         result.append((mutant, node, how))
     return tree, result
 
@@ -264,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("module", help="a module of nativereload: " + ", ".join(TESTS))
     parser.add_argument("--jobs", type=int, default=1, help="mutants tested at once (one repository copy each)")
     parser.add_argument("--only", type=int, action="append", help="test only mutant N (repeatable)")
+    parser.add_argument("--rerun", type=Path, help="test only the survivors recorded in this --json file (by key)")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
-    parser.add_argument("--no-full", action="store_true", help="do not rerun survivors on the whole suite")
+    parser.add_argument("--full", action="store_true", help="rerun each survivor on the whole suite")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per test run before it counts as a hang")
     parser.add_argument("--json", type=Path, help="write every mutant's outcome here")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every mutant, and survivors' output")
@@ -279,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     tree, all_mutants = mutants(source, module)
     if args.only:
         all_mutants = [item for item in all_mutants if item[0].number in args.only]
+    if args.rerun:
+        keys = {entry["key"] for entry in json.loads(args.rerun.read_text()) if entry["outcome"] == "survived"}
+        all_mutants = [item for item in all_mutants if item[0].key in keys]
     if args.list:
         for mutant, _node, _how in all_mutants:
             print(f"{mutant.describe()}    [{mutant.key}]")
@@ -292,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     free: list[Sandbox] = []
     lock = threading.Lock()
     printed = threading.Lock()
+    done = [0]
 
     def take() -> Sandbox:
         with lock:
@@ -309,10 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         except (SyntaxError, ValueError, AssertionError) as exc:
             mutant.outcome, mutant.detail = "invalid", str(exc)
             return mutant
+        if mutant.signals and module not in SIGNAL_SAFE_TESTS:
+            mutant.outcome, mutant.detail = "invalid", "inside os.kill(): not run (no signal-safe tests listed)"
+            return mutant
         sandbox = take()
         try:
-            outcome, tail = sandbox.run(mutated, tests, args.timeout)
-            if outcome == "passed" and not args.no_full:
+            outcome, tail = sandbox.run(mutated, SIGNAL_SAFE_TESTS[module] if mutant.signals else tests, args.timeout)
+            if outcome == "passed" and args.full and not mutant.signals:
                 outcome, tail = sandbox.run(mutated, ["tests"], args.timeout * 3)
         finally:
             with lock:
@@ -323,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         elif mutant.outcome == "survived":
             mutant.detail = tail
         with printed:
+            done[0] += 1
+            if done[0] % 50 == 0:
+                print(f"... {done[0]}/{len(all_mutants)} mutants tested", flush=True)
             if args.verbose or mutant.outcome == "survived":
                 print(f"{mutant.outcome.upper():10} {mutant.describe()}    [{mutant.key}]", flush=True)
                 if args.verbose and mutant.outcome == "survived":
