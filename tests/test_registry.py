@@ -465,3 +465,9 @@ def test_directories_of_another_tmpdir_go_when_idle(moddir, samples, tmp_path, m
         install(samples["v2"], moddir / "sample.so")
         reg.reload("sample")                        # the image in first closed: its directory goes too
         assert os.listdir(first) == [] and len(os.listdir(second)) == 1
+
+
+@pytest.mark.parametrize("qualname", ["add", ".add", "sample.", "", 42])
+def test_func_names_need_module_and_symbol(reg, qualname):
+    with pytest.raises(ModuleNameError, match="is not 'module.symbol' — e.g. reg.func"):
+        reg.func(qualname)
