@@ -562,7 +562,7 @@ def _check_symbols(f: _File, d: _Dynamic, nsyms: int, strsz: int) -> _Symbols | 
     if not nsyms:
         return None
     symbols = _Symbols(f, data)
-    if max(symbols.names) >= max(strsz, 1):
+    if max(symbols.names) >= strsz:                     # (strsz >= 1: the table ends with a NUL)
         raise _corrupt(f"symbol table: a symbol name lies past the string table's {strsz} bytes")
     # ld.so skips symbols whose value is 0 (undefined); any other function's
     # address is called, by the user or (an IFUNC resolver) by ld.so itself.
