@@ -1498,3 +1498,22 @@ def test_negative_addends(samples, tmp_path):
         return change
     elf.check(edited(samples, tmp_path, slot_from_add_minus(0x10)))
     refused(edited(samples, tmp_path, slot_from_add_minus(0x1000)), "is relocated to")
+
+
+def test_relocation_targets_up_to_the_last_mapped_word(samples, tmp_path):
+    data = lambda e: e.ph(e.ph_index(PT_LOAD, PF_R | PF_W))      # noqa: E731
+    page_end = lambda e: -(-(data(e)["vaddr"] + data(e)["memsz"]) // 4096) * 4096      # noqa: E731
+    elf.check(edited(samples, tmp_path, lambda e: e.put(e.relocations()[4][0], page_end(e) - 8)))
+    refused(edited(samples, tmp_path, lambda e: e.put(e.relocations()[4][0], page_end(e) - 7)), "one writes to")
+
+
+def test_relr_decoding():
+    f = elf._File(0, 0, b"", 2, "<")
+    words = lambda *values: struct.pack(f"<{len(values)}Q", *values)      # noqa: E731
+    # An address, then a bitmap of the 63 words after it (bit 0 marks a bitmap), then the next 63.
+    assert elf._decode_relr(f, words(0x1000, 0b1011, (1 << 63) | 1)) == {0x1000, 0x1008, 0x1018,
+                                                                         0x1008 + 63 * 8 + 62 * 8}
+    assert elf._decode_relr(f, words(0x1000, 0b101)) == {0x1000, 0x1010}
+    assert elf._decode_relr(f, words(0b11)) == {0}                       # a bitmap first: from address 0
+    f32 = elf._File(0, 0, b"", 1, "<")
+    assert elf._decode_relr(f32, struct.pack("<3I", 0x100, 0b11, (1 << 31) | 1)) == {0x100, 0x104, 0x104 + 31 * 4 + 30 * 4}
