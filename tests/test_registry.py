@@ -471,3 +471,29 @@ def test_directories_of_another_tmpdir_go_when_idle(moddir, samples, tmp_path, m
 def test_func_names_need_module_and_symbol(reg, qualname):
     with pytest.raises(ModuleNameError, match="is not 'module.symbol' — e.g. reg.func"):
         reg.func(qualname)
+
+
+def test_close_stops_what_was_added_first_and_logs_a_failure(moddir, tmpdir_for_copies, caplog):
+    calls = []
+
+    def broken():
+        calls.append("broken")
+        raise RuntimeError("cannot stop")
+    reg = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
+    reg._add_closer(lambda: calls.append("server"))
+    reg._add_closer(broken)
+    with caplog.at_level(logging.ERROR, logger="nativereload"):
+        assert reg.close() is True
+    assert calls == ["server", "broken"]
+    assert "error while stopping" in caplog.text and "cannot stop" in caplog.text
+    reg.close()
+    assert calls == ["server", "broken"]             # once only
+
+
+def test_serve_and_watch_files_return_what_they_started(moddir, tmpdir_for_copies, short_tmp_path):
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies) as reg:
+        watcher = reg.watch_files()
+        server = reg.serve(short_tmp_path / "s.sock")
+        assert watcher is not None and server is not None
+        assert os.path.exists(short_tmp_path / "s.sock")
+    assert not os.path.exists(short_tmp_path / "s.sock")
