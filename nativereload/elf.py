@@ -379,13 +379,11 @@ def _check_sections(f: _File, e_shoff: int, e_shnum: int, e_shentsize: int, e_sh
         if not sh_flags & _SHF_ALLOC or not sh_size or (sh_flags & _SHF_TLS and sh_type == _SHT_NOBITS):
             continue
         in_file = sh_type != _SHT_NOBITS
-        position = bisect.bisect_right(starts, sh_addr) - 1
+        position = max(bisect.bisect_right(starts, sh_addr) - 1, 0)
         flags = _SECTION_ACCESS[sh_flags & (_SHF_WRITE | _SHF_EXECINSTR)]
-        if position < 0:
-            f.segment_at(sh_addr, sh_size, f"program headers: section {index}", flags, file_backed=in_file)
-        _vaddr, file_end, memory_end, segment_flags, delta = bounds[position]
-        if sh_addr + sh_size > (file_end if in_file else memory_end) or segment_flags & flags != flags \
-                or (in_file and sh_addr + delta != sh_offset):
+        vaddr, file_end, memory_end, segment_flags, delta = bounds[position]
+        if sh_addr < vaddr or sh_addr + sh_size > (file_end if in_file else memory_end) \
+                or segment_flags & flags != flags or (in_file and sh_addr + delta != sh_offset):
             f.segment_at(sh_addr, sh_size, f"program headers: section {index}", flags, file_backed=in_file)
             raise _corrupt(f"program headers: loadable segment {loads[position].index} maps section {index} from "
                            f"byte {sh_addr + delta}, but it is at byte {sh_offset}")

@@ -1517,3 +1517,8 @@ def test_relr_decoding():
     assert elf._decode_relr(f, words(0b11)) == {0}                       # a bitmap first: from address 0
     f32 = elf._File(0, 0, b"", 1, "<")
     assert elf._decode_relr(f32, struct.pack("<3I", 0x100, 0b11, (1 << 31) | 1)) == {0x100, 0x104, 0x104 + 31 * 4 + 30 * 4}
+
+
+def test_an_addend_that_is_large_but_not_negative(samples, tmp_path):
+    refused(edited(samples, tmp_path, lambda e: e.put(e.relocations()[0][0] + 16, 1 << 62)),
+            "slot at 0x3dc8 is relocated to 0x4000000000000000")
