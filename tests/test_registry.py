@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 
 import pytest
 
@@ -497,3 +498,31 @@ def test_serve_and_watch_files_return_what_they_started(moddir, tmpdir_for_copie
         assert watcher is not None and server is not None
         assert os.path.exists(short_tmp_path / "s.sock")
     assert not os.path.exists(short_tmp_path / "s.sock")
+
+
+def test_a_new_tmpdir_is_swept_when_first_used(moddir, samples, tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    install(samples["v1"], moddir / "sample.so")
+    monkeypatch.setenv("TMPDIR", str(first))
+    with Registry(path=[moddir]) as reg:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        stale = second / f"nativereload-{dead.pid}-left"
+        stale.mkdir(mode=0o700)
+        (stale / ".lock").write_bytes(b"")
+        monkeypatch.setenv("TMPDIR", str(second))
+        reg.load("sample", cdef=SAMPLE_CDEF)
+        assert not stale.exists()
+
+
+def test_removed_directories_are_forgotten(reg, moddir, samples):
+    from nativereload import registry as registry_module
+
+    install(samples["v1"], moddir / "sample.so")
+    reg.load("sample", cdef=SAMPLE_CDEF)
+    [workdir] = reg._workdirs.values()
+    assert workdir in registry_module._open_workdirs
+    reg.unload("sample")
+    assert workdir not in registry_module._open_workdirs and reg._workdirs == {}
