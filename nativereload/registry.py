@@ -399,12 +399,17 @@ class Registry:
         """A snapshot of every module with images not yet closed: loaded modules first, by name."""
         with self._state:
             modules = sorted(self._modules.values(), key=lambda m: m.name) + list(self._unloaded)
-            return [ModuleStatus(module.name, module.path, module.generation,
-                                 [ImageStatus(image.generation, _image_state(module, image),
-                                              image.gate.in_flight if image.state != "leaked" else 0,
-                                              image.copy_path, not os.path.lexists(image.copy_path))
-                                  for image in module._images])
-                    for module in modules]
+            snapshot = [ModuleStatus(module.name, module.path, module.generation,
+                                     [ImageStatus(image.generation, _image_state(module, image),
+                                                  image.gate.in_flight if image.state != "leaked" else 0,
+                                                  image.copy_path)
+                                      for image in module._images])
+                        for module in modules]
+        # Whether each copy is still on disk (a tmp cleaner may delete it): a stat, so outside _state.
+        for module in snapshot:
+            module.images[:] = [image._replace(copy_deleted=not os.path.lexists(image.copy_path))
+                                for image in module.images]
+        return snapshot
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Wait until no retired image is left open; return False if ``timeout`` seconds passed first.
