@@ -22,8 +22,11 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 if [ ! -x "$python" ]; then
     echo "--- building free-threaded CPython 3.13 into $prefix (once)"
-    as_root apt-get install -y -q dpkg-dev build-essential libffi-dev libssl-dev zlib1g-dev libbz2-dev \
-        liblzma-dev libsqlite3-dev libreadline-dev >/dev/null
+    packages="dpkg-dev build-essential libffi-dev libssl-dev zlib1g-dev libbz2-dev liblzma-dev libsqlite3-dev
+              libreadline-dev"
+    # shellcheck disable=SC2086
+    as_root apt-get install -y -q $packages >/dev/null 2>&1 || { as_root apt-get update -q >/dev/null && \
+        as_root apt-get install -y -q $packages >/dev/null; }
     sources=/etc/apt/sources.list.d/nativereload-unstable-src.list
     if ! grep -rqs "deb-src .*unstable" /etc/apt/sources.list /etc/apt/sources.list.d/; then
         echo "deb-src http://deb.debian.org/debian unstable main" | as_root tee "$sources" >/dev/null

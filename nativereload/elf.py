@@ -379,13 +379,11 @@ def _check_sections(f: _File, e_shoff: int, e_shnum: int, e_shentsize: int, e_sh
         if not sh_flags & _SHF_ALLOC or not sh_size or (sh_flags & _SHF_TLS and sh_type == _SHT_NOBITS):
             continue
         in_file = sh_type != _SHT_NOBITS
-        position = bisect.bisect_right(starts, sh_addr) - 1
+        position = max(bisect.bisect_right(starts, sh_addr) - 1, 0)
         flags = _SECTION_ACCESS[sh_flags & (_SHF_WRITE | _SHF_EXECINSTR)]
-        if position < 0:
-            f.segment_at(sh_addr, sh_size, f"program headers: section {index}", flags, file_backed=in_file)
-        _vaddr, file_end, memory_end, segment_flags, delta = bounds[position]
-        if sh_addr + sh_size > (file_end if in_file else memory_end) or segment_flags & flags != flags \
-                or (in_file and sh_addr + delta != sh_offset):
+        vaddr, file_end, memory_end, segment_flags, delta = bounds[position]
+        if sh_addr < vaddr or sh_addr + sh_size > (file_end if in_file else memory_end) \
+                or segment_flags & flags != flags or (in_file and sh_addr + delta != sh_offset):
             f.segment_at(sh_addr, sh_size, f"program headers: section {index}", flags, file_backed=in_file)
             raise _corrupt(f"program headers: loadable segment {loads[position].index} maps section {index} from "
                            f"byte {sh_addr + delta}, but it is at byte {sh_offset}")
@@ -562,7 +560,7 @@ def _check_symbols(f: _File, d: _Dynamic, nsyms: int, strsz: int) -> _Symbols | 
     if not nsyms:
         return None
     symbols = _Symbols(f, data)
-    if max(symbols.names) >= max(strsz, 1):
+    if max(symbols.names) >= strsz:                     # (strsz >= 1: the table ends with a NUL)
         raise _corrupt(f"symbol table: a symbol name lies past the string table's {strsz} bytes")
     # ld.so skips symbols whose value is 0 (undefined); any other function's
     # address is called, by the user or (an IFUNC resolver) by ld.so itself.

@@ -192,3 +192,16 @@ def test_a_source_that_stops_growing_mid_copy_does_not_loop(reg, moddir, samples
     with pytest.raises(LoadError, match="truncated"):
         reg.load("sample", cdef=SAMPLE_CDEF)
     assert len(calls) == 4
+
+
+def test_only_an_unwritable_directory_gets_the_writable_hint(reg, moddir, samples, monkeypatch):
+    import errno
+
+    from nativereload import image
+
+    install(samples["v1"], moddir / "sample.so")
+    monkeypatch.setattr(image.tempfile, "mkstemp",
+                        lambda **kwargs: (_ for _ in ()).throw(FileNotFoundError(errno.ENOENT, "No such file")))
+    with pytest.raises(LoadError) as info:
+        reg.load("sample", cdef=SAMPLE_CDEF)
+    assert str(info.value).endswith(": No such file (load refused)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 
 import pytest
 
@@ -471,3 +472,63 @@ def test_directories_of_another_tmpdir_go_when_idle(moddir, samples, tmp_path, m
         install(samples["v2"], moddir / "sample.so")
         reg.reload("sample")                        # the image in first closed: its directory goes too
         assert os.listdir(first) == [] and len(os.listdir(second)) == 1
+
+
+@pytest.mark.parametrize("qualname", ["add", ".add", "sample.", "", 42])
+def test_func_names_need_module_and_symbol(reg, qualname):
+    with pytest.raises(ModuleNameError, match="is not 'module.symbol' — e.g. reg.func"):
+        reg.func(qualname)
+
+
+def test_close_stops_what_was_added_first_and_logs_a_failure(moddir, tmpdir_for_copies, caplog):
+    calls = []
+
+    def broken():
+        calls.append("broken")
+        raise RuntimeError("cannot stop")
+    reg = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
+    reg._add_closer(lambda: calls.append("server"))
+    reg._add_closer(broken)
+    with caplog.at_level(logging.ERROR, logger="nativereload"):
+        assert reg.close() is True
+    assert calls == ["server", "broken"]
+    assert "error while stopping" in caplog.text and "cannot stop" in caplog.text
+    reg.close()
+    assert calls == ["server", "broken"]             # once only
+
+
+def test_serve_and_watch_files_return_what_they_started(moddir, tmpdir_for_copies, short_tmp_path):
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies) as reg:
+        watcher = reg.watch_files()
+        server = reg.serve(short_tmp_path / "s.sock")
+        assert watcher is not None and server is not None
+        assert os.path.exists(short_tmp_path / "s.sock")
+    assert not os.path.exists(short_tmp_path / "s.sock")
+
+
+def test_a_new_tmpdir_is_swept_when_first_used(moddir, samples, tmp_path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    install(samples["v1"], moddir / "sample.so")
+    monkeypatch.setenv("TMPDIR", str(first))
+    with Registry(path=[moddir]) as reg:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        stale = second / f"nativereload-{dead.pid}-left"
+        stale.mkdir(mode=0o700)
+        (stale / ".lock").write_bytes(b"")
+        monkeypatch.setenv("TMPDIR", str(second))
+        reg.load("sample", cdef=SAMPLE_CDEF)
+        assert not stale.exists()
+
+
+def test_removed_directories_are_forgotten(reg, moddir, samples):
+    from nativereload import registry as registry_module
+
+    install(samples["v1"], moddir / "sample.so")
+    reg.load("sample", cdef=SAMPLE_CDEF)
+    [workdir] = reg._workdirs.values()
+    assert workdir in registry_module._open_workdirs
+    reg.unload("sample")
+    assert workdir not in registry_module._open_workdirs and reg._workdirs == {}

@@ -16,7 +16,7 @@ import pytest
 
 from nativereload import Registry
 
-from conftest import SAMPLE_CDEF, install, mapped_paths
+from conftest import SAMPLE_CDEF, install, mapped_paths, open_fds
 
 
 def the_directory(reg):
@@ -28,6 +28,7 @@ def test_directory_deleted_while_serving(reg, moddir, samples, tmpdir_for_copies
     install(samples["v1"], moddir / "sample.so")
     mod = reg.load("sample", cdef=SAMPLE_CDEF)
     old_directory = the_directory(reg)
+    fds = open_fds()
     shutil.rmtree(old_directory)
     [status] = reg.status()
     assert status.images[0].copy_deleted is True             # the mapping still serves
@@ -36,6 +37,9 @@ def test_directory_deleted_while_serving(reg, moddir, samples, tmpdir_for_copies
     with caplog.at_level("WARNING", logger="nativereload"):
         reg.reload("sample")
     assert f"{old_directory} was deleted while in use; making a new one" in caplog.text
+    assert open_fds() == fds                      # the old directory's lock closed, the new one's open
+    from nativereload import registry as registry_module
+    assert [w.path for w in registry_module._open_workdirs if w.path == old_directory] == []
     assert mod.version() == 2 and mod.generation == 2
     assert the_directory(reg) != old_directory and os.path.isdir(the_directory(reg))
     assert [image.copy_deleted for image in reg.status()[0].images] == [False]

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import subprocess
+import threading
 
 import pytest
 
@@ -517,3 +518,16 @@ def test_the_sweep_logs_what_it_removed_and_never_raises(tmpdir_for_copies, monk
     with caplog.at_level("INFO", logger="nativereload"):
         assert workdir_module.remove_stale(str(tmpdir_for_copies)) == [str(leftover)]
     assert f"removed {leftover}, left by process {pid} which is no longer running" in caplog.text
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_named_like_a_stale_directory_never_blocks(tmpdir_for_copies):
+    fifo = tmpdir_for_copies / f"nativereload-{dead_pid()}-fifo"
+    os.mkfifo(fifo, 0o700)
+    done = []
+    thread = threading.Thread(target=lambda: done.append(workdir_module.remove_stale(str(tmpdir_for_copies))),
+                              daemon=True)
+    thread.start()
+    thread.join(10)
+    assert done == [[]], "the sweep blocked on a FIFO"
+    assert fifo.exists()
