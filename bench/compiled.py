@@ -25,7 +25,7 @@ from registries import make_registry
 from timing import Stat, compare_ops
 
 from nativereload.compiled import cache, codegen
-from nativereload.image import Interface
+from nativereload.interface import Declarations, parse
 
 _TYPES = ("long", "int", "double", "char *", "unsigned int", "short", "float", "void *", "size_t", "int8_t")
 
@@ -68,7 +68,7 @@ def first_compile(rows, *, sizes: tuple[int, ...] = (10, 100), samples: int = 1)
     try:
         for label, make in (("same signature", funcs_cdef), ("distinct signatures", distinct_cdef)):
             for n in sizes:
-                interface = Interface(make(n), "bench")
+                interface = Declarations.of(parse(make(n), module="bench"))
                 plan = codegen.plan(interface.ffi, interface.function_types)
                 times = []
                 for _ in range(samples):
