@@ -20,7 +20,8 @@ from .errors import (BuildError, CanaryFailed, ClusterReloadError, CompileError,
 from .gate import Func
 from .lifecycle import ReloadEvent, StagedReload
 from .module import Module
-from .registry import ImageStatus, ModuleStatus, Registry
+from .registry import Registry
+from .status import ImageStatus, ModuleStatus
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,9 @@ A reload copies the new file, reads the interface it embeds and checks it
 against the serving one (before anything of the new image runs), loads and
 resolves it completely (lifecycle.py: it is now "prepared"), then switches the
 module's slot to it, then retires the old image (which closes when nothing
-holds it any more). Any failure before the switch changes nothing.
+holds it any more). Any failure before the switch changes nothing. What a
+reload may change of the interface is decided in contract.py; what status()
+reports is built in status.py.
 """
 
 from __future__ import annotations
@@ -27,22 +29,20 @@ import os
 import tempfile
 import threading
 import time
-import typing
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import gate as _gate
-from . import interface as _interface
 from .affinity import Pin
 from . import canary as _canary
+from . import contract
 from .compiled import CallPath
-from .errors import (DrainTimeout, InterfaceError, LoadError, ModuleConflict, ModuleNameError, ModuleNotFound,
-                     ModuleNotLoaded, NativeReloadError, ReloadPending, SymbolError)
+from .errors import (DrainTimeout, LoadError, ModuleConflict, ModuleNameError, ModuleNotFound, ModuleNotLoaded,
+                     NativeReloadError, ReloadPending)
 from .gate import Func
 from .image import Image
-from .interface import Declarations, Diff
 from .lifecycle import FINI_ABORTED, FINI_REPLACED, FINI_UNLOADED, Events, History, ReloadEvent, StagedReload
 from .module import Module
+from .status import ImageStatus, ModuleStatus, held_by, image_state, image_status
 from .trust import Trust, TrustedHashes
 from .workdir import Workdir, remove_stale, resolve_tmpdir
 
@@ -67,66 +67,6 @@ class _Keep:
 
 
 _KEEP = _Keep()
-
-
-class ImageStatus(NamedTuple):
-    """One image of a module, as ``Registry.status()`` saw it.
-
-    Attributes:
-        generation: which load made it (1 for the first).
-        state: "active" (new calls go here), "prepared" (loaded by prepare(),
-            waiting for commit() or abort()), "retired" (replaced; open while
-            anything below holds it), or "leaked" (closed, but the dynamic
-            loader kept it mapped).
-        in_flight: calls inside it at that moment.
-        copy_path: its private copy, the file that is mapped.
-        pins: pins held on it (``Module.pin()``).
-        handles: handles bound to it, by C type (``{"sqlite3 *": 2}``).
-        pointer_results: pointer results it returned that are still alive.
-        held_by: all of that in words, e.g. "0 calls, 2 handles (sqlite3 *), 1 pin".
-        copy_deleted: its private copy is gone from disk (a tmp cleaner removed
-            it); the image still runs from its mapping.
-        sha256: the first 12 hex digits of the SHA-256 of the file it was
-            copied from ("" if it cannot be read any more).
-        interface: whether the file embeds its interface.
-    """
-
-    generation: int
-    state: str
-    in_flight: int
-    copy_path: str
-    pins: int = 0
-    handles: Mapping[str, int] = MappingProxyType({})
-    pointer_results: int = 0
-    held_by: str = ""
-    copy_deleted: bool = False
-    sha256: str = ""
-    interface: bool = False
-
-
-class ModuleStatus(NamedTuple):
-    """A module, as ``Registry.status()`` saw it.
-
-    Attributes:
-        name: the module name.
-        path: the file its images are copied from.
-        generation: the current (or, once unloaded, the last) generation.
-        images: its images not yet closed, oldest first.
-        kept: the files kept for rollback, oldest first, as (generation, sha256 prefix).
-        calls: how the current image's calls are made: "compiled", "compiling"
-            (on the C gate until the compiled path is ready), "gate" (the C
-            gate's cffi call) or "python" (the pure-Python gate).
-        compiled: the functions the current image serves on the compiled path
-            (the others stay on the gate: variadic, or a struct passed by value).
-    """
-
-    name: str
-    path: str
-    generation: int
-    images: list[ImageStatus]
-    kept: list[tuple[int, str]] = []
-    calls: str = "gate"
-    compiled: tuple[str, ...] = ()
 
 
 def _check_name(name: object) -> str:
@@ -295,7 +235,7 @@ class Registry:
             image = self._copy(name, 1, path, None, "load refused")
             try:
                 embedded = image.read_interface()
-                declarations, _ = self._declarations_for(name, None, embedded, None if no_cdef else cdef, False,
+                declarations, _ = contract.declarations_for(name, None, embedded, None if no_cdef else cdef, False,
                                                          path, "load refused")
                 module = Module(name, path, declarations, self._gate, missing)
                 objects = module._objects_for(declarations, handles, destructors)
@@ -487,7 +427,7 @@ class Registry:
         module._history.clear()
         self._emit("unloaded", module, module.generation, module.generation, time.perf_counter() - started)
         self._retire(module, active)
-        outcome = active.state if active.state != "retired" else f"draining, {self._held_by(module, active, 'count')}"
+        outcome = active.state if active.state != "retired" else f"draining, {held_by(module, active, 'count')}"
         logger.info("unloaded '%s' generation %d in %.2f ms (%s)", module.name, module.generation,
                     (time.perf_counter() - started) * 1e3, outcome)
 
@@ -527,7 +467,7 @@ class Registry:
                 os.unlink(source)           # the copy is made: the kept bytes' file has done its job
         try:
             embedded = image.read_interface(serving=module._declarations.interface)
-            declarations, change = self._declarations_for(name, module._declarations, embedded, cdef,
+            declarations, change = contract.declarations_for(name, module._declarations, embedded, cdef,
                                                           allow_change, source, refused)
             if canary:
                 seconds = _canary.check(image.copy_path, module=name, cdef=None if embedded else declarations.cdef,
@@ -543,7 +483,7 @@ class Registry:
             image.open(declarations, gate_type=self._gate.ImageGate, refused=refused, missing=module._missing_mode)
             self._calls.prepare(image)          # compiled entries, before the image serves, if they are ready
             image.on_closing = functools.partial(self._finish, module)
-            self._check_exports_kept(module, serving, image, allow_change, refused)
+            contract.check_exports_kept(module, serving, image, allow_change, refused)
             if not exclusive:
                 image.hooks.run_init(serving.hooks, refused)
         except BaseException:
@@ -604,7 +544,7 @@ class Registry:
                 resume.set()                          # the waiting calls go on (to the new image, if it switched)
         self._release_idle_workdirs()        # the old image's, if $TMPDIR changed since
         if old.state == "retired":
-            outcome = f"generation {serving} draining, {self._held_by(module, old, 'calls')}"
+            outcome = f"generation {serving} draining, {held_by(module, old, 'calls')}"
         else:
             outcome = f"generation {serving} {old.state}"
         notes = []
@@ -704,63 +644,6 @@ class Registry:
                 f"({what} refused; generation {module.generation} still serving) — commit() or abort() it first",
                 module=module.name)
 
-    def _declarations_for(self, name: str, serving: Declarations | None, embedded: _interface.Interface | None,
-                          cdef: str | None, allow_change: bool, path: str,
-                          refused: str) -> tuple[Declarations, Diff | None]:
-        """The declarations a new image is resolved with, and what they change from ``serving``.
-
-        ``cdef`` (if given) wins over the embedded interface, but must agree
-        with it; with neither, the serving declarations stay.
-
-        Raises:
-            InterfaceError: no interface at all (first load), a cdef that does not
-                parse or disagrees with the embedded one, or an incompatible change.
-        """
-        given = _interface.parse(cdef, module=name) if cdef is not None else None
-        if given is not None and embedded is not None:
-            _check_agreement(name, embedded, given, path, refused)
-        new = given or embedded
-        if serving is None:
-            if new is None:
-                raise InterfaceError(
-                    f"module '{name}': no interface for {path}: it embeds none and no cdef was given (load "
-                    f"refused) — build it with nativereload_add_module({name} SOURCES ... INTERFACE {name}.h) "
-                    f"(or compile in the C file `nativereload embed {name}.h -o {name}_interface.c` writes), "
-                    f"or pass the declarations: load('{name}', cdef='...')", module=name, path=path)
-            return Declarations.of(new, module=name), None
-        if new is None:
-            return serving, None
-        change = _interface.diff(serving.interface, new)
-        if not change:
-            return serving, None
-        if change.compatible:
-            try:
-                return serving.grow(new, module=name), change
-            except InterfaceError as exc:
-                # The FFI was grown by a reload that was then aborted, another way.
-                logger.warning("module '%s': %s; cdata made before this reload will not fit its new "
-                               "functions", name, exc)
-                return Declarations.of(new if new.ffi is not None else _interface.parse(new.cdef, module=name),
-                                       module=name), change
-        if not allow_change:
-            raise change.error(module=name, path=path, outcome=refused)
-        logger.warning("module '%s': the interface of %s changed incompatibly, accepted with "
-                       "allow_interface_change=True (cdata made by the old declarations do not fit the new ones):\n%s",
-                       name, path, change.render(indent="  "))
-        return Declarations.of(new if new.ffi is not None else _interface.parse(new.cdef, module=name),
-                               module=name), change
-
-    def _check_exports_kept(self, module: Module, serving: Image, image: Image, allow_change: bool,
-                            refused: str) -> None:
-        """A function the serving image exports must not vanish (missing="lazy" allows it at load, not here)."""
-        lost = sorted(name for name in image.missing if name in serving.gate.functions)
-        if lost and not allow_change:
-            names = ", ".join(f"'{name}'" for name in lost)
-            raise SymbolError(
-                f"module '{module.name}': generation {module.generation} exports {names}, which {image.source} "
-                f"does not ({refused}) — export {'it' if len(lost) == 1 else 'them'} again, or reload with "
-                "allow_interface_change=True", module=module.name, symbols=tuple(lost))
-
     # -- calling ------------------------------------------------------------------------------
 
     def func(self, qualname: str) -> Func:
@@ -827,41 +710,11 @@ class Registry:
             modules = sorted(self._modules.values(), key=lambda m: m.name) + list(self._unloaded)
             images = [(module, list(module._images), module._active) for module in modules]
         return [ModuleStatus(module.name, module.path, module.generation,
-                             [self._image_status(module, image) for image in module_images],
+                             [image_status(module, image) for image in module_images],
                              [(kept.generation, kept.sha256) for kept in module._history.kept],
                              self._calls.state(active),
                              tuple(sorted(active.compiled)) if active is not None else ())
                 for module, module_images, active in images]
-
-    def _image_status(self, module: Module, image: Image) -> ImageStatus:
-        gate = image.gate
-        deleted = not os.path.lexists(image.copy_path)
-        try:
-            sha256 = image.content_hash()[:12]
-        except OSError:
-            sha256 = ""
-        embedded = image.declarations is not None and image.embeds_interface
-        if image.state == "leaked":
-            return ImageStatus(image.generation, "leaked", 0, image.copy_path, held_by="closed",
-                               copy_deleted=deleted, sha256=sha256, interface=embedded)
-        handles = module._bindings.counts(gate)
-        return ImageStatus(image.generation, _image_state(module, image), gate.in_flight, image.copy_path,
-                           gate.pins, MappingProxyType(handles), gate.pointer_results,
-                           _describe_holders(gate.in_flight, gate.pins, handles, gate.pointer_results), deleted,
-                           sha256, embedded)
-
-    def _held_by(self, module: Module, image: Image, flight: str = "") -> str:
-        """What holds ``image`` open, in words: "1 call, 2 handles (sqlite3 *)".
-
-        For log lines, ``flight`` says the calls part "1 call in flight" ("calls") or "1 in flight" ("count").
-        """
-        gate = image.gate
-        text = _describe_holders(gate.in_flight, gate.pins, module._bindings.counts(gate), gate.pointer_results)
-        if flight:
-            calls, _, rest = text.partition(", ")
-            calls = f"{gate.in_flight} in flight" if flight == "count" else f"{calls} in flight"
-            text = calls + (f", {rest}" if rest else "")
-        return text
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Wait until no retired image is left open; return False if ``timeout`` seconds passed first.
@@ -872,7 +725,7 @@ class Registry:
             return self._state.wait_for(self._drained, timeout)
 
     def _drained(self) -> bool:
-        return not any(_image_state(module, image) == "retired"
+        return not any(image_state(module, image) == "retired"
                        for module in (*self._modules.values(), *self._unloaded) for image in module._images)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -977,7 +830,7 @@ class Registry:
         logger.warning("module '%s' generation %d was retired %g s ago and is still held open by %s — "
                        "let calls return, release() pins, pass handles to their destructor or reg.release(), "
                        "and drop pointer results", module.name, image.generation, self._held_warning,
-                       self._held_by(module, image))
+                       held_by(module, image))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1079,51 +932,8 @@ class Registry:
                     _open_workdirs.discard(workdir)
 
 
-def _check_agreement(name: str, embedded: _interface.Interface, given: _interface.Interface, path: str,
-                     refused: str) -> None:
-    """A cdef given with a module that embeds its interface must declare everything as the module does."""
-    disagree = _interface.diff(embedded, given).changed
-    if disagree:
-        first = disagree[0]
-        lines = "\n".join(f"  {c.category} {c.name}{': ' + '; '.join(c.details) if c.details else ''}\n"
-                          f"    the module's: {c.old}\n    the cdef's:   {c.new}" for c in disagree)
-        raise InterfaceError(
-            f"module '{name}': the cdef given disagrees with the interface {path} embeds ({refused}):\n{lines}\n"
-            f"— leave out cdef= to use the module's own declarations, or fix the cdef", module=name, path=path,
-            function=first.name if first.category == "function" else None, old=first.old, new=first.new)
-
-
 def _no_module(image: Image) -> None:
     """on_closed of an image discarded before it had a module (a refused first load)."""
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'s' * (count != 1)}"
-
-
-def _describe_holders(calls: int, pins: int, handles: Mapping[str, int], pointer_results: int) -> str:
-    """e.g. "0 calls, 2 handles (sqlite3 *), 1 pin": calls always, the other holders when there are any."""
-    parts = [_plural(calls, "call")]
-    if handles:
-        total = sum(handles.values())
-        parts.append(f"{_plural(total, 'handle')} ({', '.join(sorted(handles))})")
-    if pins:
-        parts.append(_plural(pins, "pin"))
-    if pointer_results:
-        parts.append(_plural(pointer_results, "pointer result"))
-    return ", ".join(parts)
-
-
-def _image_state(module: Module, image: Image) -> str:
-    """What status() reports: the module's current image is "active" (even in the instant before the old
-    one is marked retired), one waiting for commit() "prepared", a closed one still mapped "leaked", any
-    other "retired"."""
-    if image is module._active:
-        return "active"
-    pending = module._pending
-    if pending is not None and image is pending._image:
-        return "prepared"
-    return "leaked" if image.state == "leaked" else "retired"
 
 
 _open_workdirs: set[Workdir] = set()
@@ -1136,10 +946,3 @@ def _remove_workdirs_at_exit() -> None:
     for workdir in list(_open_workdirs):
         workdir.remove_at_exit()
     _open_workdirs.clear()
-
-
-# With ``from __future__ import annotations`` NamedTuple keeps its field types as
-# strings, which help() shows as ForwardRef('str'): give it the real types.
-for _status in (ImageStatus, ModuleStatus):
-    _status.__annotations__ = _status.__new__.__annotations__ = typing.get_type_hints(_status)
-del _status
