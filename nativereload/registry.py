@@ -22,7 +22,6 @@ reports is built in status.py.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import os
@@ -44,7 +43,7 @@ from .lifecycle import FINI_ABORTED, FINI_REPLACED, FINI_UNLOADED, Events, Histo
 from .module import Module
 from .status import ImageStatus, ModuleStatus, held_by, image_state, image_status
 from .trust import Trust, TrustedHashes
-from .workdir import Workdir, remove_stale, resolve_tmpdir
+from .workdir import Workdirs, remove_stale, resolve_tmpdir
 
 if TYPE_CHECKING:      # imported when used: serve() and watch_files() are optional
     from .control.server import Server
@@ -126,7 +125,6 @@ class Registry:
         if isinstance(path, (str, os.PathLike)):
             path = [path]
         self._path = [os.fspath(entry) for entry in path]
-        self._tmpdir = tmpdir
         self._trust = Trust(trust_writable, trusted_hashes)
         self._gate = _gate.implementation()
         self._calls = CallPath(calls, self._gate)
@@ -134,7 +132,7 @@ class Registry:
         self._state = threading.Condition(threading.Lock())
         self._modules: dict[str, Module] = {}
         self._unloaded: list[Module] = []      # unloaded, with images not yet closed
-        self._workdirs: dict[str, Workdir] = {}
+        self._workdirs = Workdirs(tmpdir)
         self._closers: list = []
         self._closed = False
         self._held_warning = held_warning
@@ -849,7 +847,7 @@ class Registry:
     def _write_kept(self, name: str, kept: Any, refused: str) -> str:
         """A file in our directory holding a kept build's bytes, to copy from (rollback)."""
         fd, path = tempfile.mkstemp(prefix=f".{name}.kept-g{kept.generation}.", suffix=".so",
-                                    dir=self._workdir(name).path)
+                                    dir=self._workdirs.current(name).path)
         try:
             with os.fdopen(fd, "wb") as out:
                 out.write(kept.data)
@@ -868,7 +866,7 @@ class Registry:
         """
         try:
             return Image.copy(module=name, generation=generation, source=path,
-                              directory=self._workdir(name).path,
+                              directory=self._workdirs.current(name).path,
                               on_closed=functools.partial(self._image_closed, module) if module else _no_module,
                               refused=refused, trust=None if trusted else self._trust)
         except BaseException:
@@ -879,24 +877,6 @@ class Registry:
         """Every image not yet closed, of loaded and unloaded modules (for the compiled path's upgrade)."""
         with self._state:
             return [image for module in (*self._modules.values(), *self._unloaded) for image in module._images]
-
-    def _workdir(self, module: str) -> Workdir:
-        """This registry's directory in the current tmpdir (made, after a stale-directory sweep, on first use)."""
-        tmpdir = resolve_tmpdir(self._tmpdir)
-        workdir = self._workdirs.get(tmpdir)
-        if workdir is not None and workdir.owner == os.getpid() and not workdir.intact():
-            # Deleted while we served (a tmp cleaner): images in it still run
-            # from their mappings; new copies need a new directory.
-            logger.warning("%s was deleted while in use; making a new one", workdir.path)
-            workdir.remove()
-            _open_workdirs.discard(workdir)
-            workdir = None
-        if workdir is None or workdir.owner != os.getpid():     # none yet, or the parent's (we forked)
-            remove_stale(tmpdir)
-            workdir = Workdir(tmpdir, module)
-            _open_workdirs.add(workdir)
-            self._workdirs[tmpdir] = workdir
-        return workdir
 
     def _image_closed(self, module: Module, image: Image) -> None:
         """Called by Image.close() on the thread that drained it."""
@@ -925,24 +905,9 @@ class Registry:
         """
         with self._state:
             modules = (*self._modules.values(), *self._unloaded)
-            busy = {os.path.dirname(image.copy_path) for module in modules for image in module._images}
-            for tmpdir, workdir in list(self._workdirs.items()):
-                if workdir.path not in busy and workdir.remove():
-                    del self._workdirs[tmpdir]
-                    _open_workdirs.discard(workdir)
+            self._workdirs.release_idle({os.path.dirname(image.copy_path)
+                                         for module in modules for image in module._images})
 
 
 def _no_module(image: Image) -> None:
     """on_closed of an image discarded before it had a module (a refused first load)."""
-
-
-_open_workdirs: set[Workdir] = set()
-
-
-@atexit.register
-def _remove_workdirs_at_exit() -> None:
-    # The process is ending: no mapping outlives it, so every copy can go,
-    # including leaked images' and those of registries never closed.
-    for workdir in list(_open_workdirs):
-        workdir.remove_at_exit()
-    _open_workdirs.clear()

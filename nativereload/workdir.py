@@ -1,4 +1,10 @@
-"""A registry's private directory for its copies: ``<tmpdir>/nativereload-<pid>-<random>/``.
+"""A registry's private directories for its copies: ``<tmpdir>/nativereload-<pid>-<random>/``.
+
+A registry has one :class:`Workdir` per tmpdir it copied into (``$TMPDIR`` is
+read at each load, so it can change while the registry serves); its
+:class:`Workdirs` keeps them, makes the current one on first use and removes
+those no open image lives in. Every directory still open when the process
+exits is removed then (no mapping outlives the process).
 
 Contract:
   - created with mkdtemp (mode 0700, a fresh name, mkdir never follows a
@@ -24,6 +30,7 @@ Contract:
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import logging
 import os
@@ -31,10 +38,11 @@ import re
 import shutil
 import stat
 import tempfile
+from typing import Collection, Iterator
 
 from .errors import LoadError
 
-__all__ = ["Workdir", "pid_alive", "remove_stale", "resolve_tmpdir"]
+__all__ = ["Workdir", "Workdirs", "pid_alive", "remove_stale", "resolve_tmpdir"]
 
 logger = logging.getLogger(__name__.rpartition(".")[0])
 
@@ -139,6 +147,69 @@ class Workdir:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class Workdirs:
+    """A registry's directories, one per tmpdir it has copied into.
+
+    Not thread-safe on its own: the registry calls it under its locks (see
+    :meth:`current` and :meth:`release_idle`).
+    """
+
+    def __init__(self, tmpdir: str | os.PathLike | None) -> None:
+        self._tmpdir = tmpdir
+        self._by_tmpdir: dict[str, Workdir] = {}
+
+    def __iter__(self) -> Iterator[Workdir]:
+        return iter(list(self._by_tmpdir.values()))
+
+    def __len__(self) -> int:
+        return len(self._by_tmpdir)
+
+    def current(self, module: str) -> Workdir:
+        """The directory in the current tmpdir (made, after a sweep of stale directories, on first use).
+
+        Call with the registry's admin lock held (loads are serialized by it).
+        """
+        tmpdir = resolve_tmpdir(self._tmpdir)
+        workdir = self._by_tmpdir.get(tmpdir)
+        if workdir is not None and workdir.owner == os.getpid() and not workdir.intact():
+            # Deleted while we served (a tmp cleaner): images in it still run
+            # from their mappings; new copies need a new directory.
+            logger.warning("%s was deleted while in use; making a new one", workdir.path)
+            workdir.remove()
+            _open_workdirs.discard(workdir)
+            workdir = None
+        if workdir is None or workdir.owner != os.getpid():     # none yet, or the parent's (we forked)
+            remove_stale(tmpdir)
+            workdir = Workdir(tmpdir, module)
+            _open_workdirs.add(workdir)
+            self._by_tmpdir[tmpdir] = workdir
+        return workdir
+
+    def release_idle(self, busy: Collection[str]) -> None:
+        """Remove the directories whose path is not in ``busy`` (the directories open images live in).
+
+        Call with the registry's state lock held: a load in progress must not
+        see its directory vanish.
+        """
+        for tmpdir, workdir in list(self._by_tmpdir.items()):
+            if workdir.path not in busy and workdir.remove():
+                del self._by_tmpdir[tmpdir]
+                _open_workdirs.discard(workdir)
+
+
+# Every directory some registry of this process has open.
+_open_workdirs: set[Workdir] = set()
+
+
+@atexit.register
+def _remove_workdirs_at_exit() -> None:
+    # The process is ending: no mapping outlives it, so every copy can go,
+    # including leaked images' and those of registries never closed.
+    for workdir in list(_open_workdirs):
+        workdir.remove_at_exit()
+    _open_workdirs.clear()
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:

@@ -524,11 +524,11 @@ def test_a_new_tmpdir_is_swept_when_first_used(moddir, samples, tmp_path, monkey
 
 
 def test_removed_directories_are_forgotten(reg, moddir, samples):
-    from nativereload import registry as registry_module
+    from nativereload import workdir as workdir_module
 
     install(samples["v1"], moddir / "sample.so")
     reg.load("sample", cdef=SAMPLE_CDEF)
-    [workdir] = reg._workdirs.values()
-    assert workdir in registry_module._open_workdirs
+    [workdir] = reg._workdirs
+    assert workdir in workdir_module._open_workdirs
     reg.unload("sample")
-    assert workdir not in registry_module._open_workdirs and reg._workdirs == {}
+    assert workdir not in workdir_module._open_workdirs and len(reg._workdirs) == 0

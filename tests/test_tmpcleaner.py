@@ -38,8 +38,8 @@ def test_directory_deleted_while_serving(reg, moddir, samples, tmpdir_for_copies
         reg.reload("sample")
     assert f"{old_directory} was deleted while in use; making a new one" in caplog.text
     assert open_fds() == fds                      # the old directory's lock closed, the new one's open
-    from nativereload import registry as registry_module
-    assert [w.path for w in registry_module._open_workdirs if w.path == old_directory] == []
+    from nativereload import workdir as workdir_module
+    assert [w.path for w in workdir_module._open_workdirs if w.path == old_directory] == []
     assert mod.version() == 2 and mod.generation == 2
     assert the_directory(reg) != old_directory and os.path.isdir(the_directory(reg))
     assert [image.copy_deleted for image in reg.status()[0].images] == [False]
