@@ -458,7 +458,7 @@ def _dask_command(args: argparse.Namespace) -> int:
     try:
         from distributed import Client
 
-        from . import dask as cluster
+        from . import dask as nrdask
     except ImportError as exc:
         raise CLIError(str(exc), hint='pip install "nativereload[dask]" (here and on every worker)',
                        kind="ImportError") from None
@@ -470,20 +470,20 @@ def _dask_command(args: argparse.Namespace) -> int:
             from None
     with client:
         if args.command == "status":
-            statuses = cluster.status(client, timeout=args.timeout)
+            statuses = nrdask.status(client, timeout=args.timeout)
             if args.json:
-                _emit_json(cluster.status_json(statuses))
+                _emit_json(nrdask.status_json(statuses))
             else:
-                print(cluster.status_table(statuses))
+                print(nrdask.status_table(statuses))
             return EXIT_FAILED if any(s.error for s in statuses) else EXIT_OK
         try:
             if args.command == "unload":
-                report = cluster.unload(client, args.module, timeout=args.timeout)
+                report = nrdask.unload(client, args.module, timeout=args.timeout)
             else:
-                report = cluster.reload(client, args.module, args.file, mode="rolling" if args.rolling else
-                                        "all-or-nothing", batch=args.batch or 1, rollback=args.rollback,
-                                        canary=args.canary, allow_interface_change=args.allow_interface_change,
-                                        timeout=args.timeout)
+                report = nrdask.reload(client, args.module, args.file, mode="rolling" if args.rolling else
+                                       "all-or-nothing", batch=args.batch or 1, rollback=args.rollback,
+                                       canary=args.canary, allow_interface_change=args.allow_interface_change,
+                                       timeout=args.timeout)
         except NativeReloadError as exc:
             if getattr(exc, "report", None) is None:
                 raise
