@@ -16,6 +16,7 @@ from conftest import ROOT, install
 from test_control import child_env, runtime_dir, spawn  # noqa: F401  (fixtures)
 
 from nativereload import cli
+from nativereload.cli.tables import format_status
 
 
 def nr(*args: str, runtime: Path, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -90,7 +91,7 @@ def test_status_table_says_what_became_of_old_images():
                 "images": [{"generation": g, "state": s, "in_flight": n} for g, s, n in images]}
 
     def table(*modules):
-        return cli.format_status({"ok": True, "pid": 7, "modules": list(modules)}, "/s")
+        return format_status({"ok": True, "pid": 7, "modules": list(modules)}, "/s")
 
     assert "drained" not in table(module(1, (1, "active", 0)))
     assert "  m: old image drained (generation 1)" in table(module(2, (2, "active", 0)))

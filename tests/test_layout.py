@@ -46,8 +46,9 @@ def test_no_module_imports_its_caller(module, forbidden):
     assert not {name for name in found for bad in forbidden if name == bad or name.startswith(bad + ".")}, found
 
 
-def test_cli_talks_to_the_client_not_the_server():
-    found = imports(PACKAGE / "cli.py")
+@pytest.mark.parametrize("module", sorted(path.name for path in (PACKAGE / "cli").glob("*.py")))
+def test_cli_talks_to_the_client_not_the_server(module):
+    found = imports(PACKAGE / "cli" / module)
     assert "control.server" not in found and "registry" not in found
 
 

@@ -273,7 +273,7 @@ def test_threads_make_and_free_handles_while_reloading(reg, objects, moddir, sam
 
 
 def test_status_says_what_holds_a_retired_image(reg, objects, moddir, samples):
-    from nativereload import cli
+    from nativereload.cli.tables import format_status
     from nativereload.control import server
 
     made = objects.obj_new(1)
@@ -283,7 +283,7 @@ def test_status_says_what_holds_a_retired_image(reg, objects, moddir, samples):
     old = reply["modules"][0]["images"][0]
     assert old["state"] == "retired" and old["handles"] == {"obj *": 1} and old["pins"] == 0
     assert old["held_by"] == "0 calls, 1 handle (obj *)"
-    assert "objects: generation 1: retired — 0 calls, 1 handle (obj *)" in cli.format_status(reply, "/s")
+    assert "objects: generation 1: retired — 0 calls, 1 handle (obj *)" in format_status(reply, "/s")
     objects.obj_free(made)
 
 

@@ -98,9 +98,9 @@ def test_the_quickstart_works_pasted_into_an_empty_directory(tmp_path):
 
 def test_the_readme_shows_every_command():
     table = section("Command line and dev loop")
-    from nativereload import cli
+    from nativereload.cli.parser import build_parser
 
-    commands = cli._parser()._subparsers._group_actions[0].choices
+    commands = build_parser()._subparsers._group_actions[0].choices
     for command in commands:
         assert f"| `nativereload {command}" in table, command
 
