@@ -95,6 +95,7 @@ for line in sys.stdin:
                 mod.ffi.string(value)
         except Exception:
             pass
+    value = None     # a pointer result holds its image open (issue 7): drop it, or the drain waits for it
     out.write("phase close\n"); out.flush()
     reg.unload("mutant")
     reg.wait_drained(10)
