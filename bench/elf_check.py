@@ -1,4 +1,4 @@
-"""What the ELF check costs on each load: nativereload.elf.check_fd on libraries of several sizes.
+"""What the ELF check costs on each load: nativereload.elfcheck.check_fd on libraries of several sizes.
 
     python bench/elf_check.py            # a Markdown table on stdout
     python bench/elf_check.py --json F   # and every figure in F
@@ -31,7 +31,7 @@ try:
 except ImportError:
     sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from nativereload import elf  # noqa: E402
+from nativereload import elfcheck  # noqa: E402
 
 import libs  # noqa: E402
 from bare import BareLoader  # noqa: E402
@@ -44,7 +44,7 @@ def time_check(path: Path, repeats: int = 7, block: float = 0.05) -> Stat:
     """µs per check, in this thread's CPU time: steady on a machine other jobs share (the check never waits)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        timer = timeit.Timer("check_fd(fd)", globals={"check_fd": elf.check_fd, "fd": fd}, timer=time.thread_time)
+        timer = timeit.Timer("check_fd(fd)", globals={"check_fd": elfcheck.check_fd, "fd": fd}, timer=time.thread_time)
         number = calibrate(timer, block)
         return Stat.of([timer.timeit(number) / number * 1e6 for _ in range(repeats)])
     finally:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "check_min_us": check.min, "bare_load_us": None, "share": None})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"ELF check (nativereload.elf.check_fd), Python {platform.python_version()}, {platform.machine()}\n")
+    print(f"ELF check (nativereload.elfcheck.check_fd), Python {platform.python_version()}, {platform.machine()}\n")
     print("| library | size | check, CPU (median) | check, CPU (min) | bare copy + dlopen + resolve, CPU | "
           "check's share of a load |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -30,7 +30,7 @@ import libs  # noqa: E402
 from bare import BareLoader  # noqa: E402
 
 import nativereload  # noqa: E402
-from nativereload import elf, image, registry  # noqa: E402
+from nativereload import elfcheck, image, registry  # noqa: E402
 
 totals: dict[str, float] = collections.defaultdict(float)
 counts: collections.Counter = collections.Counter()
@@ -58,7 +58,7 @@ def instrument() -> None:
     _wrap(image.tempfile, "mkstemp", "  tempfile.mkstemp()")
     _wrap(image.os, "sendfile", "  os.sendfile()")
     _wrap(image.os, "unlink", "  os.unlink()")
-    _wrap(elf, "check_fd", "  elf.check_fd()")
+    _wrap(elfcheck, "check_fd", "  elfcheck.check_fd()")
     _wrap(image.logger, "info", "  logger.info()")
     _wrap(registry.Registry, "_workdir", "Registry._workdir")
     _wrap(registry.Registry, "_image_closed", "Registry._image_closed")

@@ -35,7 +35,7 @@ from typing import Callable
 
 import cffi
 
-from . import dynamic, elf
+from . import dynamic, elf, elfcheck
 from . import interface as _interface
 from .errors import LoadError, ModuleNotFound, SymbolError
 from .lifecycle import Hooks
@@ -285,7 +285,7 @@ class Image:
                 if sent == 0:
                     break          # the source shrank while we copied: the check below rejects it
                 copied += sent
-            elf.check_fd(copy_fd)
+            elfcheck.check_fd(copy_fd)
             if trust is not None:
                 trust.check_content(self.source, copy_fd, module=self.module, refused=refused)
             # Not findable by its soname: a dlopen("libfoo.so.1") elsewhere in the

@@ -8,7 +8,7 @@ going whatever happens):
 registry has loaded (found through ``registry.status()`` at each poll) and
 reloads a module when its file was replaced. A changed file is reloaded only
 once it is stable -- the same inode, size and mtime at two polls in a row --
-and a complete ELF (``elf.check``): glibc's dlopen dies with SIGBUS on a
+and a complete ELF (``elfcheck.check``): glibc's dlopen dies with SIGBUS on a
 half-written library, so a file still being written is retried at the next
 poll, never loaded. A reload that fails is logged and not retried until the
 file changes again; the old image keeps serving.
@@ -35,7 +35,7 @@ import weakref
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from . import elf
+from . import elf, elfcheck
 from .build import BuildResult, file_signature
 from .errors import ControlError, NativeReloadError
 from .output import arrow
@@ -125,7 +125,7 @@ class ModuleFileWatcher:
                 watched.pending = sig
                 continue
             try:
-                elf.check(m.path)
+                elfcheck.check(m.path)
             except (elf.ELFError, OSError) as exc:
                 if watched.reported != sig:
                     logger.info("module '%s': %s is not a complete library yet (%s); will retry", name, m.path, exc)

@@ -1,6 +1,6 @@
 """The ELF check that stands between a damaged library and a crash inside glibc's dlopen or dlclose.
 
-Each rule of nativereload/elf.py is pinned by a test that breaks exactly what
+Each rule of nativereload/elfcheck.py is pinned by a test that breaks exactly what
 the rule guards in a real library (the sample) and expects the check to say
 so. The libraries these start from load fine; each broken one crashed the
 process in dlopen or dlclose (issue 13's fuzzing) before the check refused it.
@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from nativereload import elf
+from nativereload import elf, elfcheck
 
 from conftest import open_fds, run_python
 from elfedit import (DT_DEBUG, DT_FILTER, DT_FINI, DT_FINI_ARRAY, DT_FINI_ARRAYSZ, DT_FLAGS, DT_GNU_HASH, DT_HASH, DT_INIT,
@@ -67,7 +67,7 @@ def edited(samples, tmp_path, change, source="v1", name="edited.so"):
 
 def refused(path, pattern):
     with pytest.raises(elf.ELFError, match=pattern) as info:
-        elf.check(path)
+        elfcheck.check(path)
     return str(info.value)
 
 
@@ -76,7 +76,7 @@ def refused(path, pattern):
 
 def test_a_built_library_passes(samples, extras):
     for path in [*samples.values(), *extras.values()]:
-        elf.check(path)
+        elfcheck.check(path)
 
 
 def test_the_libraries_on_this_machine_pass():
@@ -92,7 +92,7 @@ def test_the_libraries_on_this_machine_pass():
             with open(path, "rb") as f:
                 if f.read(4) != b"\x7fELF":
                     continue
-            elf.check(path)
+            elfcheck.check(path)
             checked += 1
             if checked >= 150:
                 return
@@ -109,7 +109,7 @@ def test_every_truncation_is_rejected(samples, tmp_path):
     for size in list(range(0, 128)) + list(range(128, len(data), 61)) + [len(data) - 1]:
         cut.write_bytes(data[:size])
         with pytest.raises(elf.ELFError):
-            elf.check(cut)
+            elfcheck.check(cut)
 
 
 def test_truncations_of_a_library_without_section_headers_are_rejected(samples, tmp_path):
@@ -121,11 +121,11 @@ def test_truncations_of_a_library_without_section_headers_are_rejected(samples, 
     whole = bytes(edit.data[:end])
     cut = tmp_path / "cut.so"
     cut.write_bytes(whole)
-    elf.check(cut)
+    elfcheck.check(cut)
     for size in [644] + list(range(0, end, 37)) + [end - 1]:
         cut.write_bytes(whole[:size])
         with pytest.raises(elf.ELFError, match="truncated|not an ELF|empty"):
-            elf.check(cut)
+            elfcheck.check(cut)
 
 
 def test_headers_beyond_the_first_read_are_read_with_pread(samples, tmp_path):
@@ -137,7 +137,7 @@ def test_headers_beyond_the_first_read_are_read_with_pread(samples, tmp_path):
     edit.put(32, len(padded))
     moved = tmp_path / "moved.so"
     moved.write_bytes(bytes(edit.data))
-    elf.check(moved)
+    elfcheck.check(moved)
     moved.write_bytes(bytes(edit.data[:-1]))
     refused(moved, "truncated: the program-header table ends at byte")
 
@@ -151,7 +151,7 @@ def test_a_file_that_shrinks_while_checked(samples, tmp_path, monkeypatch):
     edit.put(32, len(padded))
     big.write_bytes(bytes(edit.data))
     real_pread = os.pread
-    monkeypatch.setattr(elf.os, "pread", lambda fd, size, offset: real_pread(fd, size, offset)[:-1]
+    monkeypatch.setattr(elfcheck.os, "pread", lambda fd, size, offset: real_pread(fd, size, offset)[:-1]
                         if offset else real_pread(fd, size, offset))
     refused(big, "the file shrank while being checked")
 
@@ -179,7 +179,7 @@ def test_wrong_class_and_machine(samples, tmp_path):
 
 @pytest.mark.parametrize("machine, name", sorted(elf._MACHINE_NAMES.items()) + [(4242, "machine 4242")])
 def test_every_machine_is_named(samples, tmp_path, machine, name):
-    if machine == elf.HOST_MACHINE:
+    if machine == elfcheck.HOST_MACHINE:
         pytest.skip("this machine")
     path = edited(samples, tmp_path, lambda e: e.put(18, machine, 2))
     assert f"built for {name}, but" in refused(path, "wrong architecture")
@@ -329,7 +329,7 @@ def test_relro_must_stay_in_its_writable_segment(samples, tmp_path):
     refused(edited(samples, tmp_path, lambda e: e.set_ph(relro(e), "vaddr", 0x100000)),
             "PT_GNU_RELRO: .* is not inside a loaded segment")
     # lld extends it to the end of the segment's last page: that is fine.
-    elf.check(edited(samples, tmp_path, lambda e: e.set_ph(relro(e), "memsz", 0x1000 - 0xdc8 + 0x1000)))
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.set_ph(relro(e), "memsz", 0x1000 - 0xdc8 + 0x1000)))
 
 
 def test_program_header_segment(samples, tmp_path):
@@ -340,7 +340,7 @@ def test_program_header_segment(samples, tmp_path):
                                  ("filesz", 56 * e.phnum), ("memsz", 56 * e.phnum), ("align", 8)):
                 e.set_ph(index, field, value)
         return change
-    elf.check(edited(samples, tmp_path, phdr(0x40)))
+    elfcheck.check(edited(samples, tmp_path, phdr(0x40)))
     refused(edited(samples, tmp_path, phdr(0x48)), "PT_PHDR: address 0x48 does not map the program headers")
     refused(edited(samples, tmp_path, phdr(0x100000)), "PT_PHDR: .* is not inside a loaded segment")
 
@@ -349,13 +349,13 @@ def test_tls_segment(samples, tmp_path, extras):
     if "plain" not in extras:
         pytest.skip("cc failed")
     tls = lambda e: e.ph_index(PT_TLS)      # noqa: E731
-    elf.check(extras["plain"])
+    elfcheck.check(extras["plain"])
     refused(edited(extras["plain"], tmp_path, lambda e: e.set_ph(tls(e), "filesz", e.ph(tls(e))["memsz"] + 4)),
             "corrupt TLS segment")
     refused(edited(extras["plain"], tmp_path, lambda e: e.set_ph(tls(e), "align", 3)), r"alignment 0x3\)")
     refused(edited(extras["plain"], tmp_path, lambda e: e.set_ph(tls(e), "vaddr", 0x100000)),
             r"TLS segment \d+: .* is not inside a loaded segment")
-    elf.check(edited(extras["plain"], tmp_path, lambda e: e.set_ph(tls(e), "align", 0)))
+    elfcheck.check(edited(extras["plain"], tmp_path, lambda e: e.set_ph(tls(e), "align", 0)))
 
 
 def test_notes_must_fit_their_segment(samples, tmp_path):
@@ -364,7 +364,7 @@ def test_notes_must_fit_their_segment(samples, tmp_path):
             "note segment 5: a note of 4096 bytes runs past the segment's end")
     refused(edited(samples, tmp_path, lambda e: e.put(note(e), 0x1000, 4)), "note segment 5")
     # Notes of another alignment are not parsed by ld.so: nothing to check in them.
-    elf.check(edited(samples, tmp_path, lambda e: e.set_ph(e.ph_index(PT_NOTE), "align", 16) or
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.set_ph(e.ph_index(PT_NOTE), "align", 16) or
                      e.put(note(e) + 4, 0x1000, 4)))
     refused(edited(samples, tmp_path, lambda e: e.set_ph(e.ph_index(PT_NOTE), "vaddr", 0x100000)),
             r"note segment 5: .* is not inside a loaded segment")
@@ -428,8 +428,8 @@ def test_strings(samples, tmp_path):
     refused(edited(samples, tmp_path, lambda e: e.set_dyn(DT_NEEDED, 0)), "DT_NEEDED names an empty file name")
     refused(edited(samples, tmp_path, lambda e: e.retag(DT_SYMBOLIC_TAG, DT_FILTER, 0)),
             "DT_FILTER names an empty file name")
-    elf.check(edited(samples, tmp_path, lambda e: e.retag(DT_SYMBOLIC_TAG, DT_FILTER, e.dyn(DT_NEEDED))))
-    elf.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_SONAME, 0)))        # an empty soname harms nothing
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.retag(DT_SYMBOLIC_TAG, DT_FILTER, e.dyn(DT_NEEDED))))
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_SONAME, 0)))        # an empty soname harms nothing
 
 
 def test_code_pointers(samples, tmp_path):
@@ -443,14 +443,15 @@ def test_code_pointers(samples, tmp_path):
     refused(edited(samples, tmp_path, lambda e: e.set_dyn(DT_FINI, e.section(".text")["addr"] + 0x101)),
             "DT_FINI .* is not the start of a function")
     # A function's start, as the unwind index or the symbol table tells: fine (the linker's -init=f).
-    elf.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_INIT, 0x1110)))
-    elf.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_FINI, e.u(e.symbol_offset(e.symbol_index(b"add")) + 8))))
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_INIT, 0x1110)))
+    elfcheck.check(edited(samples, tmp_path,
+                          lambda e: e.set_dyn(DT_FINI, e.u(e.symbol_offset(e.symbol_index(b"add")) + 8))))
     # Without section headers and an unwind index, nobody can tell: accepted.
     def blind(e):
         e.strip_sections()
         e.set_ph(e.ph_index(PT_GNU_EH_FRAME), "type", PT_NULL)
         e.set_dyn(DT_FINI, 0x1001)
-    elf.check(edited(samples, tmp_path, blind))
+    elfcheck.check(edited(samples, tmp_path, blind))
 
 
 def test_init_and_fini_arrays(samples, tmp_path):
@@ -477,8 +478,8 @@ def test_init_and_fini_arrays(samples, tmp_path):
         e.put(at + 8, (e.symbol_index(name) << 32) | 1)
         e.put(at + 16, 0)
         e.set_dyn(DT_RELACOUNT, 0)
-    elf.check(edited(samples, tmp_path, lambda e: symbolic(e, b"add")))
-    elf.check(edited(samples, tmp_path, lambda e: symbolic(e, b"read")))
+    elfcheck.check(edited(samples, tmp_path, lambda e: symbolic(e, b"add")))
+    elfcheck.check(edited(samples, tmp_path, lambda e: symbolic(e, b"read")))
     refused(edited(samples, tmp_path, lambda e: symbolic(e, b"__gmon_start__")), "is not relocated to a function")
 
 
@@ -489,16 +490,16 @@ def test_relocations(samples, tmp_path):
     refused(edited(samples, tmp_path, lambda e: e.put(e.relocations()[3][0], 0x5000)), "one writes to 0x5000")
     refused(edited(samples, tmp_path, lambda e: e.put(e.relocations()[0][0], 0x3dc0)), "one writes to 0x3dc0")
     # With DT_TEXTREL, ld.so makes every segment writable while relocating.
-    elf.check(edited(samples, tmp_path, lambda e: e.put(e.relocations()[4][0], 0x1008) or
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.put(e.relocations()[4][0], 0x1008) or
                      e.retag(DT_SYMBOLIC_TAG, DT_TEXTREL, 0)))
-    elf.check(edited(samples, tmp_path, lambda e: e.put(e.relocations()[4][0], 0x1008) or
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.put(e.relocations()[4][0], 0x1008) or
                      e.set_dyn(DT_FLAGS, e.dyn(DT_FLAGS) | 4)))
     # The first DT_RELACOUNT are applied as relative ones: ld.so asserts it, and does not stop at the end.
     refused(edited(samples, tmp_path, lambda e: e.set_dyn(DT_RELACOUNT, 4)),
             r"one of the first 4 \(DT_RELACOUNT\) is not a relative relocation")
     refused(edited(samples, tmp_path, lambda e: e.set_dyn(DT_RELACOUNT, 8)),
             "DT_RELACOUNT .8. exceeds the 7 relocations")
-    elf.check(edited(samples, tmp_path, lambda e: e.put(e.relocations()[1][0] + 8, 38)))      # RELATIVE64
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.put(e.relocations()[1][0] + 8, 38)))      # RELATIVE64
     # Symbols relocations name.
     refused(edited(samples, tmp_path, lambda e: e.put(e.relocations()[3][0] + 8, (5000 << 32) | 6)),
             r"symbol table \(DT_SYMTAB, 5001 symbols\)")
@@ -516,7 +517,7 @@ def test_relocations(samples, tmp_path):
         e.data[e.symbol_offset(e.symbol_index(b"add")) + 5] = 2
         at = e.relocations()[3][0]
         e.put(at + 8, (e.symbol_index(b"add") << 32) | 6)
-    elf.check(edited(samples, tmp_path, hidden_defined))
+    elfcheck.check(edited(samples, tmp_path, hidden_defined))
     # An IFUNC resolver is called by ld.so.
     def irelative(target):
         def change(e):
@@ -525,7 +526,7 @@ def test_relocations(samples, tmp_path):
             e.put(at + 16, target)
         return change
     refused(edited(samples, tmp_path, irelative(0x2000)), "IFUNC resolver at 0x2000 is not in an executable segment")
-    elf.check(edited(samples, tmp_path, irelative(0x1110)))
+    elfcheck.check(edited(samples, tmp_path, irelative(0x1110)))
 
 
 def test_relr_relocations(samples, tmp_path, extras):
@@ -534,7 +535,7 @@ def test_relr_relocations(samples, tmp_path, extras):
     edit = ElfEdit(extras["relr"].read_bytes())
     if not edit.has_dyn(DT_RELR):
         pytest.skip("no DT_RELR written")
-    elf.check(extras["relr"])
+    elfcheck.check(extras["relr"])
     refused(edited(extras["relr"], tmp_path, lambda e: e.set_dyn(DT_RELRENT, 16)), r"DT_RELRENT is 16 \(ld.so asserts 8\)")
     refused(edited(extras["relr"], tmp_path, lambda e: e.put(e.offset_of(e.dyn(DT_RELR)), 0x10)),
             r"relative relocations \(DT_RELR\): one writes to 0x10")
@@ -567,14 +568,14 @@ def test_gnu_hash(samples, tmp_path):
         nbuckets, bloom = e.u(table(e), 4), e.u(table(e) + 8, 4)
         for at in range(table(e) + 16 + 8 * bloom, table(e) + 16 + 8 * bloom + 4 * nbuckets, 4):
             e.put(at, 0, 4)
-    elf.check(edited(samples, tmp_path, no_symbols))       # an empty table: nothing exported, nothing to read
+    elfcheck.check(edited(samples, tmp_path, no_symbols))       # an empty table: nothing exported, nothing to read
 
 
 def test_sysv_hash(extras, tmp_path):
     for name in ("hash", "sysv"):
         if name not in extras:
             pytest.skip("cc failed")
-        elf.check(extras[name])
+        elfcheck.check(extras[name])
         refused(edited(extras[name], tmp_path, lambda e: e.put(e.offset_of(e.dyn(DT_HASH)) + 4, 1, 4)),
                 r"hash table \(DT_HASH\): it names a symbol past its 1 chains")
         refused(edited(extras[name], tmp_path, lambda e: e.put(e.offset_of(e.dyn(DT_HASH)), 0x7FFFFFF, 4)),
@@ -610,7 +611,7 @@ def test_versions(samples, tmp_path):
             "version index 32767 is not defined or needed")
     refused(edited(samples, tmp_path, lambda e: e.put(e.offset_of(e.dyn(DT_VERSYM)) + 2, 0x0005, 2)),
             "version index 5 is not defined or needed")
-    elf.check(edited(samples, tmp_path, lambda e: e.put(e.offset_of(e.dyn(DT_VERSYM)) + 2, 0x8001, 2)))   # hidden
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.put(e.offset_of(e.dyn(DT_VERSYM)) + 2, 0x8001, 2)))   # hidden
 
 
 def test_version_definitions(tmp_path):
@@ -621,7 +622,7 @@ def test_version_definitions(tmp_path):
     library = tmp_path / "v.so"
     subprocess.run(["cc", "-shared", "-fPIC", f"-Wl,--version-script={script}", "-o", str(library), str(source)],
                    check=True)
-    elf.check(library)
+    elfcheck.check(library)
     verdef = lambda e: e.offset_of(e.dyn(0x6FFFFFFC))      # noqa: E731
     refused(edited(library, tmp_path, lambda e: e.put(e.offset_of(e.dyn(0x6FFFFFFC) + e.u(verdef(e) + 12, 4)),
                                                        5000, 4)),
@@ -636,10 +637,11 @@ def test_not_a_regular_file_never_blocks(tmp_path):
     fifo = tmp_path / "fifo.so"
     os.mkfifo(fifo)
     done = []
-    thread = threading.Thread(target=lambda: done.append(pytest.raises(elf.ELFError, elf.check, fifo)), daemon=True)
+    thread = threading.Thread(target=lambda: done.append(pytest.raises(elf.ELFError, elfcheck.check, fifo)),
+                              daemon=True)
     thread.start()
     thread.join(10)
-    assert done, "elf.check blocked on a FIFO"
+    assert done, "elfcheck.check blocked on a FIFO"
     assert "not a regular file (a FIFO (named pipe))" in str(done[0].value)
     refused(tmp_path, r"not a regular file \(a directory\)")
     refused("/dev/null", r"not a regular file \(a character device\)")
@@ -658,11 +660,11 @@ def test_check_leaks_no_descriptor(samples, tmp_path):
     bad.write_bytes(samples["v1"].read_bytes()[:1000])
     before = open_fds()
     for _ in range(20):
-        elf.check(samples["v1"])
+        elfcheck.check(samples["v1"])
         with pytest.raises(elf.ELFError):
-            elf.check(bad)
+            elfcheck.check(bad)
         with pytest.raises(OSError):
-            elf.check(tmp_path / "missing.so")
+            elfcheck.check(tmp_path / "missing.so")
     assert open_fds() == before
 
 
@@ -685,7 +687,7 @@ def test_random_damage_is_only_ever_an_elf_error(samples):
             f.write(mutant)
             f.flush()
             try:
-                elf.check_fd(f.fileno())
+                elfcheck.check_fd(f.fileno())
             except elf.ELFError:
                 pass
     os.close(read)
@@ -708,7 +710,8 @@ def expected_host():
 def test_the_host_identity(monkeypatch):
     import sys
 
-    assert elf._host_identity() == expected_host() == (elf.HOST_CLASS, elf.HOST_DATA, elf.HOST_MACHINE)
+    assert elfcheck._host_identity() == expected_host() == (elfcheck.HOST_CLASS, elfcheck.HOST_DATA,
+                                                            elfcheck.HOST_MACHINE)
     real_open = open
     refused_paths = set()
 
@@ -722,12 +725,12 @@ def test_the_host_identity(monkeypatch):
         return real_open(path, *args, **kwargs)
     monkeypatch.setattr("builtins.open", fake_open)
     without("/proc/self/exe")                       # then the interpreter's own file
-    assert elf._host_identity() == expected_host()
+    assert elfcheck._host_identity() == expected_host()
     without("/proc/self/exe", sys.executable)       # then what Python reports (no machine)
-    assert elf._host_identity() == expected_host()[:2] + (0,)
+    assert elfcheck._host_identity() == expected_host()[:2] + (0,)
     monkeypatch.setattr(sys, "executable", "/dev/null")          # not an ELF file: skipped
     without("/proc/self/exe")
-    assert elf._host_identity() == expected_host()[:2] + (0,)
+    assert elfcheck._host_identity() == expected_host()[:2] + (0,)
 
 
 def test_a_crash_it_prevents(samples, tmp_path):
@@ -770,7 +773,7 @@ def test_machine_names_are_the_real_ones():
 
 def as_machine(monkeypatch, machine):
     """Make the check believe this process runs on ``machine``; return an edit that retypes the sample for it."""
-    monkeypatch.setattr(elf, "HOST_MACHINE", machine)
+    monkeypatch.setattr(elfcheck, "HOST_MACHINE", machine)
     _name, relative, _symbolic, _irelative, _rela_only = MACHINES[machine]
 
     def change(e):
@@ -786,7 +789,7 @@ def as_machine(monkeypatch, machine):
 def test_relocation_types_of_each_machine(samples, tmp_path, monkeypatch, machine):
     name, relative, symbolic, irelative, rela_only = MACHINES[machine]
     retype = as_machine(monkeypatch, machine)
-    elf.check(edited(samples, tmp_path, retype))
+    elfcheck.check(edited(samples, tmp_path, retype))
     # An x86-64 RELATIVE where this machine expects its own is not relative here.
     if relative != 8:
         refused(edited(samples, tmp_path, lambda e: retype(e) or e.put(e.relocations()[0][0] + 8, 8)),
@@ -799,7 +802,7 @@ def test_relocation_types_of_each_machine(samples, tmp_path, monkeypatch, machin
             e.put(at + 8, (e.symbol_index(b"add") << 32) | kind)
             e.put(at + 16, 0)
             e.set_dyn(DT_RELACOUNT, 0)
-        elf.check(edited(samples, tmp_path, from_symbol))
+        elfcheck.check(edited(samples, tmp_path, from_symbol))
     # This machine's IFUNC relocation calls its addend.
     def ifunc(e):
         retype(e)
@@ -821,7 +824,7 @@ def test_rel_or_rela_per_machine(samples, tmp_path, monkeypatch, machine):
     else:
         # REL is allowed: the PLT table is then read as REL (16-byte entries)
         with pytest.raises(elf.ELFError) as info:
-            elf.check(pltrel_rel)
+            elfcheck.check(pltrel_rel)
         assert "DT_PLTREL is" not in str(info.value) and "DT_PLTRELSZ is 24, not a multiple of 16" in str(info.value)
         refused(edited(samples, tmp_path, lambda e: retype(e) or e.set_dyn(DT_PLTREL, 18)),
                 r"DT_PLTREL is 18 \(ld.so asserts DT_RELA or DT_REL\)")
@@ -853,7 +856,7 @@ def test_more_string_tags(samples, tmp_path):
                 f"{name} names offset 5000")
     refused(edited(samples, tmp_path, lambda e: e.retag(DT_SYMBOLIC_TAG, 0x7FFFFFFD, 0)),
             "DT_AUXILIARY names an empty file name")
-    elf.check(edited(samples, tmp_path, lambda e: e.retag(DT_SYMBOLIC_TAG, 15, 0)))     # an empty rpath: harmless
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.retag(DT_SYMBOLIC_TAG, 15, 0)))     # an empty rpath: harmless
 
 
 def test_preinit_array_bounds(samples, tmp_path):
@@ -862,7 +865,7 @@ def test_preinit_array_bounds(samples, tmp_path):
             e.retag(DT_SYMBOLIC_TAG, DT_PREINIT_ARRAY, 0x3dc8)
             e.retag(DT_FLAGS, DT_PREINIT_ARRAYSZ, size)
         return change
-    elf.check(edited(samples, tmp_path, preinit(8)))
+    elfcheck.check(edited(samples, tmp_path, preinit(8)))
     refused(edited(samples, tmp_path, preinit(0x100000)), r"DT_PREINIT_ARRAY: \[0x3dc8")
     refused(edited(samples, tmp_path, preinit(4)), "DT_PREINIT_ARRAYSZ is 4, not a multiple of 8")
 
@@ -943,8 +946,8 @@ class Edit32:
 
 @pytest.fixture
 def as_32bit(monkeypatch):
-    monkeypatch.setattr(elf, "HOST_CLASS", 1)
-    monkeypatch.setattr(elf, "HOST_MACHINE", 3)
+    monkeypatch.setattr(elfcheck, "HOST_CLASS", 1)
+    monkeypatch.setattr(elfcheck, "HOST_MACHINE", 3)
 
 
 def edited32(x32, tmp_path, change):
@@ -956,7 +959,7 @@ def edited32(x32, tmp_path, change):
 
 
 def test_a_32_bit_library(x32, tmp_path, as_32bit):
-    elf.check(x32)
+    elfcheck.check(x32)
     rel = lambda e: [(e.offset_of(e.dyn(DT_REL)) + i, e.u(e.offset_of(e.dyn(DT_REL)) + i),      # noqa: E731
                       e.u(e.offset_of(e.dyn(DT_REL)) + i + 4)) for i in range(0, e.dyn(18), 8)]
     init = lambda e: e.offset_of(e.dyn(DT_INIT_ARRAY))      # noqa: E731
@@ -965,7 +968,8 @@ def test_a_32_bit_library(x32, tmp_path, as_32bit):
             "DT_INIT_ARRAY slot at 0x[0-9a-f]+ is relocated to 0x2000")
     # Slots filled by R_386_32 from a function symbol (the function table): fine.
     table = lambda e: min(offset for _at, offset, info in rel(e) if info & 0xFF == 1)      # noqa: E731
-    elf.check(edited32(x32, tmp_path, lambda e: e.set_dyn(DT_INIT_ARRAY, table(e)) or e.set_dyn(DT_INIT_ARRAYSZ, 8)))
+    elfcheck.check(edited32(x32, tmp_path,
+                            lambda e: e.set_dyn(DT_INIT_ARRAY, table(e)) or e.set_dyn(DT_INIT_ARRAYSZ, 8)))
     refused(edited32(x32, tmp_path, lambda e: e.set_dyn(0x6FFFFFFA, 3)),
             r"one of the first 3 \(DT_RELACOUNT\) is not a relative relocation")
     refused(edited32(x32, tmp_path, lambda e: e.put(rel(e)[1][0], 0x1004)), "one writes to 0x1004")
@@ -1017,8 +1021,8 @@ def test_code_boundaries(samples, tmp_path):
     end = lambda e: text(e)["vaddr"] + text(e)["filesz"]      # noqa: E731
     refused(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, end(e))), "function symbol at 0x13e1")
     refused(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, text(e)["vaddr"] - 1)), "function symbol at 0xfff")
-    elf.check(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, end(e) - 1)))
-    elf.check(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, text(e)["vaddr"])))
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, end(e) - 1)))
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.put(add(e) + 8, text(e)["vaddr"])))
     refused(edited(samples, tmp_path, lambda e: e.set_dyn(DT_INIT, 0x13e1)), r"DT_INIT \(0x13e1\) is not in an exec")
 
 
@@ -1031,16 +1035,16 @@ def test_locally_bound_symbols_must_be_inside_the_image(samples, tmp_path):
             e.put(e.symbol_offset(index) + 8, value)
             e.put(e.relocations()[3][0] + 8, (index << 32) | 6)
         return change
-    elf.check(edited(samples, tmp_path, hidden_at(0x401f)))
-    elf.check(edited(samples, tmp_path, hidden_at(0)))
+    elfcheck.check(edited(samples, tmp_path, hidden_at(0x401f)))
+    elfcheck.check(edited(samples, tmp_path, hidden_at(0)))
     refused(edited(samples, tmp_path, hidden_at(0x4020)), "binds locally but is not defined in the file")
 
 
 def test_flags_are_named_in_messages(samples, tmp_path):
     path = edited(samples, tmp_path, lambda e: e.set_ph(e.ph_index(PT_LOAD, PF_R | PF_W), "flags", PF_R))
     assert "which is not readable+writable (" in refused(path, "not readable")
-    assert elf._describe_flags(PF_R | PF_W | PF_X) == "readable+writable+executable"
-    assert elf._describe_flags(PF_X) == "executable"
+    assert elfcheck._describe_flags(PF_R | PF_W | PF_X) == "readable+writable+executable"
+    assert elfcheck._describe_flags(PF_X) == "executable"
 
 
 def test_a_16_byte_file(tmp_path):
@@ -1053,7 +1057,7 @@ def test_internal_parsing_errors_are_elf_errors(samples, monkeypatch):
     # Whatever a damaged table makes the parser trip on, the caller sees an ELFError.
     for error in (struct.error("unpack requires a buffer"), IndexError("index out of range"),
                   TypeError("memoryview: length is not a multiple of itemsize"), ValueError("x")):
-        monkeypatch.setattr(elf, "_check_dynamic", lambda *args, error=error: (_ for _ in ()).throw(error))
+        monkeypatch.setattr(elfcheck, "_check_dynamic", lambda *args, error=error: (_ for _ in ()).throw(error))
         refused(samples["v1"], f"corrupt tables \\({error}\\)")
 
 
@@ -1063,7 +1067,8 @@ def test_symbol_kinds_that_matter(samples, tmp_path):
     refused(edited(samples, tmp_path, lambda e: e.data.__setitem__(add(e) + 4, 0x1A) or e.put(add(e) + 8, 0x2000)),
             "function symbol at 0x2000")
     # An object may live anywhere in the image.
-    elf.check(edited(samples, tmp_path, lambda e: e.data.__setitem__(add(e) + 4, 0x11) or e.put(add(e) + 8, 0x2000)))
+    elfcheck.check(edited(samples, tmp_path,
+                          lambda e: e.data.__setitem__(add(e) + 4, 0x11) or e.put(add(e) + 8, 0x2000)))
     # Internal visibility binds locally, as hidden does (protected does not).
     for visibility, local in ((1, True), (2, True), (3, False)):
         def undefined_with(e, visibility=visibility):
@@ -1072,15 +1077,15 @@ def test_symbol_kinds_that_matter(samples, tmp_path):
         if local:
             refused(path, "binds locally but is not defined")
         else:
-            elf.check(path)
+            elfcheck.check(path)
 
 
 def test_sections_that_are_not_allocated_are_not_mapped(samples, tmp_path):
     # .comment is in the file only: whatever its flags say besides SHF_ALLOC, no segment need map it.
     def comment_flags(flags):
         return lambda e: e.put(e.u(40) + 64 * e.section(".comment")["index"] + 8, flags)      # sh_flags
-    elf.check(edited(samples, tmp_path, comment_flags(0x1)))           # SHF_WRITE
-    elf.check(edited(samples, tmp_path, comment_flags(0x4 | 0x30)))    # SHF_EXECINSTR
+    elfcheck.check(edited(samples, tmp_path, comment_flags(0x1)))           # SHF_WRITE
+    elfcheck.check(edited(samples, tmp_path, comment_flags(0x4 | 0x30)))    # SHF_EXECINSTR
     refused(edited(samples, tmp_path, comment_flags(0x2)), "maps section 24 from byte 0, but it is at byte")
 
 
@@ -1094,14 +1099,14 @@ def no_unwind_index(e):
 def test_gnu_hash_symbol_count(samples):
     # The count the hash table implies is what sizes the symbol and version tables.
     edit = ElfEdit(samples["v1"].read_bytes())
-    f = elf._File(0, len(edit.data), bytes(edit.data), 2, "<")
-    elf._check_program_headers(f, bytes(edit.data[edit.phoff:edit.phoff + 56 * edit.phnum]), "<IIQQQQQQ",
+    f = elfcheck._File(0, len(edit.data), bytes(edit.data), 2, "<")
+    elfcheck._check_program_headers(f, bytes(edit.data[edit.phoff:edit.phoff + 56 * edit.phnum]), "<IIQQQQQQ",
                                edit.phoff)
-    assert elf._check_gnu_hash(f, edit.dyn(DT_GNU_HASH)) == (edit.dyn(DT_STRTAB) - edit.dyn(DT_SYMTAB)) // 24
+    assert elfcheck._check_gnu_hash(f, edit.dyn(DT_GNU_HASH)) == (edit.dyn(DT_STRTAB) - edit.dyn(DT_SYMTAB)) // 24
 
 
 def test_no_hash_table_at_all(samples, tmp_path):
-    elf.check(edited(samples, tmp_path, lambda e: e.retag(DT_GNU_HASH, DT_DEBUG)))
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.retag(DT_GNU_HASH, DT_DEBUG)))
 
 
 def test_the_sysv_hash_counts_every_symbol(extras, tmp_path):
@@ -1119,7 +1124,7 @@ def test_the_sysv_hash_counts_every_symbol(extras, tmp_path):
 def test_segment_boundaries(samples, tmp_path):
     text = lambda e: e.ph_index(PT_LOAD, PF_R | PF_X)      # noqa: E731
     # Adjacent segments are fine; one starting inside the previous one is not.
-    elf.check(edited(samples, tmp_path, lambda e: e.set_ph(text(e), "memsz", 0x1000)))
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.set_ph(text(e), "memsz", 0x1000)))
     refused(edited(samples, tmp_path, lambda e: e.set_ph(text(e), "memsz", 0x1100)),
             "loadable segment 2 .it overlaps or precedes segment 1")
     # The last address that does not wrap.
@@ -1141,7 +1146,7 @@ def test_truncation_past_the_tables_is_the_segment_checks_to_catch(samples, tmp_
 
 def test_relro_bounds(samples, tmp_path):
     relro = lambda e: e.ph_index(PT_GNU_RELRO)      # noqa: E731
-    elf.check(edited(samples, tmp_path, lambda e: e.set_ph(relro(e), "vaddr", 0x4010) or
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.set_ph(relro(e), "vaddr", 0x4010) or
                      e.set_ph(relro(e), "memsz", 0x10)))                         # in .bss: still the segment
     refused(edited(samples, tmp_path, lambda e: e.set_ph(relro(e), "memsz", 0x1000 - 0xdc8 + 0x1001)),
             "PT_GNU_RELRO: it runs past loadable segment 3")
@@ -1170,7 +1175,7 @@ def test_a_read_only_dynamic_section_needs_no_write_access(samples, tmp_path):
         e.set_ph(e.ph_index(PT_DYNAMIC), "flags", PF_R)                     # ld.so will not write it
         e.set_ph(e.ph_index(PT_LOAD, PF_R | PF_W), "flags", PF_R)
         e.retag(DT_SYMBOLIC_TAG, DT_TEXTREL, 0)
-    elf.check(edited(samples, tmp_path, read_only))
+    elfcheck.check(edited(samples, tmp_path, read_only))
 
 
 def test_function_starts_from_sections_alone(samples, tmp_path):
@@ -1182,10 +1187,10 @@ def test_function_starts_from_sections_alone(samples, tmp_path):
     refused(edited(samples, tmp_path, lambda e: no_unwind_index(e) or e.set_dyn(DT_INIT, 0x1010)),
             "is not the start of a function")
     # The end of .init is not inside it; nobody can tell what is there.
-    elf.check(edited(samples, tmp_path, lambda e: no_unwind_index(e) or
+    elfcheck.check(edited(samples, tmp_path, lambda e: no_unwind_index(e) or
                      e.set_dyn(DT_INIT, e.section(".init")["addr"] + e.section(".init")["size"])))
     # Section names come from the table e_shstrndx names; an index past the table: no names, no error.
-    elf.check(edited(samples, tmp_path, lambda e: no_unwind_index(e) or e.put(62, e.u(60, 2), 2)))
+    elfcheck.check(edited(samples, tmp_path, lambda e: no_unwind_index(e) or e.put(62, e.u(60, 2), 2)))
 
 
 def test_function_starts_known_from_each_source(samples, tmp_path):
@@ -1205,7 +1210,7 @@ def test_function_starts_known_from_each_source(samples, tmp_path):
             if e.u(symtab + 24 * i + 8) == address:
                 e.put(symtab + 24 * i + 8, e.u(add(e) + 8))       # the symbol no longer says so
         e.set_dyn(DT_FINI, address)
-    elf.check(edited(samples, tmp_path, only_the_unwind_index_knows))
+    elfcheck.check(edited(samples, tmp_path, only_the_unwind_index_knows))
 
     def only_the_symbol_knows(e):
         address = e.u(add(e) + 8)
@@ -1216,7 +1221,7 @@ def test_function_starts_known_from_each_source(samples, tmp_path):
             if (e.u(at, 4) + e.ph(e.ph_index(PT_GNU_EH_FRAME))["vaddr"]) % 2**32 == address:
                 e.put(at, e.u(at, 4) + 1, 4)
         e.set_dyn(DT_FINI, address)
-    elf.check(edited(samples, tmp_path, only_the_symbol_knows))
+    elfcheck.check(edited(samples, tmp_path, only_the_symbol_knows))
 
     def bad_index(field, value):
         def change(e):
@@ -1224,12 +1229,12 @@ def test_function_starts_known_from_each_source(samples, tmp_path):
             e.set_dyn(DT_FINI, e.section(".text")["addr"] + 0x101)
         return change
     for field, value in ((0, 2), (2, 0x1B), (3, 0x1B)):                # version, count encoding, table encoding
-        elf.check(edited(samples, tmp_path, bad_index(field, value)))   # an index we cannot read: nobody can tell
+        elfcheck.check(edited(samples, tmp_path, bad_index(field, value)))   # an index we cannot read: nobody can tell
 
     def empty_index(e):
         e.put(e.offset_of(e.ph(e.ph_index(PT_GNU_EH_FRAME))["vaddr"]) + 8, 0, 4)
         e.set_dyn(DT_FINI, e.section(".text")["addr"] + 0x101)
-    elf.check(edited(samples, tmp_path, empty_index))
+    elfcheck.check(edited(samples, tmp_path, empty_index))
 
 
 def test_string_offsets_at_the_boundary(samples, tmp_path):
@@ -1272,7 +1277,7 @@ def test_zero_relocation_table_addresses(samples, tmp_path):
             "DT_INIT_ARRAY slot at 0x3dc8 is not relocated to a function")
     # DT_JMPREL 0 is read like any other (ld.so does).
     with pytest.raises(elf.ELFError):
-        elf.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_JMPREL, 0)))
+        elfcheck.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_JMPREL, 0)))
 
 
 def test_rel_count_defaults_to_none(x32, tmp_path, as_32bit):
@@ -1282,7 +1287,7 @@ def test_rel_count_defaults_to_none(x32, tmp_path, as_32bit):
         rel = e.offset_of(e.dyn(DT_REL))
         first, second = bytes(e.data[rel:rel + 8]), bytes(e.data[rel + 8:rel + 16])
         e.data[rel:rel + 8], e.data[rel + 8:rel + 16] = second, first          # a symbolic one first
-    elf.check(edited32(x32, tmp_path, no_count))
+    elfcheck.check(edited32(x32, tmp_path, no_count))
 
 
 def test_plt_relocations_are_checked(samples, tmp_path):
@@ -1298,7 +1303,7 @@ def test_plt_relocations_are_checked(samples, tmp_path):
 
 def test_jmprel_nested_in_rela(samples, tmp_path):
     # Old linkers put the PLT relocations at the end of DT_RELA: ld.so subtracts them, fine...
-    elf.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_RELASZ, e.dyn(DT_RELASZ) + e.dyn(DT_PLTRELSZ))))
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.set_dyn(DT_RELASZ, e.dyn(DT_RELASZ) + e.dyn(DT_PLTRELSZ))))
 
     # ...but DT_RELA starting inside DT_JMPREL and ending with it would underflow that subtraction.
     def overlapping(e):
@@ -1327,7 +1332,7 @@ def test_symbolic_slots_add_their_addend(samples, tmp_path):
             e.put(at + 16, addend)
             e.set_dyn(DT_RELACOUNT, 0)
         return change
-    elf.check(edited(samples, tmp_path, slot_from(b"add", 0x200)))
+    elfcheck.check(edited(samples, tmp_path, slot_from(b"add", 0x200)))
     refused(edited(samples, tmp_path, slot_from(b"add", 0x2000)), "is relocated to")
     refused(edited(samples, tmp_path, lambda e: e.put(e.relocations()[0][0] + 16, 0)),
             "slot at 0x3dc8 is relocated to 0x0, which is not in an executable segment")
@@ -1339,7 +1344,7 @@ def test_thread_local_zero_data_is_not_mapped_by_a_segment(extras, tmp_path):
         pytest.skip("cc failed")
     def tbss_elsewhere(e):
         e.put(e.u(40) + 64 * e.section(".tbss")["index"] + 16, 0x100000)       # sh_addr
-    elf.check(edited(extras["plain"], tmp_path, tbss_elsewhere))
+    elfcheck.check(edited(extras["plain"], tmp_path, tbss_elsewhere))
 
 
 # -- the last survivors of the mutation pass ------------------------------------------------------------
@@ -1371,7 +1376,7 @@ def note(namesz, descsz, name=b"", desc=b""):
     (note(4, 20, b"GNU\0", bytes(20)) + note(0, 5), 4, False),                  # a header exactly at the end
 ])
 def test_notes(data, align, ok):
-    check = lambda: elf._check_notes(NoteFile(data), 0, len(data), align, 5)      # noqa: E731
+    check = lambda: elfcheck._check_notes(NoteFile(data), 0, len(data), align, 5)      # noqa: E731
     if ok:
         check()
     else:
@@ -1387,7 +1392,7 @@ def test_a_section_needing_write_and_execute(samples, tmp_path):
 
 
 def test_a_section_table_address_of_zero_means_none(samples, tmp_path):
-    elf.check(edited(samples, tmp_path, lambda e: e.put(40, 0)))             # e_shoff 0, e_shnum kept
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.put(40, 0)))             # e_shoff 0, e_shnum kept
 
 
 def test_truncation_message_names_the_end(samples, tmp_path):
@@ -1403,14 +1408,15 @@ def test_truncation_message_names_the_end(samples, tmp_path):
 def test_tls_alignment_one(extras, tmp_path):
     if "plain" not in extras:
         pytest.skip("cc failed")
-    elf.check(edited(extras["plain"], tmp_path, lambda e: e.set_ph(e.ph_index(PT_TLS), "align", 1)))
+    elfcheck.check(edited(extras["plain"], tmp_path, lambda e: e.set_ph(e.ph_index(PT_TLS), "align", 1)))
 
 
 def test_relro_of_one_byte_at_the_segment_end(samples, tmp_path):
     relro = lambda e: e.ph_index(PT_GNU_RELRO)      # noqa: E731
     data = lambda e: e.ph(e.ph_index(PT_LOAD, PF_R | PF_W))      # noqa: E731
-    elf.check(edited(samples, tmp_path, lambda e: e.set_ph(relro(e), "vaddr", data(e)["vaddr"] + data(e)["memsz"] - 1)
-                     or e.set_ph(relro(e), "memsz", 1)))
+    elfcheck.check(edited(samples, tmp_path,
+                          lambda e: e.set_ph(relro(e), "vaddr", data(e)["vaddr"] + data(e)["memsz"] - 1)
+                          or e.set_ph(relro(e), "memsz", 1)))
 
 
 def test_a_section_below_the_first_segment(samples, tmp_path):
@@ -1437,7 +1443,7 @@ def test_sysv_hash_boundaries(extras, tmp_path):
             e.put(table(e) + 8 + 4 * (nbucket + nchain - 1), value(nchain), 4)
         return change
     refused(edited(extras["sysv"], tmp_path, last_chain_is(lambda n: n)), "names a symbol past its")
-    elf.check(edited(extras["sysv"], tmp_path, last_chain_is(lambda n: n - 1)))
+    elfcheck.check(edited(extras["sysv"], tmp_path, last_chain_is(lambda n: n - 1)))
 
     def no_chains(e):
         e.put(table(e), 1, 4)                   # one bucket...
@@ -1460,7 +1466,7 @@ def test_the_sysv_hash_sizes_the_symbol_table(extras, tmp_path):
                 edit.put(at + 8, 0)                     # R_X86_64_NONE: names no symbol
     path = tmp_path / "unnamed.so"
     path.write_bytes(bytes(edit.data))
-    elf.check(path)
+    elfcheck.check(path)
     edit.put(symtab + 24 * last + 8, edit.dyn(DT_STRTAB))
     path.write_bytes(bytes(edit.data))
     refused(path, "function symbol at")
@@ -1496,27 +1502,27 @@ def test_negative_addends(samples, tmp_path):
             e.put(at + 16, -delta)
             e.set_dyn(DT_RELACOUNT, 0)
         return change
-    elf.check(edited(samples, tmp_path, slot_from_add_minus(0x10)))
+    elfcheck.check(edited(samples, tmp_path, slot_from_add_minus(0x10)))
     refused(edited(samples, tmp_path, slot_from_add_minus(0x1000)), "is relocated to")
 
 
 def test_relocation_targets_up_to_the_last_mapped_word(samples, tmp_path):
     data = lambda e: e.ph(e.ph_index(PT_LOAD, PF_R | PF_W))      # noqa: E731
     page_end = lambda e: -(-(data(e)["vaddr"] + data(e)["memsz"]) // 4096) * 4096      # noqa: E731
-    elf.check(edited(samples, tmp_path, lambda e: e.put(e.relocations()[4][0], page_end(e) - 8)))
+    elfcheck.check(edited(samples, tmp_path, lambda e: e.put(e.relocations()[4][0], page_end(e) - 8)))
     refused(edited(samples, tmp_path, lambda e: e.put(e.relocations()[4][0], page_end(e) - 7)), "one writes to")
 
 
 def test_relr_decoding():
-    f = elf._File(0, 0, b"", 2, "<")
+    f = elfcheck._File(0, 0, b"", 2, "<")
     words = lambda *values: struct.pack(f"<{len(values)}Q", *values)      # noqa: E731
     # An address, then a bitmap of the 63 words after it (bit 0 marks a bitmap), then the next 63.
-    assert elf._decode_relr(f, words(0x1000, 0b1011, (1 << 63) | 1)) == {0x1000, 0x1008, 0x1018,
+    assert elfcheck._decode_relr(f, words(0x1000, 0b1011, (1 << 63) | 1)) == {0x1000, 0x1008, 0x1018,
                                                                          0x1008 + 63 * 8 + 62 * 8}
-    assert elf._decode_relr(f, words(0x1000, 0b101)) == {0x1000, 0x1010}
-    assert elf._decode_relr(f, words(0b11)) == {0}                       # a bitmap first: from address 0
-    f32 = elf._File(0, 0, b"", 1, "<")
-    assert elf._decode_relr(f32, struct.pack("<3I", 0x100, 0b11, (1 << 31) | 1)) == {0x100, 0x104, 0x104 + 31 * 4 + 30 * 4}
+    assert elfcheck._decode_relr(f, words(0x1000, 0b101)) == {0x1000, 0x1010}
+    assert elfcheck._decode_relr(f, words(0b11)) == {0}                       # a bitmap first: from address 0
+    f32 = elfcheck._File(0, 0, b"", 1, "<")
+    assert elfcheck._decode_relr(f32, struct.pack("<3I", 0x100, 0b11, (1 << 31) | 1)) == {0x100, 0x104, 0x104 + 31 * 4 + 30 * 4}
 
 
 def test_an_addend_that_is_large_but_not_negative(samples, tmp_path):

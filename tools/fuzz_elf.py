@@ -72,10 +72,10 @@ CATEGORIES = GUARDED + PARTLY + UNGUARDED
 WORKER = r"""
 import json, os, sys
 import nativereload
-from nativereload import elf
+from nativereload import elfcheck
 spec = json.loads(sys.argv[1])
 if spec["no_check"]:
-    elf.check_fd = lambda fd: None
+    elfcheck.check_fd = lambda fd: None
 ARGS = {"add": (2, 3), "scaled": (3,), "dot4": (1.0, 2.0, 3.0, 4.0)}
 out = sys.stdout
 reg = nativereload.Registry(tmpdir=spec["tmpdir"])

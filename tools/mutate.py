@@ -1,10 +1,10 @@
 """Mutation testing, one module at a time: which small changes to the code does the test suite not notice?
 
-    python tools/mutate.py elf                    # every mutant of nativereload/elf.py
-    python tools/mutate.py registry --jobs 2      # two mutants at a time (one repository copy each)
-    python tools/mutate.py gate --only 17 -v      # one mutant, its diff and the test output
-    python tools/mutate.py workdir --list         # list the mutants, run nothing
-    python tools/mutate.py elf --rerun out.json   # only the survivors of an earlier run (--json out.json)
+    python tools/mutate.py elfcheck                  # every mutant of nativereload/elfcheck.py
+    python tools/mutate.py registry --jobs 2         # two mutants at a time (one repository copy each)
+    python tools/mutate.py gate --only 17 -v         # one mutant, its diff and the test output
+    python tools/mutate.py workdir --list            # list the mutants, run nothing
+    python tools/mutate.py elfcheck --rerun out.json # only the survivors of an earlier run (--json out.json)
 
 Each mutant is one change to the module's syntax tree (mutmut 3.8 could not
 be used: the tests start child interpreters, which its trampolines do not
@@ -57,7 +57,8 @@ SIGNAL_SAFE_TESTS = {"workdir": ["tests/test_workdir.py::test_pid_alive"]}
 
 # The test files that exercise each module (the first run); survivors get the whole suite.
 TESTS = {
-    "elf": ["tests/test_elf.py", "tests/test_crash_safety.py"],
+    "elf": ["tests/test_elf.py", "tests/test_interface.py", "tests/test_embed.py"],
+    "elfcheck": ["tests/test_elf.py", "tests/test_crash_safety.py"],
     "workdir": ["tests/test_workdir.py", "tests/test_tmpdir.py", "tests/test_tmpcleaner.py"],
     "image": ["tests/test_image.py", "tests/test_module_files.py", "tests/test_trust.py", "tests/test_reload.py",
               "tests/test_registry.py", "tests/test_tmpdir.py", "tests/test_crash_safety.py",
@@ -253,7 +254,7 @@ class Sandbox:
                 shutil.copy2(source, target)
         for built in (ROOT / "nativereload").glob("_gate*.so"):
             shutil.copy2(built, self.dir / "nativereload" / built.name)
-        for name in ("elf.py", "workdir.py", "image.py", "gate.py", "registry.py", "trust.py"):
+        for name in ("elf.py", "elfcheck.py", "workdir.py", "image.py", "gate.py", "registry.py", "trust.py"):
             if (ROOT / "nativereload" / name).exists():     # the working tree's, committed or not
                 shutil.copy2(ROOT / "nativereload" / name, self.dir / "nativereload" / name)
         self.target = self.dir / "nativereload" / f"{module}.py"
