@@ -26,7 +26,7 @@ from .errors import DemoError
 __all__ = ["DemoError", "compile_demo", "run"]
 
 DATA = Path(__file__).resolve().parent / "data"
-CDEF = "int version(void); long work(long); int hold(int);"
+CDEF = "int version(void); long work(long); int hold(int); int holding(void);"
 HOLD_MS = 600
 
 
@@ -137,7 +137,9 @@ def run(threads: int = 4, seconds: float = 1.0, out: IO[str] | None = None) -> d
             held: list[int] = []
             holder = threading.Thread(target=lambda: held.append(mod.hold(HOLD_MS)), daemon=True)
             holder.start()
-            time.sleep(0.1)
+            deadline = time.monotonic() + 5.0      # a started thread is not yet a call in flight
+            while not mod.holding() and time.monotonic() < deadline:
+                time.sleep(0.001)
             t0 = time.perf_counter()
             mod = reg.reload("demo")
             reload_ms = (time.perf_counter() - t0) * 1000

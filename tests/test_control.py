@@ -30,7 +30,7 @@ from conftest import ROOT, SAMPLE_CDEF, install
 from nativereload import Registry, cli, control
 
 CHILD = textwrap.dedent("""
-    import json, sys, threading
+    import json, sys, threading, time
     import nativereload
 
     moddir, socket_path, name, cdef = sys.argv[1], sys.argv[2] or None, sys.argv[3], sys.argv[4]
@@ -49,6 +49,11 @@ CHILD = textwrap.dedent("""
                 served[0] += 1
             except Exception as exc:
                 failed.append(repr(exc))
+            if served[0] % 1000 == 0:
+                # A breath now and then: with the GIL off this thread would take a
+                # whole core, and three such children starve the CLI processes a test
+                # runs beside them (3.13t's own import yields thousands of times).
+                time.sleep(0.001)
 
     thread = threading.Thread(target=caller, daemon=True)
     thread.start()
