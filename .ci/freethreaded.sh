@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The suite on free-threaded CPython 3.13t (issue 13): both gates, and the stress
-# test at 8 callers and 2,000 reloads, all with the GIL off.
+# Free-threaded CPython 3.13t with the GIL off (issue 13): the whole suite on the C gate, the tests
+# that make calls on the pure-Python gate, and the stress test at 8 callers and 2,000 reloads.
 #
 #   .ci/freethreaded.sh            # first run: builds 3.13t (~7 min on 2 cores), then ~4 min
 #
@@ -87,9 +87,11 @@ export NATIVERELOAD_SAMPLES_CACHE="$work/samples-cache"
 mkdir -p "$NATIVERELOAD_SAMPLES_CACHE"
 echo "--- 3.13t, C gate"
 "$py" -m pytest -q -p no:cacheprovider
-echo "--- 3.13t, pure-Python gate (its lock-based variant)"
+echo "--- 3.13t, pure-Python gate (its lock-based variant), the tests that make calls"
 NATIVERELOAD_PURE_PYTHON=1 "$py" -c 'from nativereload import gate; assert gate.implementation() is gate.PYTHON'
-NATIVERELOAD_PURE_PYTHON=1 "$py" -m pytest -q -p no:cacheprovider
+NATIVERELOAD_PURE_PYTHON=1 "$py" -m pytest -q -p no:cacheprovider tests/test_gate.py tests/test_registry.py \
+    tests/test_reload.py tests/test_objects.py tests/test_contracts.py tests/test_lifecycle.py tests/test_stress.py \
+    tests/test_image.py tests/test_crash_safety.py
 echo "--- 3.13t, stress: 8 callers, 2,000 reloads, each gate"
 NATIVERELOAD_STRESS_CALLERS=8 NATIVERELOAD_STRESS_RELOADS=2000 \
     "$py" -m pytest -q -p no:cacheprovider "tests/test_stress.py::test_threads_calling_through_200_reloads"
