@@ -250,7 +250,7 @@ class Kept:
         data: the file's bytes, as the user built them.
     """
 
-    def __init__(self, generation: int, data: bytes, sha256: str | None = None) -> None:
+    def __init__(self, generation: int, data: bytes | bytearray, sha256: str | None = None) -> None:
         self.generation = generation
         self.data = data
         self._sha256 = sha256
