@@ -2,8 +2,8 @@
 
     python bench/profile_reload.py [--reloads N]
 
-Wraps the registry's internal steps (private names of nativereload.image and
-nativereload.registry: this script follows them, it is not part of the
+Wraps the registry's internal steps (private names of nativereload.image,
+nativereload.registry and their helpers: this script follows them, it is not part of the
 public API) with timers, reloads each library N times with no call in
 flight, and prints the mean time per reload of each step, next to the bare
 copy + dlopen + resolve and dlclose + unlink (bare.py). Nested steps are
@@ -30,7 +30,7 @@ import libs  # noqa: E402
 from bare import BareLoader  # noqa: E402
 
 import nativereload  # noqa: E402
-from nativereload import elfcheck, image, registry  # noqa: E402
+from nativereload import contract, elfcheck, image, lifecycle, registry, trust, workdir  # noqa: E402
 
 totals: dict[str, float] = collections.defaultdict(float)
 counts: collections.Counter = collections.Counter()
@@ -52,15 +52,19 @@ def _wrap(owner, attribute: str, label: str) -> None:
 
 
 def instrument() -> None:
-    for name in ("load", "_copy", "_dlopen", "_resolve", "retire", "close", "_unmap"):
+    for name in ("copy", "_copy", "read_interface", "open", "_dlopen", "_resolve", "retire", "close", "_unmap",
+                 "read_original"):
         _wrap(image.Image, name, f"Image.{name}")
-    _wrap(image, "_dlopen", "  libc dlopen() (load + RTLD_NOLOAD probe)")
     _wrap(image.tempfile, "mkstemp", "  tempfile.mkstemp()")
     _wrap(image.os, "sendfile", "  os.sendfile()")
     _wrap(image.os, "unlink", "  os.unlink()")
     _wrap(elfcheck, "check_fd", "  elfcheck.check_fd()")
+    _wrap(image.dynamic, "make_soname_private", "  dynamic.make_soname_private()")
+    _wrap(trust.Trust, "check_source", "  Trust.check_source()")
     _wrap(image.logger, "info", "  logger.info()")
-    _wrap(registry.Registry, "_workdir", "Registry._workdir")
+    _wrap(contract, "declarations_for", "contract.declarations_for()")
+    _wrap(workdir.Workdirs, "current", "Workdirs.current()")
+    _wrap(lifecycle.History, "keep", "History.keep() (rollback: the old build read)")
     _wrap(registry.Registry, "_image_closed", "Registry._image_closed")
 
 
