@@ -27,8 +27,7 @@ logger = logging.getLogger(__name__.rpartition(".")[0])
 
 
 def declarations_for(name: str, serving: Declarations | None, embedded: _interface.Interface | None,
-                     cdef: str | None, allow_change: bool, path: str,
-                     refused: str) -> tuple[Declarations, Diff | None]:
+                     cdef: str | None, allow_change: bool, path: str, refused: str) -> tuple[Declarations, Diff | None]:
     """The declarations a new image is resolved with, and what they change from ``serving``.
 
     ``cdef`` (if given) wins over the embedded interface, but must agree
@@ -72,8 +71,8 @@ def declarations_for(name: str, serving: Declarations | None, embedded: _interfa
     return Declarations.of(new if new.ffi is not None else _interface.parse(new.cdef, module=name),
                            module=name), change
 
-def check_exports_kept(module: Module, serving: Image, image: Image, allow_change: bool,
-                       refused: str) -> None:
+
+def check_exports_kept(module: Module, serving: Image, image: Image, allow_change: bool, refused: str) -> None:
     """A function the serving image exports must not vanish (missing="lazy" allows it at load, not here)."""
     lost = sorted(name for name in image.missing if name in serving.gate.functions)
     if lost and not allow_change:
@@ -85,7 +84,7 @@ def check_exports_kept(module: Module, serving: Image, image: Image, allow_chang
 
 
 def check_agreement(name: str, embedded: _interface.Interface, given: _interface.Interface, path: str,
-                     refused: str) -> None:
+                    refused: str) -> None:
     """A cdef given with a module that embeds its interface must declare everything as the module does."""
     disagree = _interface.diff(embedded, given).changed
     if disagree:

@@ -48,8 +48,8 @@ from cffi import model
 
 from .errors import InterfaceError
 
-__all__ = ["FORMAT", "SECTION", "Change", "Declarations", "Diff", "Field", "Function", "Interface", "Type", "diff", "embed_source",
-           "from_ffi", "from_section", "parse", "read", "read_fd"]
+__all__ = ["FORMAT", "SECTION", "Change", "Declarations", "Diff", "Field", "Function", "Interface", "Type", "diff",
+           "embed_source", "from_ffi", "from_section", "parse", "read", "read_fd"]
 
 #: The ELF section an embedded interface lives in.
 SECTION = ".nativereload.interface"
