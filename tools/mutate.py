@@ -68,6 +68,8 @@ TESTS = {
                  "tests/test_module_files.py", "tests/test_image.py", "tests/test_workdir.py",
                  "tests/test_stress.py", "tests/test_tmpdir.py"],
     "trust": ["tests/test_trust.py"],
+    "status": ["tests/test_registry.py", "tests/test_objects.py", "tests/test_tmpcleaner.py", "tests/test_lifecycle.py"],
+    "contract": ["tests/test_contracts.py", "tests/test_lifecycle.py"],
 }
 
 _COMPARE_SWAPS = {ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE,
@@ -254,7 +256,8 @@ class Sandbox:
                 shutil.copy2(source, target)
         for built in (ROOT / "nativereload").glob("_gate*.so"):
             shutil.copy2(built, self.dir / "nativereload" / built.name)
-        for name in ("elf.py", "elfcheck.py", "workdir.py", "image.py", "gate.py", "registry.py", "trust.py"):
+        for name in ("elf.py", "elfcheck.py", "workdir.py", "image.py", "gate.py", "registry.py", "trust.py",
+                     "status.py", "contract.py"):
             if (ROOT / "nativereload" / name).exists():     # the working tree's, committed or not
                 shutil.copy2(ROOT / "nativereload" / name, self.dir / "nativereload" / name)
         self.target = self.dir / "nativereload" / f"{module}.py"
