@@ -59,7 +59,7 @@ SIGNAL_SAFE_TESTS = {"workdir": ["tests/test_workdir.py::test_pid_alive"]}
 TESTS = {
     "elf": ["tests/test_elf.py", "tests/test_interface.py", "tests/test_embed.py"],
     "elfcheck": ["tests/test_elf.py", "tests/test_crash_safety.py"],
-    "workdir": ["tests/test_workdir.py", "tests/test_tmpdir.py", "tests/test_tmpcleaner.py"],
+    "workdir": ["tests/test_workdir.py", "tests/test_tmpdir.py", "tests/test_tmpcleaner.py", "tests/test_registry.py"],
     "image": ["tests/test_image.py", "tests/test_module_files.py", "tests/test_trust.py", "tests/test_reload.py",
               "tests/test_registry.py", "tests/test_tmpdir.py", "tests/test_crash_safety.py",
               "tests/test_tmpcleaner.py"],
