@@ -43,6 +43,7 @@ from typing import Iterable, Sequence
 
 import cffi
 
+from . import atomicfile
 from ._cdecl import Decl, analyze, clean, is_ident, join, opaque, scan, skip_balanced, split, strip_calls
 from ._cexpr import NotConstant, evaluate
 from .errors import InterfaceError
@@ -679,9 +680,4 @@ def _make_escape(path: str) -> str:
 
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    atomicfile.write_bytes(path, text.encode("utf-8"))

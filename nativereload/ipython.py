@@ -42,7 +42,7 @@ from typing import Any
 from IPython.core import magic_arguments
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
-from . import __version__
+from . import __version__, atomicfile
 from .build import compile_sources
 from .errors import BuildError, InterfaceError, NativeReloadError
 from .registry import Module, Registry
@@ -173,7 +173,7 @@ class NativeReloadMagics(Magics):
         try:
             build_dir.mkdir(parents=True, exist_ok=True)
             if not source_file.is_file() or source_file.read_text(encoding="utf-8") != source:
-                _write(source_file, source.encode("utf-8"))
+                atomicfile.write_bytes(source_file, source.encode("utf-8"))
         except OSError as exc:
             raise CellError(f"cannot write the cell's source to {build_dir}: {exc.strerror or exc}",
                             module=name, cause=exc, hint="set IPYTHONDIR to a writable directory") from None
@@ -213,7 +213,7 @@ class NativeReloadMagics(Magics):
         previous = self._cells.get(name)
         loaded = any(m.name == name and any(i.state == "active" for i in m.images) for m in registry.status())
         # A loaded library is never overwritten in place: a new file is renamed over the name.
-        _write(installed, built.read_bytes())
+        atomicfile.write_bytes(installed, built.read_bytes())
         started = time.perf_counter()
         try:
             if loaded:
@@ -233,7 +233,7 @@ class NativeReloadMagics(Magics):
         except NativeReloadError as exc:
             # Put back the file of the version still serving, so a later reload does not pick this one up.
             if previous is not None and (previous / f"{name}.so").is_file():
-                _write(installed, (previous / f"{name}.so").read_bytes())
+                atomicfile.write_bytes(installed, (previous / f"{name}.so").read_bytes())
             raise CellError(f"module '{name}': {type(exc).__name__}: {exc}{self._still_serving(name)}",
                             module=name, cause=exc, hint="fix the cell and run it again") from None
         self._cells[name] = build_dir
@@ -285,21 +285,6 @@ def _function_names(cdef: str) -> list[str] | None:
 
 def _function_list(module: Module) -> str:
     return ", ".join(_function_names(module.cdef) or []) or "no functions"
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write ``path`` by rename: readers see the old file or the new one, never part of one."""
-    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(partial, path)
-    except BaseException:
-        try:
-            os.unlink(partial)
-        except OSError:
-            pass
-        raise
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -47,6 +47,7 @@ from types import ModuleType
 
 import cffi
 
+from .. import atomicfile
 from ..errors import CompileError
 from . import codegen
 
@@ -284,21 +285,7 @@ def _compile(plan: codegen.Plan, argv: list[str], directory: str) -> None:
                       "please report this with the cdef; calls='gate' serves meanwhile"))
         with open(output, "rb") as stream:
             body = stream.read()
-        fd, partial = tempfile.mkstemp(prefix=plan.module_name + ".", suffix=".partial", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(body)
-                out.write(_trailer(plan.digest, body))
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(partial, 0o600)
-            os.replace(partial, _entry_path(plan))
-        except BaseException:
-            try:
-                os.unlink(partial)
-            except OSError:
-                pass
-            raise
+        atomicfile.write_bytes(_entry_path(plan), body + _trailer(plan.digest, body), durable=True, mode=0o600)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

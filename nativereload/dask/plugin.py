@@ -28,6 +28,7 @@ from typing import Any, Mapping, NamedTuple
 import distributed
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from .. import atomicfile
 from ..errors import LoadError, ModuleNotFound, NativeReloadError
 from ..registry import Registry
 
@@ -205,14 +206,9 @@ class NativeReload(WorkerPlugin):
         """
         path = os.path.join(self._directory, "files", f"{build.name}-{build.sha256[:16]}.so")
         if not os.path.exists(path):
-            fd, partial = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".partial")
             try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(build.data)
-                os.replace(partial, path)
+                atomicfile.write_bytes(path, build.data)
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    os.unlink(partial)
                 raise LoadError(f"module '{build.name}': worker {self._address} cannot store the new build in "
                                 f"{os.path.dirname(path)}: {exc.strerror} — free space there, or give NativeReload "
                                 "another tmpdir", module=build.name, path=path, reason=exc.strerror) from None
