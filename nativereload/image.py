@@ -191,26 +191,6 @@ class Image:
         self._unmap()
         self._remove_partial(None, self.copy_path)
 
-    def _original_chunks(self):
-        """The bytes the copy was made from, in pieces: read from the copy, the private soname put back.
-
-        Raises:
-            OSError: the copy is gone (a tmp cleaner removed it).
-        """
-        fd = os.open(self.copy_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        try:
-            offset = 0
-            while True:
-                chunk = os.pread(fd, 1 << 20, offset)
-                if not chunk:
-                    return
-                if self.original_bytes is not None:
-                    chunk = _restore(chunk, offset, *self.original_bytes)
-                yield chunk
-                offset += len(chunk)
-        finally:
-            os.close(fd)
-
     def read_original(self) -> bytearray:
         """The bytes the copy was made from (what the user built).
 
@@ -246,10 +226,7 @@ class Image:
             OSError: the copy is gone (a tmp cleaner removed it) and was never hashed.
         """
         if self._hash is None:
-            digest = hashlib.sha256()
-            for chunk in self._original_chunks():
-                digest.update(chunk)
-            self._hash = digest.hexdigest()
+            self._hash = hashlib.sha256(self.read_original()).hexdigest()
         return self._hash
 
     def cached_hash(self) -> str | None:
@@ -478,14 +455,6 @@ class Image:
                            "reporting the image as leaked. Why: %s.", self.module, self.generation,
                            self.copy_path, dynamic.why_still_mapped(self.copy_path))
         self.on_closed(self)
-
-
-def _restore(chunk: bytes, offset: int, at: int, original: bytes) -> bytes:
-    """``chunk`` (read at ``offset``) with the bytes at file offset ``at`` put back to ``original``."""
-    start, end = max(at, offset), min(at + len(original), offset + len(chunk))
-    if start >= end:
-        return chunk
-    return chunk[:start - offset] + original[start - at:end - at] + chunk[end - offset:]
 
 
 def _is_noexec(path: str) -> bool:
