@@ -239,15 +239,24 @@ _CFLAGS = ["-fPIC", "-O2", "-g"]
 _LDFLAGS = ["-shared", "-Wl,-Bsymbolic"]
 
 
-def _compiler(cxx: bool) -> list[str]:
-    variable = "CXX" if cxx else "CC"
-    configured = os.environ.get(variable)
+def find_compiler(cxx: bool = False) -> list[str] | None:
+    """The compiler command: $CC ($CXX for C++), split as a shell would, else cc, gcc or clang (c++, g++,
+    clang++) on PATH; None if none is found. The command in $CC is taken as it is, not looked up."""
+    configured = os.environ.get("CXX" if cxx else "CC")
     if configured:
         return shlex.split(configured)
     for candidate in (("c++", "g++", "clang++") if cxx else ("cc", "gcc", "clang")):
         found = shutil.which(candidate)
         if found:
             return [found]
+    return None
+
+
+def _compiler(cxx: bool) -> list[str]:
+    found = find_compiler(cxx)
+    if found:
+        return found
+    variable = "CXX" if cxx else "CC"
     raise BuildError(f"no {'C++' if cxx else 'C'} compiler found (set {variable}, or install one: "
                      "apt-get install gcc)", hint=f"set {variable} to your compiler, e.g. {variable}=gcc")
 

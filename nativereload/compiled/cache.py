@@ -34,7 +34,6 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
-import shlex
 import shutil
 import stat
 import subprocess
@@ -48,6 +47,7 @@ from types import ModuleType
 import cffi
 
 from .. import atomicfile
+from ..build import find_compiler
 from ..errors import CompileError
 from . import codegen
 
@@ -76,18 +76,9 @@ def cache_dir() -> str:
 
 
 def compiler() -> list[str] | None:
-    """The C compiler command: $CC (split like a shell would), else cc, gcc or clang on PATH; None if none."""
-    from_env = os.environ.get("CC")
-    if from_env:
-        argv = shlex.split(from_env)
-        if argv and shutil.which(argv[0]):
-            return argv
-        return None
-    for name in ("cc", "gcc", "clang"):
-        found = shutil.which(name)
-        if found:
-            return [found]
-    return None
+    """The C compiler command (``build.find_compiler``); None if none is found, or $CC names none on PATH."""
+    argv = find_compiler()
+    return argv if argv and shutil.which(argv[0]) else None
 
 
 def _entry_path(plan: codegen.Plan) -> str:
