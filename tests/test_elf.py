@@ -614,7 +614,8 @@ def test_versions(samples, tmp_path):
     elfcheck.check(edited(samples, tmp_path, lambda e: e.put(e.offset_of(e.dyn(DT_VERSYM)) + 2, 0x8001, 2)))   # hidden
 
 
-def test_version_definitions(tmp_path):
+def versioned_library(tmp_path):
+    """A library whose one function ``f`` has a version definition (``V1``), built with a version script."""
     source = tmp_path / "v.c"
     source.write_text("int f(void) { return 1; }\n")
     script = tmp_path / "v.map"
@@ -622,6 +623,11 @@ def test_version_definitions(tmp_path):
     library = tmp_path / "v.so"
     subprocess.run(["cc", "-shared", "-fPIC", f"-Wl,--version-script={script}", "-o", str(library), str(source)],
                    check=True)
+    return library
+
+
+def test_version_definitions(tmp_path):
+    library = versioned_library(tmp_path)
     elfcheck.check(library)
     verdef = lambda e: e.offset_of(e.dyn(0x6FFFFFFC))      # noqa: E731
     refused(edited(library, tmp_path, lambda e: e.put(e.offset_of(e.dyn(0x6FFFFFFC) + e.u(verdef(e) + 12, 4)),
@@ -1247,13 +1253,7 @@ def test_string_offsets_at_the_boundary(samples, tmp_path):
 
 
 def test_version_definitions_index_the_version_table(tmp_path):
-    source = tmp_path / "v.c"
-    source.write_text("int f(void) { return 1; }\n")
-    script = tmp_path / "v.map"
-    script.write_text("V1 { global: f; local: *; };\n")
-    library = tmp_path / "v.so"
-    subprocess.run(["cc", "-shared", "-fPIC", f"-Wl,--version-script={script}", "-o", str(library), str(source)],
-                   check=True)
+    library = versioned_library(tmp_path)
     versym = lambda e: e.offset_of(e.dyn(DT_VERSYM))      # noqa: E731
     refused(edited(library, tmp_path, lambda e: e.put(versym(e) + 2, 9, 2)), "version index 9 is not defined")
 
