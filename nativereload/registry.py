@@ -706,13 +706,16 @@ class Registry:
         """
         with self._state:
             modules = sorted(self._modules.values(), key=lambda m: m.name) + list(self._unloaded)
-            images = [(module, list(module._images), module._active) for module in modules]
+            # The current image's compiled set is read here, while it is current: a reload
+            # may retire and close it (dropping its entries) before the list below is built.
+            images = [(module, list(module._images), module._active,
+                       module._active.compiled if module._active is not None else frozenset())
+                      for module in modules]
         return [ModuleStatus(module.name, module.path, module.generation,
                              [image_status(module, image) for image in module_images],
                              [(kept.generation, kept.sha256) for kept in module._history.kept],
-                             self._calls.state(active),
-                             tuple(sorted(active.compiled)) if active is not None else ())
-                for module, module_images, active in images]
+                             self._calls.state(active, compiled), tuple(sorted(compiled)))
+                for module, module_images, active, compiled in images]
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         """Wait until no retired image is left open; return False if ``timeout`` seconds passed first.

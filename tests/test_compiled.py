@@ -117,6 +117,27 @@ def test_a_reload_with_the_same_interface_never_compiles(reg_compiled_counting):
     assert compiles == [1]
 
 
+@pytest.mark.timeout(120)
+def test_status_says_compiled_while_reloads_retire_and_close_images(reg_compiled_counting):
+    # status() once read the compiled set of an image after releasing its lock: a reload
+    # on another thread could close that image in between, and status said "gate".
+    reg, _ = reg_compiled_counting
+    stop = threading.Event()
+
+    def reloader() -> None:
+        for _ in range(300):
+            reg.reload("sample")
+        stop.set()
+
+    thread = threading.Thread(target=reloader)
+    thread.start()
+    seen = set()
+    while not stop.is_set():
+        seen.add(reg.status()[0].calls)
+    thread.join(60)
+    assert seen <= {"compiled"}, seen
+
+
 @pytest.fixture
 def reg_compiled_counting(moddir, tmpdir_for_copies, samples, fresh_cache, monkeypatch):
     compiles: list[int] = []

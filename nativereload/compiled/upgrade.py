@@ -223,13 +223,18 @@ class CallPath:
         if extension is not None and the_plan.entries:
             self._attach(image, the_plan, extension)
 
-    def state(self, image: Any | None) -> str:
-        """What status() says of the image: "compiled", "compiling", "gate" or "python"."""
+    def state(self, image: Any | None, compiled: frozenset = frozenset()) -> str:
+        """What status() says of the image: "compiled", "compiling", "gate" or "python".
+
+        ``compiled`` is ``image.compiled`` as the caller read it while the image was
+        the module's current one: read here, an image that a reload closed meanwhile
+        (its entries dropped) would say "gate".
+        """
         if self.python:
             return "python"
         if image is None or not self.usable:
             return "gate"
-        if image.compiled:
+        if compiled:
             return "compiled"
         known = self._plans.get(image.declarations)
         if known is not None and _upgrader.pending(known[0].digest):
