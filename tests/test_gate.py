@@ -635,3 +635,172 @@ def test_the_gil_is_read_from_the_interpreter():
     assert gate._GIL_DISABLED is gil_disabled
     assert gate.PYTHON is (gate.LOCKED if gil_disabled else gate.PYTHON)
     assert (gate.PYTHON.Func is gate._LockedFunc) is gil_disabled
+
+
+# -- holds: pins and pointer-result leases ---------------------------------------------------------------
+
+def test_a_pin_is_admitted_like_a_call_and_holds_the_image(impl):
+    fired = []
+    image, slot, f = make(impl, {"f": lambda: "ran"}, lambda: fired.append(True))
+    assert image.try_pin() is True
+    assert (image.holds, image.pins, image.in_flight) == (1, 1, 0)   # counted out again: only the hold stays
+    slot.current = None
+    image.retire()
+    assert fired == [] and not image.drained                          # the pin keeps it open
+    assert image.try_pin() is False                                   # retired: refused, nothing taken
+    assert (image.holds, image.pins, image.in_flight) == (1, 1, 0)
+    image.unpin()
+    assert (image.holds, image.pins) == (0, 0)
+    assert fired == [True] and image.drained                          # drained by unpin itself, at once
+
+
+def test_a_null_pointer_result_is_returned_as_it_is_and_holds_nothing(impl):
+    ffi = cffi.FFI()
+    image, slot, f = make(impl, {})
+    null = ffi.NULL
+    assert image.lease(null) is null
+    assert (image.holds, image.pointer_results) == (0, 0)
+
+
+def test_a_pointer_result_holds_its_image_until_it_is_freed(impl):
+    ffi = cffi.FFI()
+    drained_on = []
+    image, slot, f = make(impl, {}, lambda: drained_on.append(threading.current_thread().name))
+    pointer = image.lease(ffi.cast("void *", 0x1000))
+    assert int(ffi.cast("uintptr_t", pointer)) == 0x1000
+    assert image.pointer_results == 1
+    # (The C gate on a GIL build keeps its leases in a list of the results, not in ``holds``.)
+    assert image.holds == (0 if impl is gate.C and not gate._GIL_DISABLED else 1)
+    slot.current = None
+    image.retire()
+    assert drained_on == [] and not image.drained
+    del pointer
+    gc.collect()
+    assert (image.holds, image.pointer_results) == (0, 0)           # counted out as the cdata goes
+    # The last lease may end inside the garbage collector, on any thread and under any lock:
+    # the image is closed on the drain thread, never where the cdata was freed.
+    wait_until(lambda: image.drained, "the drain thread to close the image")
+    assert drained_on == ["nativereload-drain"]
+
+
+# -- pausing (exclusive reloads) -------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_paused_gate_holds_new_calls_until_resumed_without_spinning(impl):
+    resume = threading.Event()
+    ran = []
+    image, slot, f = make(impl, {"f": lambda: ran.append(True) or "ran"})
+    image.pause(resume, lambda: None)
+    results = []
+    caller = threading.Thread(target=lambda: results.append(f()))
+    caller.start()
+    try:
+        time.sleep(0.1)         # long enough for a wrongly admitted call to run, or a spinning one to loop
+        assert ran == [] and caller.is_alive()
+        if impl is not gate.C:
+            # The waiting call counted itself in and out once (or twice, if it saw the pause late): a caller
+            # that spins instead of waiting on ``resume`` would have counted thousands.
+            assert gate._count_value(image._enters) <= 2
+    finally:
+        image.unpause()
+        resume.set()
+        caller.join(WAIT)
+    assert results == ["ran"] and image.in_flight == 0
+
+
+def test_wait_resumed_waits_only_while_paused(impl):
+    resume = threading.Event()               # never set: a wait on it would last for ever
+    image, slot, f = make(impl, {})
+    image.wait_resumed()                      # never paused: returns at once
+    image.pause(resume, lambda: None)
+    image.unpause()
+    image.wait_resumed()                      # paused once, not now: returns at once
+
+
+@pytest.mark.timeout(60)
+def test_a_paused_gate_reports_quiet_when_its_last_call_exits(impl, libc):
+    first, second = Blocker(libc), Blocker(libc)
+    image, slot, f = make(impl, {"first": first.read, "second": second.read})
+    read_first = impl.Func(slot, "mod.first", "first", missing)
+    read_second = impl.Func(slot, "mod.second", "second", missing)
+    quiet = []
+    callers = [threading.Thread(target=read, args=(blocker.rfd, blocker.ffi.new("char[1]"), 1))
+               for read, blocker in ((read_first, first), (read_second, second))]
+    for caller in callers:
+        caller.start()
+    try:
+        wait_until(lambda: image.in_flight == 2, "both calls to block inside read()")
+        image.pause(threading.Event(), lambda: quiet.append(image.in_flight))
+        first.release()
+        callers[0].join(WAIT)
+        assert quiet == []                     # one call still in flight: not quiet yet
+        second.release()
+        callers[1].join(WAIT)
+        assert quiet == [0]                    # the last one out says so, once
+    finally:
+        for blocker in (first, second):
+            blocker.release()
+        for caller in callers:
+            caller.join(WAIT)
+        first.close()
+        second.close()
+
+
+# -- the drain thread ------------------------------------------------------------------------------------
+
+class Drainable:
+    """A stand-in for a gate on the drain thread: records when (and on which thread) it was tried."""
+
+    def __init__(self):
+        self.tried = []
+
+    def try_drain(self):
+        self.tried.append((time.monotonic(), threading.current_thread().name))
+
+
+def test_a_later_drain_runs_once_after_the_recheck_delay():
+    drains = gate._DeferredDrains()
+    target = Drainable()
+    asked = time.monotonic()
+    drains.later(target)
+    drains.later(target)                         # asked twice meanwhile: still tried once
+    wait_until(lambda: target.tried, "the drain thread to try the gate")
+    time.sleep(10 * drains.RECHECK_SECONDS)      # a gate left queued would be tried again meanwhile
+    assert len(target.tried) == 1
+    when, thread = target.tried[0]
+    assert when - asked >= drains.RECHECK_SECONDS
+    assert thread == "nativereload-drain"
+
+
+def test_a_failing_drain_is_logged_and_the_thread_goes_on(caplog):
+    drains = gate._DeferredDrains()
+    target = Drainable()
+
+    def failing():
+        raise OSError("dlclose failed")
+
+    with caplog.at_level("ERROR", logger="nativereload"):
+        drains.call(failing)
+        drains.submit(target)
+        wait_until(lambda: target.tried, "the drain thread to go on after the error")
+    assert [record.getMessage() for record in caplog.records] == ["nativereload: closing a drained image failed"]
+    assert "dlclose failed" in caplog.text
+
+
+def test_the_drain_thread_is_started_again_in_a_forked_child():
+    script = """if True:
+        import os, threading
+        from nativereload import gate
+        drains = gate._DeferredDrains()
+        ran = threading.Event()
+        drains.call(lambda: None)                # the parent's drain thread, now running
+        pid = os.fork()
+        if pid == 0:
+            drains.call(ran.set)                 # in the child: that thread is not there
+            os._exit(0 if ran.wait(30) else 1)
+        _, status = os.waitpid(pid, 0)
+        raise SystemExit(os.waitstatus_to_exitcode(status))
+    """
+    import subprocess
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

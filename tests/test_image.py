@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 
 import pytest
 
@@ -146,3 +148,74 @@ def test_close_is_logged_with_its_time(reg, moddir, samples, caplog):
         reg.reload("sample")
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("closed 'sample' generation 1 in")]
     assert 0 <= float(re.search(r"in ([\d.]+) ms", line).group(1)) < 500
+
+
+def test_read_original_gives_back_the_bytes_that_were_built(reg, moddir, samples):
+    # The copy carries a private soname; what was built is the copy with the original bytes put back
+    # (the rollback keeps it; content_hash, and so status' sha256 and trusted_hashes, hash it).
+    install(samples["v1"], moddir / "sample.so")
+    image = reg.load("sample", cdef=SAMPLE_CDEF)._active
+    built = (moddir / "sample.so").read_bytes()
+    with open(image.copy_path, "rb") as copy:
+        assert copy.read() != built
+    assert image.original_bytes is not None
+    assert image.read_original() == built
+    digest = hashlib.sha256(built).hexdigest()
+    assert image.content_hash() == digest
+    assert image.cached_hash() == digest[:12]
+    assert reg.status()[0].images[0].sha256 == digest[:12]
+
+
+def test_the_hash_is_cached_only_once_computed(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    image = reg.load("sample", cdef=SAMPLE_CDEF)._active
+    image._hash = None
+    assert image.cached_hash() is None
+    os.unlink(image.copy_path)                 # a tmp cleaner: nothing left to hash, the mapping still serves
+    with pytest.raises(OSError):
+        image.content_hash()
+    assert reg.status()[0].images[0].sha256 == "" and reg.status()[0].images[0].copy_deleted
+
+
+def test_a_copy_replaced_by_a_symlink_is_never_followed(reg, moddir, samples, tmp_path):
+    install(samples["v1"], moddir / "sample.so")
+    image = reg.load("sample", cdef=SAMPLE_CDEF)._active
+    image._hash = None
+    elsewhere = tmp_path / "elsewhere.so"
+    elsewhere.write_bytes(b"not the library")
+    os.unlink(image.copy_path)
+    os.symlink(elsewhere, image.copy_path)
+    with pytest.raises(OSError):
+        image.read_original()
+    with pytest.raises(OSError):
+        image.read_interface()
+    assert reg.status()[0].images[0].sha256 == ""
+
+
+def test_same_content_compares_the_bytes_when_the_file_was_rewritten(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    first = mod._active
+    install(samples["v1"], moddir / "sample.so")         # rewritten with the same bytes: a new signature
+    staged = reg.prepare("sample")
+    try:
+        second = staged._image
+        assert second.signature != first.signature
+        assert first.same_content(second) and second.same_content(first)
+        assert staged.unchanged_since == 1
+    finally:
+        staged.abort()
+    install(samples["v2"], moddir / "sample.so")
+    staged = reg.prepare("sample")
+    try:
+        assert not first.same_content(staged._image)
+        assert staged.unchanged_since is None
+    finally:
+        staged.abort()
+
+
+def test_an_image_loaded_with_a_cdef_embeds_no_interface(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    image = reg.load("sample", cdef=SAMPLE_CDEF)._active
+    assert image.embeds_interface is False
+    assert reg.status()[0].images[0].interface is False

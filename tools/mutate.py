@@ -19,8 +19,11 @@ reach):
 
 It runs in a copy of the repository (so the working tree is never touched),
 with the sample libraries built once and shared (``NATIVERELOAD_SAMPLES_CACHE``).
-For each mutant: the module's own test files with ``-x`` (the first failure
-kills it); with ``--full``, each survivor then runs the whole suite (run
+For each mutant: first the tests that run its line (coverage.py, measured once on
+the unmutated module; ``pip install pytest-cov``), then, if it survives those, the
+module's own test files; each with ``-x`` (the first failure kills it). A line
+reached only in child processes has no covering test and goes straight to the
+module's files. ``--no-select`` skips the first step. With ``--full``, each survivor then runs the whole suite (run
 that on the survivors of a first pass: ``--full --only N --only M ...``).
 A mutant that times out counts as killed (it hung), one that does not
 compile is left out. Survivors judged
@@ -62,7 +65,8 @@ TESTS = {
     "workdir": ["tests/test_workdir.py", "tests/test_tmpdir.py", "tests/test_tmpcleaner.py", "tests/test_registry.py"],
     "image": ["tests/test_image.py", "tests/test_module_files.py", "tests/test_trust.py", "tests/test_reload.py",
               "tests/test_registry.py", "tests/test_tmpdir.py", "tests/test_crash_safety.py",
-              "tests/test_tmpcleaner.py"],
+              "tests/test_tmpcleaner.py", "tests/test_lifecycle.py", "tests/test_contracts.py",
+              "tests/test_interface.py", "tests/test_embed.py", "tests/test_objects.py"],
     "gate": ["tests/test_objects.py", "tests/test_lifecycle.py", "tests/test_gate.py", "tests/test_registry.py",
              "tests/test_stress.py"],
     "registry": ["tests/test_registry.py", "tests/test_reload.py", "tests/test_tmpcleaner.py", "tests/test_trust.py",
@@ -91,6 +95,7 @@ class Mutant:
         self.outcome = ""        # killed, survived, timeout, equivalent, invalid
         self.detail = ""
         self.signals = False     # inside os.kill(...): run only with SIGNAL_SAFE_TESTS
+        self.lines = range(line, line + 1)   # the source lines the mutated node spans
 
     def describe(self) -> str:
         return f"#{self.number} line {self.line}: {self.operator} in `{self.text}`"
@@ -227,6 +232,7 @@ def mutants(source: str, module: str) -> tuple[ast.Module, list[tuple[Mutant, as
         seen[key] = seen.get(key, 0) + 1
         mutant.key = key if seen[key] == 1 else f"{key} #{seen[key]}"
         mutant.signals = id(node) in signalling
+        mutant.lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
         result.append((mutant, node, how))
     return tree, result
 
@@ -268,6 +274,27 @@ class Sandbox:
         self.env["NATIVERELOAD_SAMPLES_CACHE"] = str(samples_cache)
         self.env["PYTHONDONTWRITEBYTECODE"] = "1"
 
+    def covering_tests(self, tests: list[str], timeout: float) -> dict[int, list[str]]:
+        """line of the module -> the test ids that run it, from one coverage run of ``tests`` on the unmutated
+        module (in-process only: a line run only by a child interpreter has no entry)."""
+        data_file = self.dir / ".coverage-select"
+        env = dict(self.env, COVERAGE_FILE=str(data_file))
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--cov={self.target.parent}",
+                   "--cov-context=test", "--cov-report=", *tests]
+        result = subprocess.run(command, cwd=self.dir, env=env, capture_output=True, text=True, timeout=timeout,
+                                start_new_session=True)
+        if result.returncode != 0 or not data_file.exists():
+            raise SystemExit("the coverage run of the unmutated module failed:\n" + (result.stdout + result.stderr)[-3000:])
+        import coverage
+        data = coverage.CoverageData(basename=str(data_file))
+        data.read()
+        measured = next((name for name in data.measured_files() if Path(name) == self.target), None)
+        covering: dict[int, list[str]] = {}
+        for line, contexts in (data.contexts_by_lineno(measured) if measured else {}).items():
+            ids = dict.fromkeys(context.rpartition("|")[0] for context in contexts if "|" in context)
+            covering[line] = [test for test in ids if test]
+        return covering
+
     def run(self, source: str, tests: list[str], timeout: float) -> tuple[str, str]:
         """("passed" | "failed" | "timeout", output tail) for the tests with ``source`` as the module."""
         self.target.write_text(source)
@@ -300,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="rerun each survivor on the whole suite")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per test run before it counts as a hang")
     parser.add_argument("--json", type=Path, help="write every mutant's outcome here")
+    parser.add_argument("--no-select", action="store_true",
+                        help="run the module's test files for every mutant, without first running the tests "
+                             "coverage says reach its line")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every mutant, and survivors' output")
     args = parser.parse_args(argv)
 
@@ -350,7 +380,13 @@ def main(argv: list[str] | None = None) -> int:
             return mutant
         sandbox = take()
         try:
-            outcome, tail = sandbox.run(mutated, SIGNAL_SAFE_TESTS[module] if mutant.signals else tests, args.timeout)
+            selected = list(dict.fromkeys(test for line in mutant.lines for test in covering.get(line, ())))
+            outcome = "passed"
+            if selected and not mutant.signals:
+                outcome, tail = sandbox.run(mutated, selected, args.timeout)
+            if outcome == "passed":
+                outcome, tail = sandbox.run(mutated, SIGNAL_SAFE_TESTS[module] if mutant.signals else tests,
+                                            args.timeout)
             if outcome == "passed" and args.full and not mutant.signals:
                 outcome, tail = sandbox.run(mutated, ["tests"], args.timeout * 3)
         finally:
@@ -371,7 +407,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(tail[-1500:], flush=True)
         return mutant
 
+    covering: dict[int, list[str]] = {}
     try:
+        if not args.no_select and not args.list:
+            try:
+                import coverage  # noqa: F401  (pytest-cov brings it)
+            except ImportError:
+                parser.error("test selection needs pytest-cov (pip install pytest-cov), or pass --no-select")
+            sandbox = Sandbox(module, samples_cache)
+            sandboxes.append(sandbox)
+            free.append(sandbox)
+            covering = sandbox.covering_tests(tests, args.timeout * 3)
+            print(f"coverage: {len(covering)} lines of {module}.py run in-process by the listed tests", flush=True)
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             results = list(pool.map(test, all_mutants))
     finally:
