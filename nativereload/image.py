@@ -119,7 +119,7 @@ class Image:
         self.objects = None            # the registry's call policies for this image (registry._Objects)
         self.held_timer = None         # the registry's "still held" warning, cancelled at close
         self.soname = None             # what the copy's DT_SONAME was made (dynamic.py)
-        self.signature: tuple[int, int, int, int] | None = None
+        self.signature: tuple[int, int, int, int] = (0, 0, 0, 0)   # the source's (dev, ino, size, mtime), by _copy
         self.embeds_interface = False
         self.hooks: Hooks | None = None      # its lifecycle hooks (lifecycle.py), after open()
         self.on_closing: Callable[["Image"], None] | None = None   # the registry's: runs fini before the unmap
@@ -183,7 +183,7 @@ class Image:
             if self.state in ("closed", "leaked"):
                 return
             self.state = "closed"
-        if self.on_closing is not None and self.hooks is not None:
+        if self.on_closing is not None:        # the registry sets it only once open() made the hooks
             try:
                 self.on_closing(self)
             except Exception:
@@ -235,9 +235,9 @@ class Image:
 
     def same_content(self, other: "Image") -> bool:
         """Whether ``other`` was copied from byte-identical contents (cheap when the file did not change)."""
-        if self.signature is not None and self.signature == other.signature:
+        if self.signature == other.signature:
             return True            # the very same file, untouched since: no need to read it
-        if self.signature is not None and other.signature is not None and self.signature[2] != other.signature[2]:
+        if self.signature[2] != other.signature[2]:
             return False           # sizes differ
         try:
             return self.content_hash() == other.content_hash()
@@ -350,7 +350,7 @@ class Image:
         # we never call dlclose on it ourselves.
         self._lib = self.declarations.ffi._backend.load_library(handle, 0)
 
-    def _resolve(self, refused: str, lazy: bool = False) -> dict:
+    def _resolve(self, refused: str, *, lazy: bool) -> dict:
         """Look up every declared function now, so a reload is refused before anything switches."""
         lib = self._lib
         functions = {}
@@ -398,18 +398,16 @@ class Image:
             return False
         return True
 
-    def attach_calls(self, functions: dict, compiled: frozenset) -> bool:
-        """Serve from ``functions`` (compiled entries for the symbols in ``compiled``); False if already closed.
+    def attach_calls(self, functions: dict, compiled: frozenset) -> None:
+        """Serve from ``functions`` (compiled entries for the symbols in ``compiled``); nothing if already closed.
 
         One assignment of the gate's mapping: Funcs find the new entries at
         their next call; a call in flight finishes on what it looked up.
         """
         with self._lock:
-            if self.state in ("closed", "leaked"):
-                return False
-            self.gate.functions = functions
-            self.compiled = compiled
-            return True
+            if self.state not in ("closed", "leaked"):
+                self.gate.functions = functions
+                self.compiled = compiled
 
     def retire(self) -> None:
         """Stop new calls from entering; the image closes when its last call returns (maybe now)."""

@@ -97,7 +97,7 @@ def test_a_failure_after_dlopen_closes_the_handle(reg, moddir, samples, monkeypa
 
     install(samples["v1"], moddir / "sample.so")
 
-    def fail(self, refused, lazy=False):
+    def fail(self, refused, *, lazy):
         raise OSError("no library object")
 
     monkeypatch.setattr(image_module.Image, "_resolve", fail)      # fails after the dlopen succeeded
@@ -205,10 +205,27 @@ def test_same_content_compares_the_bytes_when_the_file_was_rewritten(reg, moddir
         assert staged.unchanged_since == 1
     finally:
         staged.abort()
-    install(samples["v2"], moddir / "sample.so")
+    longer = moddir / "longer.so"
+    longer.write_bytes(samples["v1"].read_bytes() + bytes(64))     # padded at the end: still loads
+    for other in (samples["v2"], longer):                 # the same size, then another size
+        install(other, moddir / "sample.so")
+        staged = reg.prepare("sample")
+        try:
+            assert first.same_content(staged._image) is False
+            assert staged.unchanged_since is None
+        finally:
+            staged.abort()
+
+
+def test_same_content_is_false_when_the_serving_copy_cannot_be_read(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    first = reg.load("sample", cdef=SAMPLE_CDEF)._active
+    first._hash = None
+    os.unlink(first.copy_path)                           # a tmp cleaner: its bytes can no longer be compared
+    install(samples["v1"], moddir / "sample.so")
     staged = reg.prepare("sample")
     try:
-        assert not first.same_content(staged._image)
+        assert first.same_content(staged._image) is False   # cannot tell: a change, not "unchanged"
         assert staged.unchanged_since is None
     finally:
         staged.abort()
@@ -219,3 +236,89 @@ def test_an_image_loaded_with_a_cdef_embeds_no_interface(reg, moddir, samples):
     image = reg.load("sample", cdef=SAMPLE_CDEF)._active
     assert image.embeds_interface is False
     assert reg.status()[0].images[0].interface is False
+
+
+def test_read_original_stops_where_the_file_ends(reg, moddir, samples, monkeypatch):
+    # Our private copy does not shrink; if it ever did between the fstat and the reads, what is there is read,
+    # and the loop ends (a read of 0 bytes), instead of reading for ever.
+    install(samples["v1"], moddir / "sample.so")
+    image = reg.load("sample", cdef=SAMPLE_CDEF)._active
+    real_fstat = os.fstat
+
+    def fstat_reporting_more(fd):
+        st = real_fstat(fd)
+        fields = list(st)
+        fields[6] += 4096                       # st_size
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(image_module.os, "fstat", fstat_reporting_more)
+    data = image.read_original()
+    monkeypatch.undo()
+    assert data == (moddir / "sample.so").read_bytes()
+
+
+def test_an_error_in_the_fini_of_an_aborted_image_is_logged(reg, moddir, samples, caplog):
+    install(samples["v1"], moddir / "sample.so")
+    reg.load("sample", cdef=SAMPLE_CDEF)
+    staged = reg.prepare("sample")
+    prepared = staged._image
+    closing = []
+
+    def failing_fini(image):
+        closing.append(image)
+        raise RuntimeError("fini failed")
+
+    prepared.on_closing = failing_fini
+    with caplog.at_level(logging.ERROR, logger="nativereload"):
+        staged.abort()                           # never raises: the copy is still removed
+    assert closing == [prepared]
+    assert "module 'sample' generation 2: error before closing" in caplog.text and "fini failed" in caplog.text
+    assert prepared.state == "closed" and not os.path.exists(prepared.copy_path)
+
+
+def test_a_failure_between_dlopen_and_the_library_object_closes_the_handle(reg, moddir, samples, monkeypatch,
+                                                                           tmpdir_for_copies):
+    from conftest import mapped_paths
+
+    install(samples["v1"], moddir / "sample.so")
+    other = reg.load("other", cdef="int version(void);", file=moddir / "sample.so")
+    backend = other.ffi._backend
+
+    def fail(handle, flags):
+        raise OSError("cffi could not wrap the handle")
+
+    monkeypatch.setattr(backend, "load_library", fail)
+    with pytest.raises(OSError, match="could not wrap"):
+        reg.load("sample", cdef=SAMPLE_CDEF)
+    monkeypatch.undo()
+    copies = [path for path in mapped_paths() if path.startswith(str(tmpdir_for_copies))]
+    assert copies == [other._active.copy_path]         # only the other module's image is mapped
+
+
+def test_calls_are_attached_only_to_an_image_that_is_not_closed(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    first = mod._active
+    table = dict(first.functions)
+    first.attach_calls(table, frozenset({"version"}))
+    assert first.gate.functions == table and first.compiled == frozenset({"version"})
+    reg.reload("sample")
+    assert first.state == "closed"
+    first.attach_calls(table, frozenset({"version"}))     # too late: its code is unmapped
+    assert first.gate.functions == {} and first.compiled == frozenset()
+
+
+def test_an_error_in_the_fini_of_a_drained_image_is_logged_and_it_still_closes(reg, moddir, samples, caplog):
+    install(samples["v1"], moddir / "sample.so")
+    mod = reg.load("sample", cdef=SAMPLE_CDEF)
+    first = mod._active
+
+    def failing_fini(image):
+        raise RuntimeError("fini failed")
+
+    first.on_closing = failing_fini
+    with caplog.at_level(logging.ERROR, logger="nativereload"):
+        reg.reload("sample")                     # never raises: the fini's error is the module's, not the reload's
+    assert "module 'sample' generation 1: error before closing" in caplog.text and "fini failed" in caplog.text
+    assert first.state == "closed" and not os.path.exists(first.copy_path)
+    assert mod.version() == 1
