@@ -746,6 +746,27 @@ def test_a_paused_gate_reports_quiet_when_its_last_call_exits(impl, libc):
         second.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_paused_gate_reports_quiet_when_a_call_with_a_policy_exits(impl, libc):
+    # Functions that take or return objects exit through the gate's own exit step, not the plain fast path.
+    blocker = Blocker(libc)
+    image, slot, read = make(impl, {"read": blocker.read}, symbol="read")
+    read.policy = impl.CallPolicy((), True, False, None, {}, lambda a, b: LookupError(), lambda g: LookupError())
+    quiet = []
+    caller = threading.Thread(target=read, args=(blocker.rfd, blocker.ffi.new("char[1]"), 1))
+    caller.start()
+    try:
+        wait_until(lambda: image.in_flight == 1, "the call to block inside read()")
+        image.pause(threading.Event(), lambda: quiet.append(image.in_flight))
+        blocker.release()
+        caller.join(WAIT)
+        assert quiet == [0]
+    finally:
+        blocker.release()
+        caller.join(WAIT)
+        blocker.close()
+
+
 # -- the drain thread ------------------------------------------------------------------------------------
 
 class Drainable:
@@ -783,7 +804,8 @@ def test_a_failing_drain_is_logged_and_the_thread_goes_on(caplog):
         drains.call(failing)
         drains.submit(target)
         wait_until(lambda: target.tried, "the drain thread to go on after the error")
-    assert [record.getMessage() for record in caplog.records] == ["nativereload: closing a drained image failed"]
+    assert [(record.name, record.getMessage()) for record in caplog.records] == [
+        ("nativereload", "nativereload: closing a drained image failed")]      # the package's logger
     assert "dlclose failed" in caplog.text
 
 

@@ -230,6 +230,26 @@ def test_rollback_brings_the_previous_build_back(reg, module, moddir, samples, e
     assert [kept[0] for kept in reg.status()[0].kept] == [2]
 
 
+def test_rollback_checks_the_name_logs_and_takes_reloads_defaults(reg, module, moddir, samples, caplog):
+    import inspect
+    import logging
+
+    from nativereload import ModuleNameError
+
+    to(reg, moddir, samples, 2)
+    with pytest.raises(ModuleNameError, match="invalid module name"):
+        reg.rollback("../lifecycle")
+    with caplog.at_level(logging.INFO, logger="nativereload"):
+        reg.rollback("lifecycle")
+    assert "rolled back 'lifecycle' to the build of generation 1, now generation 3" in caplog.messages
+    # "with the same checks, hooks and options as reload": no canary, not exclusive, no interface change.
+    rollback = inspect.signature(Registry.rollback).parameters
+    reload = inspect.signature(Registry.reload).parameters
+    for option, default in (("allow_interface_change", False), ("canary", False), ("canary_timeout", None),
+                            ("exclusive", False), ("timeout", None)):
+        assert rollback[option].default is reload[option].default is default, option
+
+
 def test_rollback_with_no_history(moddir, samples, tmpdir_for_copies, events_file):
     install(samples["lifecycle1"], moddir / "lifecycle.so")
     with Registry(path=[moddir], tmpdir=tmpdir_for_copies, history=0) as registry:

@@ -532,3 +532,44 @@ def test_removed_directories_are_forgotten(reg, moddir, samples):
     assert workdir in workdir_module._open_workdirs
     reg.unload("sample")
     assert workdir not in workdir_module._open_workdirs and len(reg._workdirs) == 0
+
+
+def test_history_must_be_a_count_of_images(tmpdir_for_copies):
+    for bad in (-1, "3", 2.5, None):
+        with pytest.raises(ValueError, match=r"history must be a number of images >= 0, not "):
+            Registry(tmpdir=tmpdir_for_copies, history=bad)
+    with Registry(tmpdir=tmpdir_for_copies, history=0):
+        pass
+
+
+def test_reload_keeps_handles_and_destructors_by_default_and_help_says_so():
+    import inspect
+
+    parameters = inspect.signature(Registry.reload).parameters
+    assert repr(parameters["handles"].default) == "<keep>"
+    assert repr(parameters["destructors"].default) == "<keep>"
+
+
+def test_missing_must_be_error_or_lazy(reg, moddir, samples):
+    install(samples["v1"], moddir / "sample.so")
+    with pytest.raises(ValueError, match="missing must be 'error' or 'lazy', not 'skip'"):
+        reg.load("sample", cdef=SAMPLE_CDEF, missing="skip")
+    assert reg.status() == []
+
+
+def test_prepare_checks_the_name_and_logs_its_time(reg, moddir, samples, caplog):
+    import re
+
+    from nativereload import ModuleNameError
+
+    install(samples["v1"], moddir / "sample.so")
+    reg.load("sample", cdef=SAMPLE_CDEF)
+    with pytest.raises(ModuleNameError, match="invalid module name"):
+        reg.prepare("../sample")
+    with caplog.at_level(logging.INFO, logger="nativereload"):
+        staged = reg.prepare("sample")
+    staged.abort()
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prepared ")]
+    found = re.fullmatch(r"prepared 'sample' generation 2 in ([\d.]+) ms \(generation 1 serving\)", line)
+    assert found, line
+    assert 0 <= float(found.group(1)) < 900

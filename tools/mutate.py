@@ -58,6 +58,9 @@ EQUIVALENT_FILE = Path(__file__).resolve().parent / "mutate-equivalent.txt"
 # with these tests, which replace os.kill: never with the whole suite, whose processes are real.
 SIGNAL_SAFE_TESTS = {"workdir": ["tests/test_workdir.py::test_pid_alive"]}
 
+# Seconds one test may run in a mutation run (the suite's own limit is 300; its slowest test takes about 20).
+PER_TEST_TIMEOUT = 60
+
 # The test files that exercise each module (the first run); survivors get the whole suite.
 TESTS = {
     "elf": ["tests/test_elf.py", "tests/test_interface.py", "tests/test_embed.py"],
@@ -71,7 +74,8 @@ TESTS = {
              "tests/test_stress.py"],
     "registry": ["tests/test_registry.py", "tests/test_reload.py", "tests/test_tmpcleaner.py", "tests/test_trust.py",
                  "tests/test_module_files.py", "tests/test_image.py", "tests/test_workdir.py",
-                 "tests/test_stress.py", "tests/test_tmpdir.py"],
+                 "tests/test_stress.py", "tests/test_tmpdir.py", "tests/test_lifecycle.py", "tests/test_objects.py",
+                 "tests/test_contracts.py", "tests/test_interface.py"],
     "trust": ["tests/test_trust.py"],
     "status": ["tests/test_registry.py", "tests/test_objects.py", "tests/test_tmpcleaner.py", "tests/test_lifecycle.py"],
     "contract": ["tests/test_contracts.py", "tests/test_lifecycle.py"],
@@ -298,7 +302,9 @@ class Sandbox:
     def run(self, source: str, tests: list[str], timeout: float) -> tuple[str, str]:
         """("passed" | "failed" | "timeout", output tail) for the tests with ``source`` as the module."""
         self.target.write_text(source)
-        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+        # A hung test fails after PER_TEST_TIMEOUT (pytest-timeout), not the suite's 300 s: a hang kills the mutant.
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o",
+                   f"timeout={PER_TEST_TIMEOUT}", *tests]
         try:
             result = subprocess.run(command, cwd=self.dir, env=self.env, capture_output=True, text=True,
                                     timeout=timeout, start_new_session=True)
@@ -325,11 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", type=Path, help="test only the survivors recorded in this --json file (by key)")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--full", action="store_true", help="rerun each survivor on the whole suite")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per test run before it counts as a hang")
+    parser.add_argument("--timeout", type=float, default=150, help="seconds per test run before it counts as a hang")
     parser.add_argument("--json", type=Path, help="write every mutant's outcome here")
     parser.add_argument("--no-select", action="store_true",
                         help="run the module's test files for every mutant, without first running the tests "
                              "coverage says reach its line")
+    parser.add_argument("--suite-coverage", action="store_true",
+                        help="measure which tests reach each line over the whole suite, not only the module's test "
+                             "files (slower once; use it with --rerun, so a survivor meets every test that runs it)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every mutant, and survivors' output")
     args = parser.parse_args(argv)
 
@@ -417,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             sandbox = Sandbox(module, samples_cache)
             sandboxes.append(sandbox)
             free.append(sandbox)
-            covering = sandbox.covering_tests(tests, args.timeout * 3)
+            covering = sandbox.covering_tests(["tests"] if args.suite_coverage else tests, args.timeout * 6)
             print(f"coverage: {len(covering)} lines of {module}.py run in-process by the listed tests", flush=True)
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             results = list(pool.map(test, all_mutants))
