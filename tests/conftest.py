@@ -66,6 +66,7 @@ long obj_value(obj *);
 int obj_version(obj *);
 long obj_sum(obj *, obj *);
 int obj_free(obj *);
+int obj_is_ours(obj *);
 const char *obj_name(void);
 int stream_init(struct stream *);
 long stream_push(struct stream *, long);

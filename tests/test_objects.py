@@ -307,3 +307,19 @@ def test_a_retired_image_held_too_long_is_named_in_a_warning(moddir, samples, tm
                 "(obj *)") in caplog.text
         assert caplog.text.count("still held open") == 1          # once per image
         mod.obj_free(made)
+
+
+def test_a_null_handle_is_never_bound_and_holds_nothing(reg, objects, moddir, samples):
+    null = objects.ffi.NULL
+    assert objects.obj_is_ours(null) == 1 and objects.obj_free(null) == 0     # a NULL argument is no object
+    assert dict(image(reg, 1).handles) == {}
+    with pytest.raises(TypeError):
+        objects.obj_is_ours()                   # too few arguments: cffi's error, not the router's
+    reload_to(reg, moddir, samples, 2)
+    assert objects.obj_is_ours(null) == 1
+    assert reg.wait_drained(timeout=5) and generations(reg) == [(2, "active")]   # nothing held generation 1
+    old = objects.obj_new(5)
+    reload_to(reg, moddir, samples, 1)
+    # A NULL before a bound handle: the call still goes where the handle was made.
+    assert objects.obj_sum(null, old) == 5 and objects.obj_sum(old, null) == 5
+    assert objects.obj_free(old) == 0

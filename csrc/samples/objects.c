@@ -71,12 +71,18 @@ int obj_version(struct obj *o)
     return o->made_by == &image_marker ? SAMPLE_VERSION : WRONG_IMAGE;
 }
 
-/* Both objects' values added, or WRONG_IMAGE if either was made elsewhere. */
+/* Both objects' values added (NULL counts as 0), or WRONG_IMAGE if either was made elsewhere. */
 long obj_sum(struct obj *a, struct obj *b)
 {
-    if (a->made_by != &image_marker || b->made_by != &image_marker)
+    if ((a != NULL && a->made_by != &image_marker) || (b != NULL && b->made_by != &image_marker))
         return WRONG_IMAGE;
-    return a->value + b->value;
+    return (a != NULL ? a->value : 0) + (b != NULL ? b->value : 0);
+}
+
+/* 1 for NULL (which no image made), else whether this image made the object. */
+int obj_is_ours(struct obj *o)
+{
+    return o == NULL || o->made_by == &image_marker;
 }
 
 int obj_free(struct obj *o)
