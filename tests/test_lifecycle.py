@@ -281,9 +281,11 @@ def test_rollback_to_a_named_generation_with_history_3(moddir, samples, tmpdir_f
 
 def test_on_reload_sees_every_event_in_order(reg, module, moddir, samples, monkeypatch):
     seen = []
+    durations = []
 
     def record(event):
         seen.append((event.kind, event.module, event.generation, event.previous_generation))
+        durations.append((event.kind, event.seconds))
 
     def broken(event):
         raise RuntimeError("a broken callback")
@@ -310,6 +312,8 @@ def test_on_reload_sees_every_event_in_order(reg, module, moddir, samples, monke
         ("refused", "lifecycle", 3, 2),
         ("unloaded", "lifecycle", 2, 2), ("drained", "lifecycle", 2, 2),
     ]
+    # How long each took, in seconds (a bound that catches a wrong unit or sign, not a timing test).
+    assert all(seconds == 0 if kind == "drained" else 0 <= seconds < 60 for kind, seconds in durations), durations
 
 
 def test_the_context_layout_matches_the_header(tmp_path):

@@ -323,3 +323,23 @@ def test_a_null_handle_is_never_bound_and_holds_nothing(reg, objects, moddir, sa
     # A NULL before a bound handle: the call still goes where the handle was made.
     assert objects.obj_sum(null, old) == 5 and objects.obj_sum(old, null) == 5
     assert objects.obj_free(old) == 0
+
+
+def test_a_struct_handle_is_bound_at_its_first_use_in_any_position(reg, objects):
+    # obj * is opaque (declared without a body): one the module did not hand out is bound to the image of
+    # the first call that receives it, whichever argument it is.
+    memory = objects.ffi.new("long[8]")              # zeroed: made_by is no image's marker
+    stranger = objects.ffi.cast("obj *", memory)
+    assert objects.obj_sum(objects.ffi.NULL, stranger) == WRONG_IMAGE
+    assert dict(image(reg, 1).handles) == {"obj *": 1}
+    assert reg.release(stranger) is True
+
+
+def test_calls_that_take_or_return_objects_after_an_unload(reg, objects):
+    from nativereload import ModuleUnloaded
+
+    reg.unload("objects")
+    with pytest.raises(ModuleUnloaded, match="'objects' was unloaded"):
+        objects.obj_new(1)
+    with pytest.raises(ModuleUnloaded):
+        objects.obj_is_ours(objects.ffi.NULL)
