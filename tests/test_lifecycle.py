@@ -209,9 +209,14 @@ def test_the_canary_refuses_a_bad_build_the_serving_process_never_loads(reg, mod
 
 
 @pytest.mark.timeout(120)
-def test_the_canary_passes_a_good_build_and_runs_a_callable(reg, module, moddir, samples):
-    to(reg, moddir, samples, 2, canary=True)
+def test_the_canary_passes_a_good_build_and_runs_a_callable(reg, module, moddir, samples, caplog):
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO, logger="nativereload"):
+        to(reg, moddir, samples, 2, canary=True)
     assert module.lifecycle_version() == 2
+    assert [m for m in caplog.messages if re.fullmatch(r"canary of 'lifecycle' generation 2 passed in \d+ ms", m)]
     install(samples["lifecycle1"], moddir / "lifecycle.so")
     with pytest.raises(CanaryFailed, match="AssertionError: canary says no"):
         reg.reload("lifecycle", canary="canary_checks:refuse")
