@@ -767,6 +767,54 @@ def test_a_paused_gate_reports_quiet_when_a_call_with_a_policy_exits(impl, libc)
         blocker.close()
 
 
+def handle_policy(impl, table, on_released=lambda gate_: RuntimeError("released")):
+    """A CallPolicy whose argument 0 is a handle routed through ``table``."""
+    return impl.CallPolicy((0,), False, False, None, table, lambda a, b: RuntimeError("conflict"), on_released)
+
+
+def test_a_handle_released_while_its_call_is_admitted_is_an_error(impl):
+    if impl is gate.C:
+        pytest.skip("the C gate reads the table as a dict: no lookup can be made to change in between")
+    ffi = cffi.FFI()
+    handle = ffi.new("int *")
+    image, slot, f = make(impl, {"f": lambda h: "ran"})
+    bound = impl.ImageGate({"f": lambda h: "ran on the handle's image"}, lambda: None)
+
+    class ReleasedAfterFirstLookup(dict):
+        looked_up = 0
+
+        def get(self, key, default=None):
+            self.looked_up += 1
+            return bound if self.looked_up == 1 else None
+
+    f.policy = handle_policy(impl, ReleasedAfterFirstLookup())
+    with pytest.raises(RuntimeError, match="released"):
+        f(handle)
+    assert bound.in_flight == 0 and image.in_flight == 0       # counted out of the gate it was admitted to
+
+
+@pytest.mark.timeout(60)
+def test_a_call_on_a_handle_of_a_paused_image_waits_and_counts_out(impl):
+    ffi = cffi.FFI()
+    handle = ffi.new("int *")
+    image, slot, f = make(impl, {"f": lambda h: "ran"})
+    f.policy = handle_policy(impl, {handle: image})
+    resume = threading.Event()
+    image.pause(resume, lambda: None)
+    results = []
+    caller = threading.Thread(target=lambda: results.append(f(handle)))
+    caller.start()
+    try:
+        wait_until(lambda: caller.is_alive(), "the caller to start")
+        time.sleep(0.05)
+        assert results == [] and image.in_flight == 0          # waiting, not inside, and counted out
+    finally:
+        image.unpause()
+        resume.set()
+        caller.join(WAIT)
+    assert results == ["ran"] and image.in_flight == 0
+
+
 # -- the drain thread ------------------------------------------------------------------------------------
 
 class Drainable:
