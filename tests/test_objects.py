@@ -343,3 +343,25 @@ def test_calls_that_take_or_return_objects_after_an_unload(reg, objects):
         objects.obj_new(1)
     with pytest.raises(ModuleUnloaded):
         objects.obj_is_ours(objects.ffi.NULL)
+
+
+def test_a_reload_that_changes_only_the_handles_applies_them(reg, moddir, samples):
+    install(samples["objects1"], moddir / "objects.so")
+    objects = reg.load("objects", cdef=OBJECTS_CDEF, destructors=["obj_free"])     # obj * only
+    reg.reload("objects", handles=["struct stream *"])     # destructors kept, cdef kept: only the handles change
+    stream = objects.ffi.new("struct stream *")
+    assert objects.stream_init(stream) == 0
+    assert dict(image(reg, 2).handles) == {"struct stream *": 1}      # bound at its first use
+    assert reg.release(stream) is True
+
+
+def test_a_reload_that_adds_functions_gives_them_policies(reg, moddir, samples):
+    install(samples["objects1"], moddir / "objects.so")
+    without = OBJECTS_CDEF.replace("int obj_is_ours(obj *);\n", "")
+    objects = reg.load("objects", cdef=without, handles=["struct stream *"], destructors=DESTRUCTORS)
+    reg.reload("objects", cdef=OBJECTS_CDEF)          # adds obj_is_ours (compatible), handles kept
+    memory = objects.ffi.new("long[8]")
+    stranger = objects.ffi.cast("obj *", memory)
+    assert objects.obj_is_ours(stranger) == 0
+    assert dict(image(reg, 2).handles) == {"obj *": 1}        # the new function binds like the others
+    assert reg.release(stranger) is True
