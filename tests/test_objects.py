@@ -365,3 +365,24 @@ def test_a_reload_that_adds_functions_gives_them_policies(reg, moddir, samples):
     assert objects.obj_is_ours(stranger) == 0
     assert dict(image(reg, 2).handles) == {"obj *": 1}        # the new function binds like the others
     assert reg.release(stranger) is True
+
+
+def test_a_reload_that_changes_only_the_destructors_applies_them(reg, moddir, samples):
+    install(samples["objects1"], moddir / "objects.so")
+    objects = reg.load("objects", cdef=OBJECTS_CDEF, handles=["struct stream *"], destructors=["obj_free"])
+    reg.reload("objects", destructors=DESTRUCTORS)      # handles kept, cdef kept: stream_end now ends a binding
+    stream = objects.ffi.new("struct stream *")
+    assert objects.stream_init(stream) == 0
+    assert dict(image(reg, 2).handles) == {"struct stream *": 1}
+    assert objects.stream_end(stream) == 0
+    assert dict(image(reg, 2).handles) == {}
+
+
+def test_a_declared_function_the_library_lacks_takes_objects_and_says_so(reg, moddir, samples):
+    from nativereload import SymbolError
+
+    install(samples["objects1"], moddir / "objects.so")
+    objects = reg.load("objects", cdef=OBJECTS_CDEF + "int obj_absent(obj *);\n", missing="lazy")
+    with pytest.raises(SymbolError, match="obj_absent"):
+        objects.obj_absent(objects.ffi.NULL)
+    assert image(reg, 1).in_flight == 0
