@@ -597,6 +597,7 @@ def test_implementation_follows_the_environment(monkeypatch):
         assert gate.C.name == "c" and gate.C.Func is gate._c_gate.Func
     assert gate.PYTHON.name == ("python-locked" if gate._GIL_DISABLED else "python")
     assert gate.LOCKED.Func is gate._LockedFunc
+    assert repr(gate.LOCKED) == "<nativereload gate 'python-locked'>"
 
 
 def test_the_python_gate_reads_its_counters(impl):

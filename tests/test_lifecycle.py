@@ -259,6 +259,24 @@ def test_rollback_checks_the_name_logs_and_takes_reloads_defaults(reg, module, m
         assert rollback[option].default is reload[option].default is default, option
 
 
+@pytest.mark.timeout(60)
+def test_an_exclusive_reload_whose_init_refuses_leaves_the_old_image_serving(reg, module, moddir, samples,
+                                                                           tmpdir_for_copies, monkeypatch):
+    kinds = []
+    reg.on_reload(lambda event: kinds.append(event.kind))
+    monkeypatch.setenv("LIFECYCLE_REFUSE", "2")
+    with pytest.raises(InitRefused):
+        to(reg, moddir, samples, 2, exclusive=True)      # its init runs at commit, with the old image paused
+    monkeypatch.delenv("LIFECYCLE_REFUSE")
+    deadline = time.monotonic() + 30                      # callbacks run on their own thread
+    while len(kinds) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert kinds == ["prepared", "aborted", "refused"]
+    assert module.generation == 1 and module.lifecycle_version() == 1     # unpaused: calls run again
+    assert [image.generation for image in reg.status()[0].images] == [1]
+    assert len(private_copies(tmpdir_for_copies)) == 1                    # the refused copy is gone
+
+
 def test_rollback_with_no_history(moddir, samples, tmpdir_for_copies, events_file):
     install(samples["lifecycle1"], moddir / "lifecycle.so")
     with Registry(path=[moddir], tmpdir=tmpdir_for_copies, history=0) as registry:
