@@ -5,6 +5,7 @@
     python tools/mutate.py gate --only 17 -v         # one mutant, its diff and the test output
     python tools/mutate.py workdir --list            # list the mutants, run nothing
     python tools/mutate.py elfcheck --rerun out.json # only the survivors of an earlier run (--json out.json)
+    python tools/mutate.py gate --rerun out.json --suite-coverage   # ... each meeting every test that runs its line
 
 Each mutant is one change to the module's syntax tree (mutmut 3.8 could not
 be used: the tests start child interpreters, which its trampolines do not
@@ -20,13 +21,14 @@ reach):
 It runs in a copy of the repository (so the working tree is never touched),
 with the sample libraries built once and shared (``NATIVERELOAD_SAMPLES_CACHE``).
 For each mutant: first the tests that run its line (coverage.py, measured once on
-the unmutated module; ``pip install pytest-cov``), then, if it survives those, the
+the unmutated module over the module's test files, or over the whole suite with
+``--suite-coverage``; ``pip install pytest-cov``), then, if it survives those, the
 module's own test files; each with ``-x`` (the first failure kills it). A line
 reached only in child processes has no covering test and goes straight to the
-module's files. ``--no-select`` skips the first step. With ``--full``, each survivor then runs the whole suite (run
-that on the survivors of a first pass: ``--full --only N --only M ...``).
-A mutant that times out counts as killed (it hung), one that does not
-compile is left out. Survivors judged
+module's files. ``--no-select`` skips the first step. With ``--full``, each
+survivor then runs the whole suite.
+A mutant that times out, or whose test hangs past PER_TEST_TIMEOUT, counts as
+killed (it hung); one that does not compile is left out. Survivors judged
 equivalent (no behaviour changes) are listed, each with its reason, in
 ``tools/mutate-equivalent.txt`` beside this script, keyed by module,
 operator and the source text it changes; they are reported, not counted.
