@@ -78,13 +78,16 @@ def test_an_incompatible_reload_allowed_on_purpose(reg, contract, moddir, sample
     assert not contract.interface_change.compatible
 
 
-def test_an_added_function_is_callable_at_once_and_old_cdata_still_fit(reg, contract, moddir, samples):
+def test_an_added_function_is_callable_at_once_and_old_cdata_still_fit(reg, contract, moddir, samples, caplog):
     ffi = contract.ffi
     point = ffi.new("struct contract_point *", {"x": 1, "y": -2})
     norm1 = contract.contract_norm1
     install(samples["contract_add"], moddir / "contract.so")
-    reg.reload("contract")
+    with caplog.at_level(logging.INFO, logger="nativereload"):
+        reg.reload("contract")
     assert contract.generation == 2 and contract.interface_change.summary() == "1 added (compatible)"
+    assert [m for m in caplog.messages if m.startswith("reloaded 'contract' generation 2 in ")
+            and m.endswith("(generation 1 closed); interface: 1 added (compatible)")]
     assert contract.contract_added(1) == 101 and reg.func("contract.contract_added")(2) == 102
     assert contract.ffi is ffi                          # one FFI, grown: cdata made before still fit
     assert norm1(point) == 3 and contract.contract_norm1(point) == 3
