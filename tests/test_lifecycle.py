@@ -177,7 +177,7 @@ def test_an_exclusive_reload_times_out_and_the_waiting_calls_go_on(reg, module, 
 
     late = threading.Thread(target=late_call)
     late.start()
-    with pytest.raises(DrainTimeout, match="still has 1 call"):
+    with pytest.raises(DrainTimeout, match=r"waited 0.5 s and generation 1 still has 1 call"):
         reg.reload("lifecycle", exclusive=True, timeout=0.5)
     late.join(10)
     assert waited == [1]                                  # refused: it went on to the old image
