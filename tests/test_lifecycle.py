@@ -186,6 +186,20 @@ def test_an_exclusive_reload_times_out_and_the_waiting_calls_go_on(reg, module, 
     assert blocked.release() == 1
 
 
+@pytest.mark.timeout(60)
+def test_an_exclusive_reload_waits_until_its_timeout_ends(reg, module, moddir, samples, events_file):
+    # The call leaves well inside the timeout (1 s): the reload must wait for it, not give up early.
+    blocked = BlockedCall(module.lifecycle_wait_fd)
+    wait_until_in_flight(reg, 1)
+    install(samples["lifecycle2"], moddir / "lifecycle.so")
+    results = []
+    releaser = threading.Timer(0.05, lambda: results.append(blocked.release()))
+    releaser.start()
+    reg.reload("lifecycle", exclusive=True, timeout=1.0)
+    releaser.join(10)
+    assert results == [1] and module.generation == 2 and module.lifecycle_version() == 2
+
+
 @pytest.mark.parametrize("variant, expected", [
     ("lifecycle_crash", r"killed by SIGSEGV"),
     ("lifecycle_selftest3", r"nativereload_selftest\(\) of .* returned 3"),
