@@ -338,11 +338,14 @@ def test_a_struct_handle_is_bound_at_its_first_use_in_any_position(reg, objects)
 def test_calls_that_take_or_return_objects_after_an_unload(reg, objects):
     from nativereload import ModuleUnloaded
 
+    obj_new, obj_is_ours = objects.obj_new, reg.func("objects.obj_is_ours")     # taken before the unload
     reg.unload("objects")
     with pytest.raises(ModuleUnloaded, match="'objects' was unloaded"):
-        objects.obj_new(1)
+        obj_new(1)
     with pytest.raises(ModuleUnloaded):
-        objects.obj_is_ours(objects.ffi.NULL)
+        obj_is_ours(objects.ffi.NULL)
+    with pytest.raises(ModuleUnloaded):
+        objects.obj_new(1)
 
 
 def test_a_reload_that_changes_only_the_handles_applies_them(reg, moddir, samples):
