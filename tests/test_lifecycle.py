@@ -177,9 +177,19 @@ def test_an_exclusive_reload_times_out_and_the_waiting_calls_go_on(reg, module, 
 
     late = threading.Thread(target=late_call)
     late.start()
+    events = []
+    reg.on_reload(lambda event: events.append((event.kind, event.seconds)))
+    cpu = time.thread_time()
     with pytest.raises(DrainTimeout, match=r"waited 0.5 s and generation 1 still has 1 call"):
         reg.reload("lifecycle", exclusive=True, timeout=0.5)
+    # It waited on the gate's quiet event, not in a loop: a spin would burn about 0.5 s of this thread's CPU.
+    assert time.thread_time() - cpu < 0.3
     late.join(10)
+    deadline = time.monotonic() + 30                      # callbacks run on their own thread
+    while len(events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [kind for kind, _ in events] == ["prepared", "aborted", "refused"]
+    assert all(0 <= seconds < 60 for _, seconds in events)
     assert waited == [1]                                  # refused: it went on to the old image
     assert module.generation == 1 and [i.state for i in reg.status()[0].images] == ["active"]
     assert "init 2" not in "\n".join(lines(events_file))  # init never ran
