@@ -470,6 +470,10 @@ def test_directories_of_another_tmpdir_go_when_idle(moddir, samples, tmp_path, m
             reg.reload("sample")                    # refused: its directory in second goes at once
         assert os.listdir(second) == [] and len(os.listdir(first)) == 1
         install(samples["v2"], moddir / "sample.so")
+        staged = reg.prepare("sample")              # prepared in second, then aborted: its directory goes
+        assert len(os.listdir(second)) == 1
+        staged.abort()
+        assert os.listdir(second) == [] and len(os.listdir(first)) == 1
         reg.reload("sample")                        # the image in first closed: its directory goes too
         assert os.listdir(first) == [] and len(os.listdir(second)) == 1
 
