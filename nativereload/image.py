@@ -119,7 +119,7 @@ class Image:
         self.objects = None            # the registry's call policies for this image (registry._Objects)
         self.held_timer = None         # the registry's "still held" warning, cancelled at close
         self.soname = None             # what the copy's DT_SONAME was made (dynamic.py)
-        self.signature: tuple[int, int, int, int] = (0, 0, 0, 0)   # the source's (dev, ino, size, mtime), by _copy
+        self.signature: tuple[int, int, int, int]     # the source's (dev, ino, size, mtime): set by _copy below
         self.embeds_interface = False
         self.hooks: Hooks | None = None      # its lifecycle hooks (lifecycle.py), after open()
         self.on_closing: Callable[["Image"], None] | None = None   # the registry's: runs fini before the unmap

@@ -577,3 +577,12 @@ def test_prepare_checks_the_name_and_logs_its_time(reg, moddir, samples, caplog)
     found = re.fullmatch(r"prepared 'sample' generation 2 in ([\d.]+) ms \(generation 1 serving\)", line)
     assert found, line
     assert 0 <= float(found.group(1)) < 900
+
+
+def test_pin_by_name_checks_the_name_and_that_it_is_loaded(reg):
+    from nativereload import ModuleNameError
+
+    with pytest.raises(ModuleNameError, match="invalid module name"):
+        reg.pin("../sample")
+    with pytest.raises(ModuleNotLoaded, match="'sample' is not loaded"):
+        reg.pin("sample")
