@@ -586,3 +586,21 @@ def test_pin_by_name_checks_the_name_and_that_it_is_loaded(reg):
         reg.pin("../sample")
     with pytest.raises(ModuleNotLoaded, match="'sample' is not loaded"):
         reg.pin("sample")
+
+
+def test_close_returns_after_every_event_was_delivered(moddir, samples, tmpdir_for_copies):
+    import time
+
+    install(samples["v1"], moddir / "sample.so")
+    seen = []
+
+    def slow_callback(event):
+        time.sleep(0.05)                # callbacks run on their own thread: close() must wait for them
+        seen.append(event.kind)
+
+    registry = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
+    registry.load("sample", cdef=SAMPLE_CDEF)
+    registry.on_reload(slow_callback)
+    registry.reload("sample")
+    assert registry.close(timeout=10)
+    assert seen == ["prepared", "committed", "drained", "unloaded", "drained"]
