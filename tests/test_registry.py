@@ -604,3 +604,17 @@ def test_close_returns_after_every_event_was_delivered(moddir, samples, tmpdir_f
     registry.reload("sample")
     assert registry.close(timeout=10)
     assert seen == ["prepared", "committed", "drained", "unloaded", "drained"]
+
+
+def test_a_reload_of_an_idle_module_leaves_no_held_warning_timer(reg, moddir, samples):
+    import threading
+
+    def timers():
+        return [thread for thread in threading.enumerate() if isinstance(thread, threading.Timer)]
+
+    install(samples["v1"], moddir / "sample.so")
+    reg.load("sample", cdef=SAMPLE_CDEF)
+    before = timers()
+    for _ in range(5):
+        reg.reload("sample")        # each old image closes at once: nothing to warn about later
+    assert timers() == before
