@@ -161,7 +161,15 @@ class _DeferredDrains:
         self.call(None)
 
     def call(self, function: Callable[[], object] | None) -> None:
-        """Run ``function()`` on the drain thread (started on first use; restarted in a forked child)."""
+        """Run ``function()`` on the drain thread (started on first use; restarted in a forked child).
+
+        Not at interpreter exit: a pin or pointer result freed by the final
+        collection would start a thread there, and Thread.start() never
+        returns during finalization (3.11; 3.12+ raise). The process is
+        ending: the loader unmaps everything with it.
+        """
+        if sys.is_finalizing():
+            return
         if os.getpid() != self._pid:           # forked: the parent's thread does not exist here
             self.__init__()
         self._queue.put(function)

@@ -618,3 +618,21 @@ def test_a_reload_of_an_idle_module_leaves_no_held_warning_timer(reg, moddir, sa
     for _ in range(5):
         reg.reload("sample")        # each old image closes at once: nothing to warn about later
     assert timers() == before
+
+
+def test_a_process_exits_with_a_pin_held_and_its_warning_timer_running(moddir, samples, tmpdir_for_copies):
+    import sys
+
+    install(samples["v1"], moddir / "sample.so")
+    script = f"""if True:
+        from nativereload import Registry
+        reg = Registry(path=[{str(moddir)!r}], tmpdir={str(tmpdir_for_copies)!r}, held_warning=600)
+        mod = reg.load("sample", cdef={SAMPLE_CDEF!r})
+        pin = mod.pin()
+        reg.reload("sample")            # generation 1 stays pinned: its 600 s warning timer runs
+        """
+    # The pin, freed by the final collection, used to start the drain thread there and hang the exit for
+    # ever; a non-daemon timer would hold it for 600 s.
+    result = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "a pin on generation 1 was garbage-collected without release()" in result.stderr
