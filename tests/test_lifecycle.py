@@ -301,6 +301,44 @@ def test_an_exclusive_reload_whose_init_refuses_leaves_the_old_image_serving(reg
     assert len(private_copies(tmpdir_for_copies)) == 1                    # the refused copy is gone
 
 
+def test_a_kept_build_that_cannot_be_written_refuses_the_rollback(reg, module, moddir, samples, tmpdir_for_copies,
+                                                                  monkeypatch):
+    import errno
+
+    from nativereload import LoadError
+
+    to(reg, moddir, samples, 2)
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+        with pytest.raises(LoadError, match=r"cannot write the kept build of generation 1: No space left on device"):
+            reg.rollback("lifecycle")
+    assert module.generation == 2 and module.lifecycle_version() == 2
+    assert not [path for path in private_copies(tmpdir_for_copies) if ".kept-" in path]   # removed, not left
+
+
+def test_unload_drops_the_kept_builds(reg, module, moddir, samples):
+    to(reg, moddir, samples, 2)
+    history = module._history
+    assert [kept.generation for kept in history.kept] == [1]
+    reg.unload("lifecycle")
+    assert history.kept == []                   # the bytes go with the module, not when its images close
+
+
 def test_rollback_with_no_history(moddir, samples, tmpdir_for_copies, events_file):
     install(samples["lifecycle1"], moddir / "lifecycle.so")
     with Registry(path=[moddir], tmpdir=tmpdir_for_copies, history=0) as registry:
