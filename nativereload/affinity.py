@@ -38,6 +38,7 @@ per-call work.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -351,8 +352,9 @@ class Pin:
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
-    def __del__(self) -> None:
-        if getattr(self, "_released", True):
+    def __del__(self, _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
+        # At interpreter exit the process ends anyway, and module globals may already be None.
+        if getattr(self, "_released", True) or _finalizing():
             return
         self._released = True
         logger.warning("module '%s': a pin on generation %d was garbage-collected without release(); "
