@@ -149,6 +149,7 @@ class _DeferredDrains:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._finalizing = sys.is_finalizing    # kept: at exit the module's globals may already be None
 
     def submit(self, gate: Any) -> None:
         """Try to drain ``gate`` on the drain thread."""
@@ -168,7 +169,7 @@ class _DeferredDrains:
         returns during finalization (3.11; 3.12+ raise). The process is
         ending: the loader unmaps everything with it.
         """
-        if sys.is_finalizing():
+        if self._finalizing():
             return
         if os.getpid() != self._pid:           # forked: the parent's thread does not exist here
             self.__init__()
