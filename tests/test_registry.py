@@ -620,7 +620,7 @@ def test_a_reload_of_an_idle_module_leaves_no_held_warning_timer(reg, moddir, sa
     assert timers() == before
 
 
-def test_a_process_exits_with_a_pin_held_and_its_warning_timer_running(moddir, samples, tmpdir_for_copies):
+def test_a_process_exits_with_a_pin_and_a_pointer_result_held_and_a_warning_timer_running(moddir, samples, tmpdir_for_copies):
     import sys
 
     install(samples["v1"], moddir / "sample.so")
@@ -629,10 +629,11 @@ def test_a_process_exits_with_a_pin_held_and_its_warning_timer_running(moddir, s
         reg = Registry(path=[{str(moddir)!r}], tmpdir={str(tmpdir_for_copies)!r}, held_warning=600)
         mod = reg.load("sample", cdef={SAMPLE_CDEF!r})
         pin = mod.pin()
-        reg.reload("sample")            # generation 1 stays pinned: its 600 s warning timer runs
+        text = mod.version_string()     # a pointer result: it holds generation 1 too
+        reg.reload("sample")            # generation 1 stays held: its 600 s warning timer runs
         """
-    # The pin, freed by the final collection, used to start the drain thread there and hang the exit for
-    # ever; a non-daemon timer would hold it for 600 s.
+    # The pin and the pointer result, freed by the final collection, used to start the drain thread there
+    # and hang the exit for ever; a non-daemon timer would hold it for 600 s.
     result = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
 
