@@ -211,6 +211,10 @@ class ImageGate:
     __slots__ = ("functions", "retired", "paused", "_enters", "_exits", "_holds", "_pins", "_leases", "_lock",
                  "_on_drained", "_drained", "_resume", "_on_quiet")
 
+    # Held by the class: a lease that ends in the final collection at exit finds it even after the
+    # module's globals were cleared.
+    _deferred_drains = deferred_drains
+
     def __init__(self, functions: dict[str, Any], on_drained: Callable[[], None]) -> None:
         self.functions = functions
         self.retired = False
@@ -285,7 +289,7 @@ class ImageGate:
         self._holds.down()
         if self.retired:
             if deferred:
-                deferred_drains.submit(self)
+                self._deferred_drains.submit(self)
             else:
                 self.try_drain()
 
