@@ -197,24 +197,18 @@ def test_same_content_compares_the_bytes_when_the_file_was_rewritten(reg, moddir
     mod = reg.load("sample", cdef=SAMPLE_CDEF)
     first = mod._active
     install(samples["v1"], moddir / "sample.so")         # rewritten with the same bytes: a new signature
-    staged = reg.prepare("sample")
-    try:
+    with reg.prepare("sample") as staged:                # (leaving the block aborts it)
         second = staged._image
         assert second.signature != first.signature
         assert first.same_content(second) and second.same_content(first)
         assert staged.unchanged_since == 1
-    finally:
-        staged.abort()
     longer = moddir / "longer.so"
     longer.write_bytes(samples["v1"].read_bytes() + bytes(64))     # padded at the end: still loads
     for other in (samples["v2"], longer):                 # the same size, then another size
         install(other, moddir / "sample.so")
-        staged = reg.prepare("sample")
-        try:
+        with reg.prepare("sample") as staged:
             assert first.same_content(staged._image) is False
             assert staged.unchanged_since is None
-        finally:
-            staged.abort()
 
 
 def test_same_content_is_false_when_the_serving_copy_cannot_be_read(reg, moddir, samples):
@@ -223,12 +217,9 @@ def test_same_content_is_false_when_the_serving_copy_cannot_be_read(reg, moddir,
     first._hash = None
     os.unlink(first.copy_path)                           # a tmp cleaner: its bytes can no longer be compared
     install(samples["v1"], moddir / "sample.so")
-    staged = reg.prepare("sample")
-    try:
+    with reg.prepare("sample") as staged:
         assert first.same_content(staged._image) is False   # cannot tell: a change, not "unchanged"
         assert staged.unchanged_since is None
-    finally:
-        staged.abort()
 
 
 def test_an_image_loaded_with_a_cdef_embeds_no_interface(reg, moddir, samples):
