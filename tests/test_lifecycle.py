@@ -7,14 +7,19 @@ fini to the file named by LIFECYCLE_EVENTS, so the tests read the exact order.
 
 from __future__ import annotations
 
+import errno
+import inspect
+import logging
 import os
+import re
 import subprocess
 import threading
 import time
 
 import pytest
 
-from nativereload import CanaryFailed, DrainTimeout, InitRefused, NativeReloadError, Registry, lifecycle
+from nativereload import (CanaryFailed, DrainTimeout, InitRefused, LoadError, ModuleNameError, NativeReloadError,
+                          Registry, lifecycle)
 
 from conftest import LIFECYCLE_CDEF, ROOT, install, mapped_paths, open_fds, private_copies
 
@@ -185,9 +190,7 @@ def test_an_exclusive_reload_times_out_and_the_waiting_calls_go_on(reg, module, 
     # It waited on the gate's quiet event, not in a loop: a spin would burn about 0.5 s of this thread's CPU.
     assert time.thread_time() - cpu < 0.3
     late.join(10)
-    deadline = time.monotonic() + 30                      # callbacks run on their own thread
-    while len(events) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert reg._events.flush(timeout=30)                 # callbacks run on their own thread
     assert [kind for kind, _ in events] == ["prepared", "aborted", "refused"]
     assert all(0 <= seconds < 60 for _, seconds in events)
     assert waited == [1]                                  # refused: it went on to the old image
@@ -234,9 +237,6 @@ def test_the_canary_refuses_a_bad_build_the_serving_process_never_loads(reg, mod
 
 @pytest.mark.timeout(120)
 def test_the_canary_passes_a_good_build_and_runs_a_callable(reg, module, moddir, samples, caplog):
-    import logging
-    import re
-
     with caplog.at_level(logging.INFO, logger="nativereload"):
         to(reg, moddir, samples, 2, canary=True)
     assert module.lifecycle_version() == 2
@@ -264,11 +264,6 @@ def test_rollback_brings_the_previous_build_back(reg, module, moddir, samples, e
 
 
 def test_rollback_checks_the_name_logs_and_takes_reloads_defaults(reg, module, moddir, samples, caplog):
-    import inspect
-    import logging
-
-    from nativereload import ModuleNameError
-
     to(reg, moddir, samples, 2)
     with pytest.raises(ModuleNameError, match="invalid module name"):
         reg.rollback("../lifecycle")
@@ -292,9 +287,7 @@ def test_an_exclusive_reload_whose_init_refuses_leaves_the_old_image_serving(reg
     with pytest.raises(InitRefused):
         to(reg, moddir, samples, 2, exclusive=True)      # its init runs at commit, with the old image paused
     monkeypatch.delenv("LIFECYCLE_REFUSE")
-    deadline = time.monotonic() + 30                      # callbacks run on their own thread
-    while len(kinds) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert reg._events.flush(timeout=30)                 # callbacks run on their own thread
     assert kinds == ["prepared", "aborted", "refused"]
     assert module.generation == 1 and module.lifecycle_version() == 1     # unpaused: calls run again
     assert [image.generation for image in reg.status()[0].images] == [1]
@@ -303,10 +296,6 @@ def test_an_exclusive_reload_whose_init_refuses_leaves_the_old_image_serving(reg
 
 def test_a_kept_build_that_cannot_be_written_refuses_the_rollback(reg, module, moddir, samples, tmpdir_for_copies,
                                                                   monkeypatch):
-    import errno
-
-    from nativereload import LoadError
-
     to(reg, moddir, samples, 2)
     real_fdopen = os.fdopen
 

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from nativereload import HandleError, InterfaceError, ModuleUnloaded, PinReleased
+from nativereload import HandleError, InterfaceError, ModuleUnloaded, PinReleased, SymbolError
 
 from conftest import OBJECTS_CDEF, WRONG_IMAGE, install, mapped_paths
 
@@ -336,8 +336,6 @@ def test_a_struct_handle_is_bound_at_its_first_use_in_any_position(reg, objects)
 
 
 def test_calls_that_take_or_return_objects_after_an_unload(reg, objects):
-    from nativereload import ModuleUnloaded
-
     obj_new, obj_is_ours = objects.obj_new, reg.func("objects.obj_is_ours")     # taken before the unload
     reg.unload("objects")
     with pytest.raises(ModuleUnloaded, match="'objects' was unloaded"):
@@ -382,8 +380,6 @@ def test_a_reload_that_changes_only_the_destructors_applies_them(reg, moddir, sa
 
 
 def test_a_declared_function_the_library_lacks_takes_objects_and_says_so(reg, moddir, samples):
-    from nativereload import SymbolError
-
     install(samples["objects1"], moddir / "objects.so")
     objects = reg.load("objects", cdef=OBJECTS_CDEF + "int obj_absent(obj *);\n", missing="lazy")
     with pytest.raises(SymbolError, match="obj_absent"):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import re
 import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
@@ -269,9 +274,6 @@ def test_names_are_checked_everywhere(reg, moddir, samples, name):
 
 @pytest.mark.timeout(60)
 def test_wait_drained_wakes_when_an_image_drains(reg, moddir, samples):
-    import threading
-    import time
-
     install(samples["v1"], moddir / "sample.so")
     mod = reg.load("sample", cdef=SAMPLE_CDEF)
     read_fd, write_fd = os.pipe()
@@ -292,9 +294,6 @@ def test_wait_drained_wakes_when_an_image_drains(reg, moddir, samples):
 @pytest.mark.timeout(60)
 def test_unload_with_two_generations_draining(reg, moddir, samples):
     # Each drained image updates the bookkeeping from the caller's thread: no error may reach the caller.
-    import threading
-    import time
-
     install(samples["v1"], moddir / "sample.so")
     mod = reg.load("sample", cdef=SAMPLE_CDEF)
     pipes = [os.pipe(), os.pipe()]
@@ -335,10 +334,6 @@ def test_each_gate_fixture_uses_its_gate(reg, gate_impl):
 
 
 def test_every_outcome_is_logged_with_its_time(reg, moddir, samples, caplog):
-    import re
-    import threading
-    import time
-
     caplog.set_level(logging.INFO, logger="nativereload")
     install(samples["v1"], moddir / "sample.so")
     mod = reg.load("sample", cdef=SAMPLE_CDEF)
@@ -381,9 +376,6 @@ def test_every_outcome_is_logged_with_its_time(reg, moddir, samples, caplog):
 
 @pytest.mark.timeout(60)
 def test_unload_and_close_with_a_call_in_flight_say_so(moddir, samples, tmpdir_for_copies, caplog, gate_impl):
-    import threading
-    import time
-
     caplog.set_level(logging.INFO, logger="nativereload")
     install(samples["v1"], moddir / "sample.so")
     reg = Registry(path=[moddir], tmpdir=tmpdir_for_copies)
@@ -547,8 +539,6 @@ def test_history_must_be_a_count_of_images(tmpdir_for_copies):
 
 
 def test_reload_keeps_handles_and_destructors_by_default_and_help_says_so():
-    import inspect
-
     parameters = inspect.signature(Registry.reload).parameters
     assert repr(parameters["handles"].default) == "<keep>"
     assert repr(parameters["destructors"].default) == "<keep>"
@@ -562,10 +552,6 @@ def test_missing_must_be_error_or_lazy(reg, moddir, samples):
 
 
 def test_prepare_checks_the_name_and_logs_its_time(reg, moddir, samples, caplog):
-    import re
-
-    from nativereload import ModuleNameError
-
     install(samples["v1"], moddir / "sample.so")
     reg.load("sample", cdef=SAMPLE_CDEF)
     with pytest.raises(ModuleNameError, match="invalid module name"):
@@ -580,8 +566,6 @@ def test_prepare_checks_the_name_and_logs_its_time(reg, moddir, samples, caplog)
 
 
 def test_pin_by_name_checks_the_name_and_that_it_is_loaded(reg):
-    from nativereload import ModuleNameError
-
     with pytest.raises(ModuleNameError, match="invalid module name"):
         reg.pin("../sample")
     with pytest.raises(ModuleNotLoaded, match="'sample' is not loaded"):
@@ -589,8 +573,6 @@ def test_pin_by_name_checks_the_name_and_that_it_is_loaded(reg):
 
 
 def test_close_returns_after_every_event_was_delivered(moddir, samples, tmpdir_for_copies):
-    import time
-
     install(samples["v1"], moddir / "sample.so")
     seen = []
 
@@ -606,23 +588,22 @@ def test_close_returns_after_every_event_was_delivered(moddir, samples, tmpdir_f
     assert seen == ["prepared", "committed", "drained", "unloaded", "drained"]
 
 
+def timer_threads() -> list[threading.Thread]:
+    """The threading.Timer threads alive (the held-image warnings among them)."""
+    return [thread for thread in threading.enumerate() if isinstance(thread, threading.Timer)]
+
+
 def test_a_reload_of_an_idle_module_leaves_no_held_warning_timer(reg, moddir, samples):
-    import threading
-
-    def timers():
-        return [thread for thread in threading.enumerate() if isinstance(thread, threading.Timer)]
-
     install(samples["v1"], moddir / "sample.so")
     reg.load("sample", cdef=SAMPLE_CDEF)
-    before = timers()
+    before = timer_threads()
     for _ in range(5):
         reg.reload("sample")        # each old image closes at once: nothing to warn about later
-    assert timers() == before
+    assert timer_threads() == before
 
 
-def test_a_process_exits_with_a_pin_and_a_pointer_result_held_and_a_warning_timer_running(moddir, samples, tmpdir_for_copies):
-    import sys
-
+def test_a_process_exits_with_a_pin_and_a_pointer_result_held_and_a_warning_timer_running(moddir, samples,
+                                                                                          tmpdir_for_copies):
     install(samples["v1"], moddir / "sample.so")
     script = f"""if True:
         from nativereload import Registry
@@ -639,22 +620,17 @@ def test_a_process_exits_with_a_pin_and_a_pointer_result_held_and_a_warning_time
 
 
 def test_the_held_warning_timer_is_cancelled_when_the_image_closes(moddir, samples, tmpdir_for_copies):
-    import threading
-
-    def timers():
-        return [thread for thread in threading.enumerate() if isinstance(thread, threading.Timer)]
-
     install(samples["v1"], moddir / "sample.so")
     with Registry(path=[moddir], tmpdir=tmpdir_for_copies, held_warning=600) as registry:
-        before = timers()
+        before = timer_threads()
         module = registry.load("sample", cdef=SAMPLE_CDEF)
         pin = module.pin()
         registry.reload("sample")                   # generation 1 stays pinned: its warning timer runs
-        assert len(timers()) == len(before) + 1
+        assert len(timer_threads()) == len(before) + 1
         pin.release()                               # it closes: the timer goes with it, not in 600 s
         assert registry.wait_drained(timeout=10)
         for _ in range(1000):
-            if timers() == before:
+            if timer_threads() == before:
                 break
             threading.Event().wait(0.01)
-        assert timers() == before
+        assert timer_threads() == before
