@@ -96,13 +96,13 @@ _SYMBOLS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: "
 
 
 class Mutant:
-    def __init__(self, number: int, line: int, operator: str, text: str) -> None:
+    def __init__(self, number: int, line: int, operator: str, text: str, end_line: int) -> None:
         self.number, self.line, self.operator, self.text = number, line, operator, text
+        self.lines = range(line, end_line + 1)   # the source lines the mutated node spans
         self.key = ""            # "module | operator | text[ #n]", unique within the module
         self.outcome = ""        # killed, survived, timeout, equivalent, invalid
         self.detail = ""
         self.signals = False     # inside os.kill(...): run only with SIGNAL_SAFE_TESTS
-        self.lines = range(line, line + 1)   # the source lines the mutated node spans
 
     def describe(self) -> str:
         return f"#{self.number} line {self.line}: {self.operator} in `{self.text}`"
@@ -233,13 +233,12 @@ def mutants(source: str, module: str) -> tuple[ast.Module, list[tuple[Mutant, as
         text = " ".join(text.split())
         if len(text) > 90:
             text = text[:87] + "..."
-        mutant = Mutant(number, node.lineno, operator, text)
+        mutant = Mutant(number, node.lineno, operator, text, node.end_lineno or node.lineno)
         line = " ".join(lines[node.lineno - 1].split())
         key = f"{module} | {operator} | `{text}` in: {line}"
         seen[key] = seen.get(key, 0) + 1
         mutant.key = key if seen[key] == 1 else f"{key} #{seen[key]}"
         mutant.signals = id(node) in signalling
-        mutant.lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
         result.append((mutant, node, how))
     return tree, result
 
@@ -428,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
 
     covering: dict[int, list[str]] = {}
     try:
-        if not args.no_select and not args.list:
+        if not args.no_select:
             try:
                 import coverage  # noqa: F401  (pytest-cov brings it)
             except ImportError:
@@ -437,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             sandboxes.append(sandbox)
             free.append(sandbox)
             covering = sandbox.covering_tests(["tests"] if args.suite_coverage else tests, args.timeout * 6)
-            print(f"coverage: {len(covering)} lines of {module}.py run in-process by the listed tests", flush=True)
+            print(f"coverage: {len(covering)} lines of {module}.py run in-process by "
+                  f"{'the suite' if args.suite_coverage else 'the listed tests'}", flush=True)
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             results = list(pool.map(test, all_mutants))
     finally:
