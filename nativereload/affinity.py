@@ -352,10 +352,12 @@ class Pin:
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
-    def __del__(self, _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
-        # At interpreter exit the process ends anyway, and module globals may already be None.
-        if getattr(self, "_released", True) or _finalizing():
-            return
+    # Held by the class: at interpreter exit the module's globals may already be None.
+    _finalizing = staticmethod(sys.is_finalizing)
+
+    def __del__(self) -> None:
+        if getattr(self, "_released", True) or self._finalizing():
+            return                  # (at interpreter exit the process ends anyway)
         self._released = True
         logger.warning("module '%s': a pin on generation %d was garbage-collected without release(); "
                        "releasing it now", self.module, self.generation)

@@ -142,6 +142,8 @@ class _DeferredDrains:
     """
 
     RECHECK_SECONDS = 0.02
+    # Held by the class: at interpreter exit the module's globals may already be None.
+    _finalizing = staticmethod(sys.is_finalizing)
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -149,7 +151,6 @@ class _DeferredDrains:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._finalizing = sys.is_finalizing    # kept: at exit the module's globals may already be None
 
     def submit(self, gate: Any) -> None:
         """Try to drain ``gate`` on the drain thread."""
