@@ -27,8 +27,9 @@ module's own test files; each with ``-x`` (the first failure kills it). A line
 reached only in child processes has no covering test and goes straight to the
 module's files. ``--no-select`` skips the first step. With ``--full``, each
 survivor then runs the whole suite.
-A mutant that times out, or whose test hangs past PER_TEST_TIMEOUT, counts as
-killed (it hung); one that does not compile is left out. Survivors judged
+A mutant whose test hangs past PER_TEST_TIMEOUT, or whose run outlasts twice
+the unmutated list's measured time (never less than ``--timeout``), counts as
+killed (it hung), and is printed as such; one that does not compile is left out. Survivors judged
 equivalent (no behaviour changes) are listed, each with its reason, in
 ``tools/mutate-equivalent.txt`` beside this script, keyed by module,
 operator and the source text it changes; they are reported, not counted.
@@ -282,13 +283,15 @@ class Sandbox:
 
     def covering_tests(self, tests: list[str], timeout: float) -> dict[int, list[str]]:
         """line of the module -> the test ids that run it, from one coverage run of ``tests`` on the unmutated
-        module (in-process only: a line run only by a child interpreter has no entry)."""
+        module (in-process only: a line run only by a child interpreter has no entry). Sets ``baseline``."""
         data_file = self.dir / ".coverage-select"
         env = dict(self.env, COVERAGE_FILE=str(data_file))
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--cov={self.target.parent}",
                    "--cov-context=test", "--cov-report=", *tests]
+        began = time.monotonic()
         result = subprocess.run(command, cwd=self.dir, env=env, capture_output=True, text=True, timeout=timeout,
                                 start_new_session=True)
+        self.baseline = time.monotonic() - began
         output = result.stdout + result.stderr
         if result.returncode not in (0, 1) or not data_file.exists():
             raise SystemExit("the coverage run of the unmutated module failed:\n" + output[-3000:])
@@ -308,12 +311,13 @@ class Sandbox:
             covering[line] = [test for test in ids if test and test not in failing]
         return covering
 
-    def run(self, source: str, tests: list[str], timeout: float) -> tuple[str, str]:
-        """("passed" | "failed" | "timeout", output tail) for the tests with ``source`` as the module."""
+    def run(self, source: str, tests: list[str], timeout: float, skip: list[str] = ()) -> tuple[str, str]:
+        """("passed" | "failed" | "timeout", output tail) for the tests with ``source`` as the module, leaving out
+        the test ids in ``skip``."""
         self.target.write_text(source)
         # A hung test fails after PER_TEST_TIMEOUT (pytest-timeout), not the suite's 300 s: a hang kills the mutant.
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o",
-                   f"timeout={PER_TEST_TIMEOUT}", *tests]
+                   f"timeout={PER_TEST_TIMEOUT}", *tests, *(f"--deselect={test}" for test in skip)]
         try:
             result = subprocess.run(command, cwd=self.dir, env=self.env, capture_output=True, text=True,
                                     timeout=timeout, start_new_session=True)
@@ -340,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", type=Path, help="test only the survivors recorded in this --json file (by key)")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("--full", action="store_true", help="rerun each survivor on the whole suite")
-    parser.add_argument("--timeout", type=float, default=150, help="seconds per test run before it counts as a hang")
+    parser.add_argument("--timeout", type=float, default=150,
+                        help="seconds per test run before it counts as a hang, at least (a run may take twice as "
+                             "long as the unmutated test list took)")
     parser.add_argument("--json", type=Path, help="write every mutant's outcome here")
     parser.add_argument("--no-select", action="store_true",
                         help="run the module's test files for every mutant, without first running the tests "
@@ -398,15 +404,17 @@ def main(argv: list[str] | None = None) -> int:
             return mutant
         sandbox = take()
         try:
-            selected = list(dict.fromkeys(test for line in mutant.lines for test in covering.get(line, ())))
+            # The tests that reach fewest lines first: a test written for this line fails (-x) before the broad ones.
+            selected = sorted(dict.fromkeys(test for line in mutant.lines for test in covering.get(line, ())),
+                              key=lambda test: reach.get(test, 0))
             outcome = "passed"
             if selected and not mutant.signals:
-                outcome, tail = sandbox.run(mutated, selected, args.timeout)
-            if outcome == "passed":
+                outcome, tail = sandbox.run(mutated, selected, deadline[0])
+            if outcome == "passed":     # the rest of the module's tests (the selected ones just passed)
                 outcome, tail = sandbox.run(mutated, SIGNAL_SAFE_TESTS[module] if mutant.signals else tests,
-                                            args.timeout)
+                                            deadline[0], skip=[] if mutant.signals else selected)
             if outcome == "passed" and args.full and not mutant.signals:
-                outcome, tail = sandbox.run(mutated, ["tests"], args.timeout * 3)
+                outcome, tail = sandbox.run(mutated, ["tests"], max(args.timeout * 3, deadline[0] * 2))
         finally:
             with lock:
                 free.append(sandbox)
@@ -419,15 +427,30 @@ def main(argv: list[str] | None = None) -> int:
             done[0] += 1
             if done[0] % 50 == 0:
                 print(f"... {done[0]}/{len(all_mutants)} mutants tested", flush=True)
-            if args.verbose or mutant.outcome == "survived":
+            if args.verbose or mutant.outcome in ("survived", "timeout"):
                 print(f"{mutant.outcome.upper():10} {mutant.describe()}    [{mutant.key}]", flush=True)
                 if args.verbose and mutant.outcome == "survived":
                     print(tail[-1500:], flush=True)
         return mutant
 
     covering: dict[int, list[str]] = {}
+    reach: dict[str, int] = {}          # test id -> how many of the module's lines it runs
+    # A run's deadline: twice what the unmutated module's test list took here (the coverage run, which tracing
+    # slows, or a plain run), never less than --timeout. A fixed deadline turned a survivor whose tests merely
+    # ran long on a loaded machine into a "timeout" kill.
+    deadline = [args.timeout]
     try:
-        if not args.no_select:
+        if args.no_select:
+            sandbox = take()
+            began = time.monotonic()
+            outcome, tail = sandbox.run(sandbox.original, tests, args.timeout * 6)
+            free.append(sandbox)
+            if outcome != "passed":
+                raise SystemExit(f"the unmutated module's tests do not pass ({outcome}):\n{tail}")
+            deadline[0] = max(args.timeout, 2 * (time.monotonic() - began))
+            print(f"the unmutated module's tests pass in {time.monotonic() - began:.0f} s; a run's deadline is "
+                  f"{deadline[0]:.0f} s", flush=True)
+        else:
             try:
                 import coverage  # noqa: F401  (pytest-cov brings it)
             except ImportError:
@@ -436,8 +459,13 @@ def main(argv: list[str] | None = None) -> int:
             sandboxes.append(sandbox)
             free.append(sandbox)
             covering = sandbox.covering_tests(["tests"] if args.suite_coverage else tests, args.timeout * 6)
+            deadline[0] = max(args.timeout, 2 * sandbox.baseline)
+            for tests_of_line in covering.values():
+                for test_id in tests_of_line:
+                    reach[test_id] = reach.get(test_id, 0) + 1
             print(f"coverage: {len(covering)} lines of {module}.py run in-process by "
-                  f"{'the suite' if args.suite_coverage else 'the listed tests'}", flush=True)
+                  f"{'the suite' if args.suite_coverage else 'the listed tests'} in {sandbox.baseline:.0f} s; "
+                  f"a run's deadline is {deadline[0]:.0f} s", flush=True)
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             results = list(pool.map(test, all_mutants))
     finally:
