@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+from typing import NamedTuple
 
 __all__ = ["ELFError", "defined_symbols", "file_type", "find_section", "read_section"]
 
@@ -76,53 +77,71 @@ def file_type(mode: int) -> str:
     return f"file mode {mode:#o}"
 
 
-def _section_headers(fd: int) -> tuple[str, list[tuple[int, int, int, int, int]], bytes, int]:
-    """(byte order, [(name offset, type, file offset, size, link)], section-name string table, file size)."""
+class _Sections(NamedTuple):
+    """What the section readers need of a file's section-header table."""
+
+    order: str                  # struct's byte-order prefix
+    wide: bool                  # 64-bit
+    headers: list[tuple[int, int, int, int, int]]      # (name offset, type, file offset, size, link)
+    names: bytes                # the section-name string table
+    file_size: int
+
+
+def _section_headers(fd: int) -> _Sections:
+    """The section-header table of the ELF file open as ``fd``: ELFError unless all of it lies inside the file."""
     file_size = os.fstat(fd).st_size
     ident = os.pread(fd, 64, 0)
-    if len(ident) < 52 or ident[:4] != _MAGIC or ident[4] not in (1, 2) or ident[5] not in (1, 2):
+    if len(ident) < 16 or ident[:4] != _MAGIC or ident[4] not in (1, 2) or ident[5] not in (1, 2):
         raise ELFError("not an ELF file")
-    order = "<" if ident[5] == 1 else ">"
-    if ident[4] == 2:
+    order, wide = ("<" if ident[5] == 1 else ">"), ident[4] == 2
+    if len(ident) < (64 if wide else 52):
+        raise ELFError("truncated: the file ends inside its ELF header")
+    if wide:
         e_shoff, = struct.unpack_from(order + "Q", ident, 40)
         e_shentsize, e_shnum, e_shstrndx = struct.unpack_from(order + "HHH", ident, 58)
-        sh_format, picks = order + _SHDR64, (0, 1, 4, 5, 6)
     else:
         e_shoff, = struct.unpack_from(order + "I", ident, 32)
         e_shentsize, e_shnum, e_shstrndx = struct.unpack_from(order + "HHH", ident, 46)
-        sh_format, picks = order + _SHDR32, (0, 1, 4, 5, 6)
     if e_shoff == 0:
-        return order, [], b"", file_size
+        return _Sections(order, wide, [], b"", file_size)
+    sh_format = order + (_SHDR64 if wide else _SHDR32)
     sh_size = struct.calcsize(sh_format)
     if e_shentsize != sh_size:
         raise ELFError(f"corrupt section-header table (entries of {e_shentsize} bytes, expected {sh_size})")
+    cut = ELFError("truncated: the section-header table ends past the end of the file")
     if e_shnum == 0 or e_shstrndx == _SHN_XINDEX:
         # More than 0xff00 sections: the real count and index live in section 0 (ELF gABI).
-        first = struct.unpack(sh_format, os.pread(fd, sh_size, e_shoff))
+        if e_shoff + sh_size > file_size:
+            raise cut
+        first = struct.unpack(sh_format, _read(fd, e_shoff, sh_size, "the section-header table"))
         e_shnum = e_shnum or first[5]
         e_shstrndx = first[6] if e_shstrndx == _SHN_XINDEX else e_shstrndx
     if e_shoff + e_shnum * sh_size > file_size:
-        raise ELFError("truncated: the section-header table ends past the end of the file")
-    a, b, c, d, e = picks
-    sections = [(h[a], h[b], h[c], h[d], h[e])
-                for h in struct.iter_unpack(sh_format, os.pread(fd, e_shnum * sh_size, e_shoff))]
-    names = b""
-    if e_shstrndx < len(sections):
-        _name, _kind, offset, size, _link = sections[e_shstrndx]
-        if offset + size <= file_size:
-            names = os.pread(fd, size, offset)
-    return order, sections, names, file_size
+        raise cut
+    headers = [(h[0], h[1], h[4], h[5], h[6])
+               for h in struct.iter_unpack(sh_format, _read(fd, e_shoff, e_shnum * sh_size, "the section-header table"))]
+    if e_shstrndx >= len(headers):
+        raise ELFError(f"corrupt section-header table (the section names are in section {e_shstrndx}, "
+                       f"of {len(headers)})")
+    names = _read(fd, *_extent(headers[e_shstrndx], file_size), "the section names")
+    return _Sections(order, wide, headers, names, file_size)
 
 
-def _section_data(fd: int, section: tuple[int, int, int, int, int], file_size: int) -> bytes:
+def _extent(section: tuple[int, int, int, int, int], file_size: int) -> tuple[int, int]:
+    """(file offset, size) of a section; a section that occupies no file space (``SHT_NOBITS``) has size 0."""
     _name, kind, offset, size, _link = section
     if kind == _SHT_NOBITS:
-        return b""
+        return offset, 0
     if offset + size > file_size:
         raise ELFError("truncated: a section ends past the end of the file (still being written?)")
-    data = os.pread(fd, size, offset)
+    return offset, size
+
+
+def _read(fd: int, offset: int, size: int, what: str) -> bytes:
+    """``size`` bytes at ``offset``, which the caller checked lie inside the file as it was."""
+    data = os.pread(fd, size, offset) if size else b""
     if len(data) != size:
-        raise ELFError("truncated while reading a section (the file shrank while being read)")
+        raise ELFError(f"truncated while reading {what} (the file shrank while being read)")
     return data
 
 
@@ -135,20 +154,13 @@ def find_section(fd: int, name: str) -> tuple[int, int] | None:
         ELFError: not an ELF file, or its section headers or that section lie
             past the end of the file.
     """
-    _order, sections, names, file_size = _section_headers(fd)
+    table = _section_headers(fd)
     wanted = name.encode() + b"\0"
-    start = names.find(wanted)
-    while start >= 0:
-        if start == 0 or names[start - 1] == 0:     # a whole name, not the tail of a longer one
-            for section in sections:
-                if section[0] == start:
-                    _name, kind, offset, size, _link = section
-                    if kind == _SHT_NOBITS:
-                        return offset, 0
-                    if offset + size > file_size:
-                        raise ELFError("truncated: a section ends past the end of the file (still being written?)")
-                    return offset, size
-        start = names.find(wanted, start + 1)
+    for section in table.headers:
+        # The name runs from its offset to the next NUL. Linkers share tails (".plt" is the end of ".rela.plt"),
+        # so a name may start anywhere in the table.
+        if table.names[section[0]:section[0] + len(wanted)] == wanted:
+            return _extent(section, table.file_size)
     return None
 
 
@@ -161,13 +173,7 @@ def read_section(fd: int, name: str) -> bytes | None:
         ELFError: as :func:`find_section`, or the file shrank while being read.
     """
     where = find_section(fd, name)
-    if where is None:
-        return None
-    offset, size = where
-    data = os.pread(fd, size, offset) if size else b""
-    if len(data) != size:
-        raise ELFError("truncated while reading a section (the file shrank while being read)")
-    return data
+    return None if where is None else _read(fd, *where, "a section")
 
 
 def defined_symbols(path: str | os.PathLike) -> set[str]:
@@ -177,27 +183,31 @@ def defined_symbols(path: str | os.PathLike) -> set[str]:
     visible (default or protected visibility): what ``dlsym`` can find.
 
     Raises:
-        ELFError: not an ELF file, or a table lies past the end of the file.
+        ELFError: not an ELF file, a table lies past the end of the file, or
+            the symbol table is corrupt.
         OSError: the file cannot be opened.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        order, sections, _names, file_size = _section_headers(fd)
-        wide = os.pread(fd, 5, 0)[4] == 2
-        sym_format = order + (_SYM64 if wide else _SYM32)
+        table = _section_headers(fd)
+        # (format, where st_name, st_info, st_other and st_shndx are in it)
+        sym_format, picks = (_SYM64, (0, 1, 2, 3)) if table.wide else (_SYM32, (0, 3, 4, 5))
+        sym_format = table.order + sym_format
         sym_size = struct.calcsize(sym_format)
         exported: set[str] = set()
-        for section in sections:
-            if section[1] != _SHT_DYNSYM or section[4] >= len(sections):
+        for section in table.headers:
+            if section[1] != _SHT_DYNSYM:
                 continue
-            symbols = _section_data(fd, section, file_size)
-            strings = _section_data(fd, sections[section[4]], file_size)
-            for offset in range(sym_size, len(symbols) - sym_size + 1, sym_size):   # entry 0 is the null symbol
-                fields = struct.unpack_from(sym_format, symbols, offset)
-                if wide:
-                    st_name, st_info, st_other, st_shndx = fields[0], fields[1], fields[2], fields[3]
-                else:
-                    st_name, st_info, st_other, st_shndx = fields[0], fields[3], fields[4], fields[5]
+            if section[4] >= len(table.headers):
+                raise ELFError(f"corrupt dynamic symbol table (its names are in section {section[4]}, "
+                               f"of {len(table.headers)})")
+            symbols = _read(fd, *_extent(section, table.file_size), "a section")
+            if len(symbols) % sym_size:
+                raise ELFError(f"corrupt dynamic symbol table ({len(symbols)} bytes: not a whole number of "
+                               f"{sym_size}-byte entries)")
+            strings = _read(fd, *_extent(table.headers[section[4]], table.file_size), "a section")
+            for fields in struct.iter_unpack(sym_format, symbols[sym_size:]):     # entry 0 is the null symbol
+                st_name, st_info, st_other, st_shndx = (fields[i] for i in picks)
                 if st_shndx == 0 or (st_info >> 4) not in (1, 2, 10) or (st_other & 3) not in (0, 3):
                     continue
                 end = strings.find(b"\0", st_name)

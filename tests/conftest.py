@@ -301,3 +301,30 @@ def require_real_library(*paths: str | Path) -> None:
         if os.environ.get("NATIVERELOAD_REAL_LIBRARIES") == "required":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
+
+
+# An i386 library: the ELF tests' 32-bit shape (REL relocations, 32-bit tables).
+X32_SOURCE = r"""
+static int counter;
+int f(void) { return ++counter; }
+int g(void) { return counter; }
+int (*table[2])(void) = {f, g};
+static void early(void) { counter = 1; }
+void (*init_slot)(void) __attribute__((section(".init_array"), used)) = early;
+"""
+
+
+@pytest.fixture(scope="session")
+def x32(tmp_path_factory):
+    """An i386 shared library, linked without the C runtime (no 32-bit libc needed to build it)."""
+    base = tmp_path_factory.mktemp("x32")
+    source = base / "x32.c"
+    source.write_text(X32_SOURCE)
+    script = base / "x32.map"
+    script.write_text("X1 { global: f; g; table; local: *; };\n")       # version definitions too
+    output = base / "x32.so"
+    result = subprocess.run(["cc", "-m32", "-shared", "-fPIC", "-nostdlib", "-O2", f"-Wl,--version-script={script}",
+                             "-o", str(output), str(source)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot build a 32-bit library here: {result.stderr[-200:]}")
+    return output

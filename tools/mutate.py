@@ -67,7 +67,7 @@ PER_TEST_TIMEOUT = 60
 
 # The test files that exercise each module (the first run); survivors get the whole suite.
 TESTS = {
-    "elf": ["tests/test_elf.py", "tests/test_interface.py", "tests/test_embed.py"],
+    "elf": ["tests/test_elf.py", "tests/test_elf_readers.py", "tests/test_interface.py", "tests/test_embed.py"],
     "elfcheck": ["tests/test_elf.py", "tests/test_crash_safety.py"],
     "workdir": ["tests/test_workdir.py", "tests/test_tmpdir.py", "tests/test_tmpcleaner.py", "tests/test_registry.py"],
     "image": ["tests/test_image.py", "tests/test_module_files.py", "tests/test_trust.py", "tests/test_reload.py",
