@@ -6,6 +6,7 @@
     python tools/mutate.py workdir --list            # list the mutants, run nothing
     python tools/mutate.py elfcheck --rerun out.json # only the survivors of an earlier run (--json out.json)
     python tools/mutate.py gate --rerun out.json --suite-coverage   # ... each meeting every test that runs its line
+    python tools/mutate.py elfcheck --sample 250     # a random 250 of its mutants (seed 13): an estimate
 
 Each mutant is one change to the module's syntax tree (mutmut 3.8 could not
 be used: the tests start child interpreters, which its trampolines do not
@@ -34,7 +35,9 @@ equivalent (no behaviour changes) are listed, each with its reason, in
 ``tools/mutate-equivalent.txt`` beside this script, keyed by module,
 operator and the source text it changes; they are reported, not counted.
 
-Score = killed / (mutants - equivalent). Prints one line per mutant that
+Score = killed / (mutants - equivalent). With ``--sample N``, a seeded random
+sample of the mutants is tested, and the summary gives the score's 95 %
+confidence interval (Wilson) over the whole module. Prints one line per mutant that
 survives and a summary line; ``--json`` writes everything.
 """
 
@@ -45,7 +48,9 @@ import ast
 import concurrent.futures
 import copy
 import json
+import math
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -244,6 +249,16 @@ def mutants(source: str, module: str) -> tuple[ast.Module, list[tuple[Mutant, as
     return tree, result
 
 
+def _wilson(hits: int, trials: int, z: float = 1.96) -> str:
+    """The Wilson score interval of a proportion, as "a-b %"."""
+    if not trials:
+        return "undefined (no mutants)"
+    p = hits / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return f"{100 * max(0.0, centre - half):.1f}-{100 * min(1.0, centre + half):.1f} %"
+
+
 def load_equivalent() -> dict[str, str]:
     """key -> reason, from tools/mutate-equivalent.txt ("key  ## reason" lines; # comments)."""
     entries = {}
@@ -343,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=int, action="append", help="test only mutant N (repeatable)")
     parser.add_argument("--rerun", type=Path, help="test only the survivors recorded in this --json file (by key)")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
+    parser.add_argument("--sample", type=int, help="test only a random N of the mutants (an estimate of the score)")
+    parser.add_argument("--seed", type=int, default=13, help="the --sample's random seed")
     parser.add_argument("--full", action="store_true", help="rerun each survivor on the whole suite")
     parser.add_argument("--timeout", type=float, default=150,
                         help="seconds per test run before it counts as a hang, at least (a run may take twice as "
@@ -368,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerun:
         keys = {entry["key"] for entry in json.loads(args.rerun.read_text()) if entry["outcome"] == "survived"}
         all_mutants = [item for item in all_mutants if item[0].key in keys]
+    population = len(all_mutants)
+    if args.sample and args.sample < population:
+        all_mutants = sorted(random.Random(args.seed).sample(all_mutants, args.sample), key=lambda item: item[0].number)
     if args.list:
         for mutant, _node, _how in all_mutants:
             print(f"{mutant.describe()}    [{mutant.key}]")
@@ -483,7 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mutate {module}.py: {len(results)} mutants, {killed} killed ({counts['timeout']} by timeout), "
           f"{counts['survived']} survived, {counts['equivalent']} equivalent (listed), {counts['invalid']} invalid: "
           f"score {score:.1f} % in {time.monotonic() - started:.0f} s"
-          + (f"; {len(stale)} stale entries in {EQUIVALENT_FILE.name}" if stale and not args.only else ""))
+          + (f"; {len(stale)} stale entries in {EQUIVALENT_FILE.name}" if stale and not args.only else "")
+          + (f"; a sample of {len(results)} of {population} mutants (seed {args.seed}): 95 % confidence interval "
+             f"{_wilson(killed, valid)}" if len(results) < population and not (args.only or args.rerun) else ""))
     if args.json:
         args.json.write_text(json.dumps([{"number": m.number, "line": m.line, "operator": m.operator,
                                           "text": m.text, "key": m.key, "outcome": m.outcome,
