@@ -211,7 +211,9 @@ def defined_symbols(path: str | os.PathLike) -> set[str]:
                 if st_shndx == 0 or (st_info >> 4) not in (1, 2, 10) or (st_other & 3) not in (0, 3):
                     continue
                 end = strings.find(b"\0", st_name)
-                exported.add(strings[st_name:end if end >= 0 else None].decode(errors="replace"))
+                name = strings[st_name:end if end >= 0 else None].decode(errors="replace")
+                if name:            # a nameless symbol is not one dlsym can find
+                    exported.add(name)
         return exported
     finally:
         os.close(fd)

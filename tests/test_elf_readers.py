@@ -107,16 +107,17 @@ def tiny_elf(wide=True, order="<", symbols=(("exported", STB_GLOBAL, STV_DEFAULT
     """An ELF shared-object file with only a header, section headers and three sections (.dynsym, .dynstr,
     .shstrtab), laid out as: header, section-header table, then the sections with ``last`` at the end of the file.
 
-    ``symbols``: (name, binding, visibility, section index) each; section index 0 is undefined.
+    ``symbols``: (name, binding, visibility, section index) each; section index 0 is undefined, and a name of
+    None is the string table's offset 0 (the empty name).
     """
     names = b"\0.dynsym\0.dynstr\0.shstrtab\0"
-    dynstr = b"\0" + b"".join(name.encode() + b"\0" for name, *_ in symbols)
+    dynstr = b"\0" + b"".join(name.encode() + b"\0" for name, *_ in symbols if name is not None)
     entries, at = [bytes(24 if wide else 16)], 1
     for name, binding, visibility, shndx in symbols:
-        info = (binding << 4) | 2       # STT_FUNC
-        entries.append(struct.pack(order + "IBBHQQ", at, info, visibility, shndx, 0x1000, 8) if wide else
-                       struct.pack(order + "IIIBBH", at, 0x1000, 8, info, visibility, shndx))
-        at += len(name) + 1
+        info, st_name = (binding << 4) | 2, at if name is not None else 0        # STT_FUNC
+        entries.append(struct.pack(order + "IBBHQQ", st_name, info, visibility, shndx, 0x1000, 8) if wide else
+                       struct.pack(order + "IIIBBH", st_name, 0x1000, 8, info, visibility, shndx))
+        at += len(name) + 1 if name is not None else 0
     contents = {".dynsym": b"".join(entries), ".dynstr": dynstr, ".shstrtab": names}
     header_size, entry_size = (64, 64) if wide else (52, 40)
     offset = header_size + 4 * entry_size
@@ -181,7 +182,7 @@ def test_each_class_and_byte_order(tmp_path, wide, order):
     symbols = [("global_function", STB_GLOBAL, STV_DEFAULT, 1), ("weak_function", STB_WEAK, STV_DEFAULT, 1),
                ("unique_object", STB_GNU_UNIQUE, STV_DEFAULT, 1), ("protected_function", STB_GLOBAL, STV_PROTECTED, 1),
                ("hidden_function", STB_GLOBAL, STV_HIDDEN, 1), ("local_function", STB_LOCAL, STV_DEFAULT, 1),
-               ("imported_function", STB_GLOBAL, STV_DEFAULT, 0)]
+               ("imported_function", STB_GLOBAL, STV_DEFAULT, 0), (None, STB_GLOBAL, STV_DEFAULT, 1)]
     tiny = Tiny(tmp_path, wide, order, symbols=symbols)
     path = tiny.write()
     assert elf.defined_symbols(path) == {"global_function", "weak_function", "unique_object", "protected_function"}
@@ -214,6 +215,19 @@ def test_more_sections_than_the_header_can_count(tmp_path, wide, order):
         path = tiny.write()
         assert elf.defined_symbols(path) == {"exported"}, (count_in_section_0, index_in_section_0)
         assert with_fd(path, elf.find_section, ".dynstr") is not None
+
+
+@pytest.mark.parametrize("wide, order", SHAPES)
+def test_a_file_whose_only_section_is_the_null_one(tmp_path, wide, order):
+    # Counted in section 0, whose header is the last thing in the file: no sections, no names, no exports.
+    tiny = Tiny(tmp_path, wide, order)
+    table = tiny.get(tiny.shoff_at, 8 if wide else 4)
+    del tiny.data[table + tiny.entry_size:]
+    tiny.set_section(0, "size", 1)
+    tiny.put(tiny.shentsize_at + 2, 0, 2)       # e_shnum: see section 0
+    tiny.put(tiny.shentsize_at + 4, 0, 2)       # e_shstrndx: no section names
+    path = tiny.write()
+    assert with_fd(path, elf.find_section, ".dynstr") is None and elf.defined_symbols(path) == set()
 
 
 # -- every file the readers cannot read is an ELFError that says why ---------------------------------------
