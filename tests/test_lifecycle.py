@@ -281,14 +281,17 @@ def test_rollback_checks_the_name_logs_and_takes_reloads_defaults(reg, module, m
 @pytest.mark.timeout(60)
 def test_an_exclusive_reload_whose_init_refuses_leaves_the_old_image_serving(reg, module, moddir, samples,
                                                                            tmpdir_for_copies, monkeypatch):
-    kinds = []
-    reg.on_reload(lambda event: kinds.append(event.kind))
+    events = []
+    reg.on_reload(events.append)
     monkeypatch.setenv("LIFECYCLE_REFUSE", "2")
-    with pytest.raises(InitRefused):
+    with pytest.raises(InitRefused) as refusal:
         to(reg, moddir, samples, 2, exclusive=True)      # its init runs at commit, with the old image paused
     monkeypatch.delenv("LIFECYCLE_REFUSE")
     assert reg._events.flush(timeout=30)                 # callbacks run on their own thread
-    assert kinds == ["prepared", "aborted", "refused"]
+    assert [event.kind for event in events] == ["prepared", "aborted", "refused"]
+    refused = events[-1]
+    assert refused.error is refusal.value and (refused.generation, refused.previous_generation) == (2, 1)
+    assert 0 < refused.seconds < 60                      # from prepare to the refusal: a duration, not a clock
     assert module.generation == 1 and module.lifecycle_version() == 1     # unpaused: calls run again
     assert [image.generation for image in reg.status()[0].images] == [1]
     assert len(private_copies(tmpdir_for_copies)) == 1                    # the refused copy is gone

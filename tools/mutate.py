@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no module {path}")
     source = path.read_text()
     tree, all_mutants = mutants(source, module)
+    every_key = {mutant.key for mutant, _node, _how in all_mutants}
     if args.only:
         all_mutants = [item for item in all_mutants if item[0].number in args.only]
     if args.rerun:
@@ -498,12 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     valid = len(results) - counts["invalid"] - counts["equivalent"]
     killed = counts["killed"] + counts["timeout"]
     score = 100.0 * killed / valid if valid else 100.0
-    listed = {m.key for m in results}
-    stale = [key for key in equivalent if key.startswith(f"{module} | ") and key not in listed]
+    stale = [key for key in equivalent if key.startswith(f"{module} | ") and key not in every_key]
     print(f"mutate {module}.py: {len(results)} mutants, {killed} killed ({counts['timeout']} by timeout), "
           f"{counts['survived']} survived, {counts['equivalent']} equivalent (listed), {counts['invalid']} invalid: "
           f"score {score:.1f} % in {time.monotonic() - started:.0f} s"
-          + (f"; {len(stale)} stale entries in {EQUIVALENT_FILE.name}" if stale and not args.only else "")
+          + (f"; {len(stale)} stale entries in {EQUIVALENT_FILE.name}" if stale else "")
           + (f"; a sample of {len(results)} of {population} mutants (seed {args.seed}): 95 % confidence interval "
              f"{_wilson(killed, valid)}" if len(results) < population and not (args.only or args.rerun) else ""))
     if args.json:
