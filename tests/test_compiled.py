@@ -207,6 +207,34 @@ def test_auto_switches_to_compiled_under_four_callers_and_reloads(moddir, tmpdir
         assert reg.close(timeout=10)
 
 
+def test_auto_moves_a_serving_image_to_compiled_without_a_reload(moddir, tmpdir_for_copies, samples, fresh_cache):
+    # The background build's callback finds the registry's live images: no reload is needed for the switch.
+    install(samples["v1"], moddir / "sample.so")
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies, calls="auto") as reg:
+        mod = reg.load("sample", cdef=SAMPLE_CDEF)
+        deadline = time.monotonic() + 120
+        while reg.status()[0].calls == "compiling" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while reg.status()[0].calls != "compiled" and time.monotonic() < deadline:
+            time.sleep(0.05)    # the build is done; its callback is moving the image
+        assert reg.status()[0].calls == "compiled" and mod.generation == 1
+        assert type(mod._slot.current.functions["add"]).__name__ == "CompiledFunction" and mod.add(2, 3) == 5
+
+
+def test_a_reload_with_a_new_signature_serves_it_compiled(moddir, tmpdir_for_copies, samples, fresh_cache):
+    # New shapes are a new extension: the reload builds it before the new image serves (calls="compiled").
+    install(samples["contract"], moddir / "contract.so")
+    with Registry(path=[moddir], tmpdir=tmpdir_for_copies, calls="compiled") as reg:
+        mod = reg.load("contract")
+        install(samples["contract_param"], moddir / "contract.so")      # contract_add(long, int), was (long, long)
+        reg.reload("contract", allow_interface_change=True)
+        assert mod.generation == 2 and reg.status()[0].calls == "compiled"
+        assert "contract_add" in reg.status()[0].compiled and mod.contract_add(40, 2) == 42
+        assert type(mod._slot.current.functions["contract_add"]).__name__ == "CompiledFunction"
+        assert len(entries(fresh_cache)) == 2
+
+
 # -- across processes ---------------------------------------------------------------------------------------
 
 SCRIPT = """

@@ -84,7 +84,7 @@ TESTS = {
     "registry": ["tests/test_registry.py", "tests/test_reload.py", "tests/test_tmpcleaner.py", "tests/test_trust.py",
                  "tests/test_module_files.py", "tests/test_image.py", "tests/test_workdir.py",
                  "tests/test_stress.py", "tests/test_tmpdir.py", "tests/test_lifecycle.py", "tests/test_objects.py",
-                 "tests/test_contracts.py", "tests/test_interface.py"],
+                 "tests/test_contracts.py", "tests/test_interface.py", "tests/test_compiled.py"],
     "trust": ["tests/test_trust.py"],
     "status": ["tests/test_registry.py", "tests/test_objects.py", "tests/test_tmpcleaner.py", "tests/test_lifecycle.py"],
     "contract": ["tests/test_contracts.py", "tests/test_lifecycle.py"],
