@@ -24,21 +24,23 @@ with the sample libraries built once and shared (``NATIVERELOAD_SAMPLES_CACHE``)
 For each mutant: first the tests that run its line (coverage.py, measured once on
 the unmutated module over the module's test files, or over the whole suite with
 ``--suite-coverage``; ``pip install pytest-cov``), then, if it survives those, the
-module's own test files; each with ``-x`` (the first failure kills it). A line
+rest of the module's own test files; each with ``-x`` (the first failure kills it),
+the tests that reach fewest lines first. A line
 reached only in child processes has no covering test and goes straight to the
 module's files. ``--no-select`` skips the first step. With ``--full``, each
 survivor then runs the whole suite.
 A mutant whose test hangs past PER_TEST_TIMEOUT, or whose run outlasts twice
 the unmutated list's measured time (never less than ``--timeout``), counts as
-killed (it hung), and is printed as such; one that does not compile is left out. Survivors judged
-equivalent (no behaviour changes) are listed, each with its reason, in
-``tools/mutate-equivalent.txt`` beside this script, keyed by module,
-operator and the source text it changes; they are reported, not counted.
+killed (it hung), and is printed as such; one that does not compile is left
+out. Survivors judged equivalent (no behaviour changes) are listed, each with
+its reason, in ``tools/mutate-equivalent.txt`` beside this script, keyed by
+module, operator and the source text it changes; they are reported, not
+counted.
 
 Score = killed / (mutants - equivalent). With ``--sample N``, a seeded random
 sample of the mutants is tested, and the summary gives the score's 95 %
-confidence interval (Wilson) over the whole module. Prints one line per mutant that
-survives and a summary line; ``--json`` writes everything.
+confidence interval (Wilson) over the whole module. Prints one line per mutant
+that survives or times out, and a summary line; ``--json`` writes everything.
 """
 
 from __future__ import annotations
