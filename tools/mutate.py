@@ -26,9 +26,10 @@ the unmutated module over the module's test files, or over the whole suite with
 ``--suite-coverage``; ``pip install pytest-cov``), then, if it survives those,
 the rest of the module's own test files; each with ``-x`` (the first failure
 kills it), the tests that reach fewest lines first. A line reached only in child
-processes has no covering test and goes straight to the module's files. ``--no-
-select`` skips the first step. With ``--full``, each survivor then runs the
-whole suite.
+processes has no covering test and goes straight to the module's files.
+``--no-select`` skips the first step. With ``--full``, each survivor then runs
+the whole suite.
+
 A mutant whose test hangs past PER_TEST_TIMEOUT, or whose run outlasts twice
 the unmutated list's measured time (never less than ``--timeout``), counts as
 killed (it hung), and is printed as such; one that does not compile is left
