@@ -108,16 +108,16 @@ def _section_headers(fd: int) -> _Sections:
     sh_size = struct.calcsize(sh_format)
     if e_shentsize != sh_size:
         raise ELFError(f"corrupt section-header table (entries of {e_shentsize} bytes, expected {sh_size})")
-    cut = ELFError("truncated: the section-header table ends past the end of the file")
+    cut = "truncated: the section-header table ends past the end of the file"
     if e_shnum == 0 or e_shstrndx == _SHN_XINDEX:
         # More than 0xff00 sections: the real count and index live in section 0 (ELF gABI).
         if e_shoff + sh_size > file_size:
-            raise cut
+            raise ELFError(cut)
         first = struct.unpack(sh_format, _read(fd, e_shoff, sh_size, "the section-header table"))
         e_shnum = e_shnum or first[5]
         e_shstrndx = first[6] if e_shstrndx == _SHN_XINDEX else e_shstrndx
     if e_shoff + e_shnum * sh_size > file_size:
-        raise cut
+        raise ELFError(cut)
     headers = [(h[0], h[1], h[4], h[5], h[6])
                for h in struct.iter_unpack(sh_format, _read(fd, e_shoff, e_shnum * sh_size, "the section-header table"))]
     if e_shstrndx >= len(headers):
@@ -190,9 +190,9 @@ def defined_symbols(path: str | os.PathLike) -> set[str]:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         table = _section_headers(fd)
-        # (format, where st_name, st_info, st_other and st_shndx are in it)
-        sym_format, picks = (_SYM64, (0, 1, 2, 3)) if table.wide else (_SYM32, (0, 3, 4, 5))
-        sym_format = table.order + sym_format
+        # (layout, where st_name, st_info, st_other and st_shndx are in it)
+        layout, picks = (_SYM64, (0, 1, 2, 3)) if table.wide else (_SYM32, (0, 3, 4, 5))
+        sym_format = table.order + layout
         sym_size = struct.calcsize(sym_format)
         exported: set[str] = set()
         for section in table.headers:
